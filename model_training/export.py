@@ -1,0 +1,141 @@
+"""Export a trained classifier as a TensorFlow SavedModel plus its ``metadata.json`` contract.
+
+See docs/ARTIFACT.md. Export needs the TensorFlow backend (training may run on JAX; the
+weights are portable, so ``gpu_job`` brings them back here to export).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from model_training import __version__
+
+SCHEMA_VERSION = 1
+SAVED_MODEL_DIR = "saved_model"
+METADATA_FILE = "metadata.json"
+
+
+def _split_model(model: keras.Model, feature_layer: str) -> tuple[keras.Model, keras.Model]:
+    """Trunk (image → last conv block) and head (block → embedding, logit), sharing weights."""
+    trunk = keras.Model(model.inputs, model.get_layer(feature_layer).output, name="trunk")
+    block = keras.Input(model.get_layer(feature_layer).output.shape[1:], name="block")
+    embedding = model.get_layer("embedding")(block)
+    x = model.get_layer("dropout")(embedding)
+    logit = model.get_layer("logit")(x)
+    head = keras.Model(block, [embedding, logit], name="head")
+    return trunk, head
+
+
+def export_savedmodel(model: keras.Model, dest: Path, feature_layer: str = "mixed10") -> None:
+    """Write ``dest`` as a SavedModel with ``serve`` and ``explain`` endpoints (docs/ARTIFACT.md)."""
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError("SavedModel export needs KERAS_BACKEND=tensorflow")
+    import tensorflow as tf
+
+    trunk, head = _split_model(model, feature_layer)
+    height, width = model.input_shape[1:3]
+    spec = tf.TensorSpec([None, height, width, 3], tf.float32, name="image")
+
+    def serve(image: tf.Tensor) -> dict[str, tf.Tensor]:
+        embedding, logit = head(trunk(image, training=False), training=False)
+        return {"logit": tf.reshape(tf.cast(logit, tf.float32), [-1]), "embedding": embedding}
+
+    def explain(image: tf.Tensor) -> dict[str, tf.Tensor]:
+        # Grad-CAM (Selvaraju et al. 2017) of the malignant logit over the last block.
+        block = tf.cast(trunk(image, training=False), tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(block)
+            _, logit = head(block, training=False)
+            score = tf.reduce_sum(logit)
+        grads = tape.gradient(score, block)
+        weights = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(weights * block, axis=-1))
+        peak = tf.reduce_max(cam, axis=[1, 2], keepdims=True)
+        cam = tf.math.divide_no_nan(cam, peak)
+        return {"logit": tf.reshape(tf.cast(logit, tf.float32), [-1]), "heatmap": cam}
+
+    archive = keras.export.ExportArchive()
+    archive.track(trunk)
+    archive.track(head)
+    archive.add_endpoint("serve", tf.function(serve), input_signature=[spec])
+    archive.add_endpoint("explain", tf.function(explain), input_signature=[spec])
+    if dest.exists():
+        shutil.rmtree(dest)
+    archive.write_out(str(dest), verbose=False)
+
+
+def base_metadata(model: keras.Model, **fields: Any) -> dict[str, Any]:
+    """The metadata every artifact carries; callers add metrics, calibration and provenance."""
+    height, width = model.input_shape[1:3]
+    meta: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "name": "isic-inceptionv3",
+        "version": __version__,
+        "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+        "architecture": "InceptionV3" if model.name == "isic_inceptionv3" else model.name,
+        "labels": ["benign", "malignant"],
+        "positive_label": "malignant",
+        "input": {
+            "height": int(height),
+            "width": int(width),
+            "channels": 3,
+            "color": "RGB",
+            "dtype": "float32",
+            "value_range": [0, 255],
+            "resize": "bilinear, whole image squashed to square (no crop)",
+            "scaling": "inside the model: (x - 128) / 128",
+        },
+        "endpoints": {"serve": ["logit", "embedding"], "explain": ["logit", "heatmap"]},
+        "temperature": 1.0,
+        "threshold": 0.5,
+        "threshold_rule": "default 0.5 (not calibrated)",
+        "risk_tiers": [
+            {"name": "low", "lower": 0.0, "upper": 0.2},
+            {"name": "moderate", "lower": 0.2, "upper": 0.5},
+            {"name": "high", "lower": 0.5, "upper": 1.0},
+        ],
+        "tta": {"enabled": False},
+        "parameters": int(model.count_params()),
+    }
+    meta.update(fields)
+    return meta
+
+
+def write_metadata(artifact: Path, metadata: dict[str, Any]) -> Path:
+    """Write ``metadata.json`` (sorted keys, so diffs between models stay readable)."""
+    path = artifact / METADATA_FILE
+    path.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_metadata(artifact: Path) -> dict[str, Any]:
+    """Read an artifact's ``metadata.json``."""
+    data: dict[str, Any] = json.loads((artifact / METADATA_FILE).read_text())
+    return data
+
+
+def export_artifact(
+    model: keras.Model, artifact: Path, metadata: dict[str, Any], check: bool = True
+) -> Path:
+    """SavedModel + metadata into ``artifact``; reload and check it reproduces Keras' logits."""
+    artifact.mkdir(parents=True, exist_ok=True)
+    export_savedmodel(model, artifact / SAVED_MODEL_DIR)
+    write_metadata(artifact, metadata)
+    if check:
+        import tensorflow as tf
+
+        height, width = model.input_shape[1:3]
+        probe = np.random.default_rng(0).uniform(0, 255, (2, height, width, 3)).astype("float32")
+        expected = np.asarray(model(probe, training=False)).reshape(-1)
+        loaded = tf.saved_model.load(str(artifact / SAVED_MODEL_DIR))
+        got = loaded.serve(tf.constant(probe))["logit"].numpy()
+        if not np.allclose(got, expected, atol=1e-3, rtol=1e-3):
+            raise RuntimeError(f"exported logits {got} differ from Keras {expected}")
+    return artifact

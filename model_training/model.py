@@ -1,0 +1,143 @@
+"""The classifier: preprocessing inside the model, InceptionV3 trunk, one malignant logit.
+
+Backend-agnostic Keras 3 (keras.ops only), so the same code trains on TensorFlow here and on
+JAX on a lent GPU, and the weights move between them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import keras
+from keras import layers, ops
+
+from model_training.inception import LAST_BLOCK, inception_features, load_imagenet_weights
+
+INPUT_SIZE = (299, 299)
+HEAD_LAYERS = ("embedding", "dropout", "logit")
+
+
+def scaling_layer() -> layers.Layer:
+    """Pixel scaling of the pinned ImageNet weights: (x - 128) / 128, inside the model."""
+    return layers.Rescaling(1.0 / 128.0, offset=-1.0, name="pixel_scaling")
+
+
+def add_head(features: keras.KerasTensor, dropout: float) -> keras.KerasTensor:
+    """Global average pool (the embedding), dropout, one float32 logit."""
+    x = layers.GlobalAveragePooling2D(name="embedding")(features)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    return layers.Dense(1, name="logit", dtype="float32")(x)
+
+
+def build_classifier(
+    input_size: tuple[int, int] = INPUT_SIZE,
+    dropout: float = 0.3,
+    imagenet_npz: Path | None = None,
+) -> keras.Model:
+    """InceptionV3 classifier taking float RGB 0..255 images; optional ImageNet initialisation."""
+    image = keras.Input((*input_size, 3), name="image")
+    features = inception_features(scaling_layer()(image))
+    model = keras.Model(image, add_head(features, dropout), name="isic_inceptionv3")
+    if imagenet_npz is not None:
+        load_imagenet_weights(model, imagenet_npz)
+    return model
+
+
+def build_tiny_classifier(input_size: tuple[int, int] = (64, 64), seed: int = 0) -> keras.Model:
+    """A small real CNN with the same interface (for fast tests of export and serving)."""
+    keras.utils.set_random_seed(seed)
+    image = keras.Input((*input_size, 3), name="image")
+    x = scaling_layer()(image)
+    x = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="conv_a")(x)
+    x = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="conv_b")(x)
+    x = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name=LAST_BLOCK)(x)
+    return keras.Model(image, add_head(x, 0.0), name="tiny_classifier")
+
+
+def feature_layer_name(model: keras.Model) -> str:
+    """The last convolutional block (Grad-CAM target)."""
+    return LAST_BLOCK if any(layer.name == LAST_BLOCK for layer in model.layers) else ""
+
+
+def set_trunk_trainable(model: keras.Model, trainable: bool, freeze_bn: bool = True) -> None:
+    """Freeze or unfreeze the trunk; batch norm stays frozen (inference mode) when asked."""
+    for layer in model.layers:
+        if layer.name in HEAD_LAYERS or not layer.weights:
+            continue
+        if isinstance(layer, layers.BatchNormalization):
+            layer.trainable = trainable and not freeze_bn
+        else:
+            layer.trainable = trainable
+
+
+class DermAugment(layers.Layer):
+    """Cheap, GPU-friendly augmentation for dermoscopy (active only in training).
+
+    Dihedral symmetries (flips and transposes: a lesion has no up or left) and colour jitter
+    (brightness, contrast, saturation, per-channel gain for white balance). Only elementwise
+    ops and flips, which are fast on every backend; affine warps are not (90x slower on JAX).
+    """
+
+    def __init__(
+        self,
+        brightness: float = 0.15,
+        contrast: float = 0.2,
+        saturation: float = 0.2,
+        channel_gain: float = 0.06,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.brightness = brightness
+        self.contrast = contrast
+        self.saturation = saturation
+        self.channel_gain = channel_gain
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def _uniform(self, shape: tuple[Any, ...], spread: float) -> Any:
+        return keras.random.uniform(
+            shape, 1.0 - spread, 1.0 + spread, seed=self.seed_generator, dtype="float32"
+        )
+
+    def call(self, images: Any, training: bool | None = None) -> Any:
+        x = ops.cast(images, "float32")
+        if not training:
+            return x
+        n = ops.shape(x)[0]
+        coin = (n, 1, 1, 1)
+        flip_h = keras.random.uniform(coin, seed=self.seed_generator) < 0.5
+        x = ops.where(flip_h, ops.flip(x, axis=2), x)
+        flip_v = keras.random.uniform(coin, seed=self.seed_generator) < 0.5
+        x = ops.where(flip_v, ops.flip(x, axis=1), x)
+        if x.shape[1] == x.shape[2]:
+            swap = keras.random.uniform(coin, seed=self.seed_generator) < 0.5
+            x = ops.where(swap, ops.transpose(x, (0, 2, 1, 3)), x)
+        x = x * self._uniform(coin, self.brightness)
+        mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
+        x = (x - mean) * self._uniform(coin, self.contrast) + mean
+        grey = ops.mean(x, axis=3, keepdims=True)
+        x = grey + (x - grey) * self._uniform(coin, self.saturation)
+        x = x * self._uniform((n, 1, 1, 3), self.channel_gain)
+        return ops.clip(x, 0.0, 255.0)
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
+        config.update(
+            brightness=self.brightness,
+            contrast=self.contrast,
+            saturation=self.saturation,
+            channel_gain=self.channel_gain,
+            seed=self.seed,
+        )
+        return config
+
+
+def training_model(classifier: keras.Model, seed: int | None = None) -> keras.Model:
+    """Wrap the classifier with augmentation; takes uint8 crops (4x less host→device traffic)."""
+    size = classifier.input_shape[1:3]
+    crops = keras.Input((*size, 3), dtype="uint8", name="crops")
+    logit = classifier(DermAugment(seed=seed, name="augment")(crops))
+    return keras.Model(crops, logit, name="train_wrapper")
