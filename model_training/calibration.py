@@ -160,8 +160,10 @@ def choose_risk_tiers(
 
     ``a`` is the highest probability (at most ``threshold``) such that, on ``(y, p)``, the
     malignant fraction among cases with ``p < a`` is <= ``1 - low_npv`` (default: at most 3% of
-    "low" cases malignant). If no such non-empty low tier exists, ``a`` falls back to the lowest
-    probability seen (an empty low tier), never below ``min_low_edge``; so 0 < a <= threshold.
+    "low" cases malignant). If no non-empty low tier meets the target, ``a`` falls back to the
+    lowest probability seen (so the low tier holds no validation case), but never below
+    ``min_low_edge``; so always 0 < a <= threshold. ``a == threshold`` (an empty moderate tier)
+    happens when every case below the threshold meets the target.
     Each tier: name, lower, upper, advice (lay wording), rule, and validation n / n_positive /
     malignant_fraction.
     """
@@ -189,7 +191,7 @@ def choose_risk_tiers(
     else:
         lowest = float(order[0]) if order.size else threshold
         edge = min(threshold, max(lowest, min_low_edge))
-        how = "fallback (no non-empty low tier met the target; low tier empty on validation)"
+        how = "fallback: no non-empty low tier met the target on validation"
     edge = min(max(edge, min_low_edge), threshold)
 
     rule = (
@@ -204,10 +206,7 @@ def choose_risk_tiers(
         ("high", float(threshold), 1.0, HIGH_ADVICE),
     )
     for name, lower, upper, advice in spec:
-        if name == "high":
-            mask = prob >= lower
-        else:
-            mask = (prob >= lower) & (prob < upper)
+        mask = prob >= lower if name == "high" else (prob >= lower) & (prob < upper)
         n = int(mask.sum())
         n_pos = int(labels[mask].sum())
         tiers.append(

@@ -51,9 +51,7 @@ def _key(target: float) -> str:
     return f"{target:.2f}"
 
 
-def confusion_counts(
-    y_true: npt.ArrayLike, p: npt.ArrayLike, threshold: float
-) -> dict[str, int]:
+def confusion_counts(y_true: npt.ArrayLike, p: npt.ArrayLike, threshold: float) -> dict[str, int]:
     """Confusion matrix ``{tn, fp, fn, tp}`` for the rule "malignant when p >= threshold"."""
     y = as_labels(y_true)
     prob = as_probabilities(p, y.shape[0])
@@ -83,7 +81,7 @@ def operating_points(
     prob = as_probabilities(p, y.shape[0])
     sens_at: dict[str, float | None] = {_key(t): None for t in specificity_targets}
     spec_at: dict[str, float | None] = {_key(t): None for t in sensitivity_targets}
-    if y.min(initial=0) == y.max(initial=0) or y.size == 0:
+    if y.size == 0 or y.min() == y.max():
         return {"sensitivity_at_specificity": sens_at, "specificity_at_sensitivity": spec_at}
     fpr, tpr, _ = roc_curve(y, prob, drop_intermediate=False)
     spec = 1.0 - fpr
@@ -137,15 +135,35 @@ def binary_metrics(y_true: npt.ArrayLike, p: npt.ArrayLike, threshold: float) ->
     return out
 
 
-def _resample_counts(
-    rng: np.random.Generator, size: int, n_boot: int
-) -> npt.NDArray[np.int64]:
+def _resample_counts(rng: np.random.Generator, size: int, n_boot: int) -> npt.NDArray[np.int64]:
     """``(n_boot, size)`` multiplicities of a with-replacement resample of ``size`` items."""
     if size == 0:
         return np.zeros((n_boot, 0), dtype=np.int64)
     draws = rng.integers(0, size, size=(n_boot, size))
     flat = draws + (np.arange(n_boot)[:, None] * size)
     return np.bincount(flat.ravel(), minlength=n_boot * size).reshape(n_boot, size)
+
+
+def weighted_auc(
+    pos: npt.NDArray[np.float64],
+    neg: npt.NDArray[np.float64],
+    pos_counts: npt.NDArray[np.int64],
+    neg_counts: npt.NDArray[np.int64],
+) -> npt.NDArray[np.float64]:
+    """Mann-Whitney AUC of many resamples at once, ties counting one half.
+
+    ``pos`` and ``neg`` are sorted scores; ``pos_counts`` ``(B, n_pos)`` and ``neg_counts``
+    ``(B, n_neg)`` give each item's multiplicity in each of B resamples (each row non-empty).
+    """
+    n_boot = neg_counts.shape[0]
+    zero = np.zeros((n_boot, 1), dtype=np.int64)
+    cum = np.concatenate([zero, np.cumsum(neg_counts, axis=1)], axis=1)
+    lo = np.searchsorted(neg, pos, side="left")
+    hi = np.searchsorted(neg, pos, side="right")
+    # For each positive: resampled negatives strictly below it, plus half of those tied with it.
+    wins = cum[:, lo] + 0.5 * (cum[:, hi] - cum[:, lo])
+    total = pos_counts.sum(axis=1) * neg_counts.sum(axis=1)
+    return np.asarray(np.sum(pos_counts * wins, axis=1) / total, dtype=np.float64)
 
 
 def _interval(
@@ -192,13 +210,7 @@ def bootstrap_ci(
     if n_neg:
         spec_s = (c_neg @ (neg < threshold).astype(np.float64)) / n_neg
     if n_pos and n_neg:
-        # Mann-Whitney AUC per resample: for each positive, the resampled negatives below it
-        # (plus half the ties), read from cumulative negative counts over sorted scores.
-        cum = np.concatenate([np.zeros((n_boot, 1), np.int64), np.cumsum(c_neg, axis=1)], axis=1)
-        lo = np.searchsorted(neg, pos, side="left")
-        hi = np.searchsorted(neg, pos, side="right")
-        wins = cum[:, lo] + 0.5 * (cum[:, hi] - cum[:, lo])
-        auc_s = np.sum(c_pos * wins, axis=1) / (n_pos * n_neg)
+        auc_s = weighted_auc(pos, neg, c_pos, c_neg)
     bal_s = (sens_s + spec_s) / 2 if sens_s is not None and spec_s is not None else None
     return {
         "roc_auc": _interval(point["roc_auc"], auc_s, alpha),

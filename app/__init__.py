@@ -1,0 +1,3 @@
+"""Skin-lesion triage web service: a thin FastAPI layer over the exported model artifact."""
+
+__version__ = "1.0.0"

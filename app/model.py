@@ -1,0 +1,376 @@
+"""The model artifact: metadata validation, SavedModel endpoints, calibration and tiers.
+
+Everything about the model (input size, labels, threshold, temperature, risk tiers, TTA,
+version) comes from the artifact's ``metadata.json`` (docs/ARTIFACT.md); nothing is hard-coded.
+TensorFlow is imported lazily so that ``import app`` stays cheap and a missing artifact is
+reported before TensorFlow spends seconds starting up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("app.model")
+
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+# Outputs the server itself needs, whatever else metadata lists.
+REQUIRED_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "serve": ("logit",),
+    "explain": ("logit", "heatmap"),
+}
+# TTA flips the server knows how to apply; metadata picks among them.
+KNOWN_FLIPS = ("horizontal", "vertical")
+
+
+class ModelLoadError(RuntimeError):
+    """The artifact is missing, malformed, or disagrees with its own metadata."""
+
+
+@dataclass(frozen=True)
+class RiskTier:
+    """One probability band of ``risk_tiers``: ``lower <= p < upper`` (the last includes 1)."""
+
+    name: str
+    lower: float
+    upper: float
+    advice: str | None = None  # optional per-tier wording supplied by the artifact
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """The validated subset of metadata.json the server acts on, plus the raw document."""
+
+    raw: Mapping[str, Any]
+    name: str
+    version: str
+    labels: tuple[str, str]
+    positive_label: str
+    input_height: int
+    input_width: int
+    endpoints: Mapping[str, tuple[str, ...]]
+    temperature: float
+    threshold: float
+    risk_tiers: tuple[RiskTier, ...]
+    tta_flips: tuple[str, ...]
+    quality: Mapping[str, float] | None
+    ood: Mapping[str, Any] | None
+
+    @property
+    def negative_label(self) -> str:
+        """The label that is not ``positive_label``."""
+        return self.labels[0] if self.labels[1] == self.positive_label else self.labels[1]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) the endpoints expect."""
+        return self.input_height, self.input_width
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ModelMetadata:
+        """Validate ``raw`` against the contract; raise ModelLoadError naming the bad field."""
+
+        def fail(msg: str) -> ModelLoadError:
+            return ModelLoadError(f"metadata.json: {msg}")
+
+        version = raw.get("schema_version")
+        if version not in SUPPORTED_SCHEMA_VERSIONS:
+            raise fail(f"schema_version {version!r} is not supported {SUPPORTED_SCHEMA_VERSIONS}")
+
+        labels = raw.get("labels")
+        if (
+            not isinstance(labels, list)
+            or len(labels) != 2
+            or not all(isinstance(x, str) and x for x in labels)
+            or labels[0] == labels[1]
+        ):
+            raise fail(f"labels must be two distinct strings, got {labels!r}")
+        positive = raw.get("positive_label")
+        if positive not in labels:
+            raise fail(f"positive_label {positive!r} is not one of labels {labels!r}")
+
+        inp = raw.get("input")
+        if not isinstance(inp, Mapping):
+            raise fail("input is missing")
+        try:
+            height, width = int(inp["height"]), int(inp["width"])
+            channels = int(inp.get("channels", 3))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise fail(f"input.height/width must be integers ({exc})") from exc
+        if height < 8 or width < 8 or channels != 3:
+            raise fail(f"input must be at least 8x8 with 3 channels, got {height}x{width}x{channels}")
+        if str(inp.get("color", "RGB")).upper() != "RGB":
+            raise fail(f"input.color {inp.get('color')!r} is not RGB")
+
+        endpoints_raw = raw.get("endpoints")
+        if not isinstance(endpoints_raw, Mapping):
+            raise fail("endpoints is missing")
+        endpoints: dict[str, tuple[str, ...]] = {}
+        for name, required in REQUIRED_OUTPUTS.items():
+            outputs = endpoints_raw.get(name)
+            if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+                raise fail(f"endpoints.{name} must list its outputs")
+            missing = [o for o in required if o not in outputs]
+            if missing:
+                raise fail(f"endpoints.{name} lacks {missing}")
+            endpoints[name] = tuple(outputs)
+
+        temperature = _finite(raw.get("temperature", 1.0), "temperature", fail)
+        if temperature <= 0:
+            raise fail(f"temperature must be > 0, got {temperature}")
+        threshold = _finite(raw.get("threshold"), "threshold", fail)
+        if not 0.0 < threshold < 1.0:
+            raise fail(f"threshold must be in (0, 1), got {threshold}")
+
+        risk_tiers = _parse_tiers(raw.get("risk_tiers"), fail)
+
+        tta = raw.get("tta") or {}
+        if not isinstance(tta, Mapping):
+            raise fail("tta must be an object")
+        flips: tuple[str, ...] = ()
+        if tta.get("enabled"):
+            flips = tuple(tta.get("flips", KNOWN_FLIPS))
+            unknown = [f for f in flips if f not in KNOWN_FLIPS]
+            if unknown or not flips:
+                raise fail(f"tta.flips must be a non-empty subset of {KNOWN_FLIPS}, got {flips}")
+
+        quality = raw.get("quality")
+        if quality is not None and not isinstance(quality, Mapping):
+            raise fail("quality must be an object of thresholds")
+        ood = raw.get("ood")
+        if ood is not None:
+            if not isinstance(ood, Mapping) or "file" not in ood or "threshold" not in ood:
+                raise fail("ood must be an object with file and threshold")
+            if "embedding" not in endpoints["serve"]:
+                raise fail("ood is configured but endpoints.serve has no embedding output")
+
+        return cls(
+            raw=raw,
+            name=str(raw.get("name", "model")),
+            version=str(raw.get("version", "unknown")),
+            labels=(labels[0], labels[1]),
+            positive_label=positive,
+            input_height=height,
+            input_width=width,
+            endpoints=endpoints,
+            temperature=temperature,
+            threshold=threshold,
+            risk_tiers=risk_tiers,
+            tta_flips=flips,
+            quality=quality,
+            ood=ood,
+        )
+
+
+def _finite(value: Any, name: str, fail: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise fail(f"{name} must be a number, got {value!r}") from exc
+    if not math.isfinite(number):
+        raise fail(f"{name} must be finite, got {number}")
+    return number
+
+
+def _parse_tiers(raw: Any, fail: Any) -> tuple[RiskTier, ...]:
+    """Tiers must tile [0, 1] without gaps or overlaps, in ascending order."""
+    if not isinstance(raw, list) or not raw:
+        raise fail("risk_tiers must be a non-empty list")
+    tiers: list[RiskTier] = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, Mapping) or not item.get("name"):
+            raise fail(f"risk_tiers[{i}] needs a name")
+        lower = _finite(item.get("lower"), f"risk_tiers[{i}].lower", fail)
+        upper = _finite(item.get("upper"), f"risk_tiers[{i}].upper", fail)
+        if not lower < upper:
+            raise fail(f"risk_tiers[{i}] has lower >= upper")
+        advice = item.get("advice")
+        tiers.append(RiskTier(str(item["name"]), lower, upper, str(advice) if advice else None))
+    if not math.isclose(tiers[0].lower, 0.0) or not math.isclose(tiers[-1].upper, 1.0):
+        raise fail("risk_tiers must start at 0 and end at 1")
+    for prev, nxt in zip(tiers, tiers[1:], strict=False):
+        if not math.isclose(prev.upper, nxt.lower, abs_tol=1e-9):
+            raise fail(f"risk_tiers {prev.name!r} and {nxt.name!r} are not contiguous")
+    return tuple(tiers)
+
+
+@dataclass
+class Inference:
+    """Outputs of ``serve`` for a batch (TTA already averaged)."""
+
+    logits: np.ndarray  # [n] uncalibrated, averaged over TTA views when enabled
+    probabilities: np.ndarray  # [n] calibrated
+    embeddings: np.ndarray | None  # [n, d] of the un-flipped view (what OOD stats were fit on)
+
+
+@dataclass
+class LoadReport:
+    """How long the model took to become usable (exported as metrics and on /model)."""
+
+    load_seconds: float = 0.0
+    warmup_seconds: float = 0.0
+    loaded_at: float = field(default_factory=time.time)
+
+
+class TriageModel:
+    """A loaded artifact. All TensorFlow calls are serialized by a lock.
+
+    Why a lock: the routes call this from a thread pool, and on a small CPU machine two
+    InceptionV3 passes at once only thrash caches and double peak memory; requests queue on
+    the lock instead and the batch endpoint is the way to amortise work.
+    """
+
+    def __init__(self, saved: Any, metadata: ModelMetadata, model_dir: Path) -> None:
+        self._saved = saved
+        self.metadata = metadata
+        self.model_dir = model_dir
+        self.report = LoadReport()
+        self._lock = threading.Lock()
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, model_dir: Path) -> TriageModel:
+        """Read metadata.json, load the SavedModel and check they agree (no warm-up yet)."""
+        started = time.perf_counter()
+        model_dir = Path(model_dir)
+        meta_path = model_dir / "metadata.json"
+        saved_path = model_dir / "saved_model"
+        if not model_dir.is_dir():
+            raise ModelLoadError(f"model directory {model_dir.resolve()} does not exist")
+        if not meta_path.is_file():
+            raise ModelLoadError(f"{meta_path} is missing")
+        if not (saved_path / "saved_model.pb").is_file():
+            raise ModelLoadError(f"{saved_path} is not a SavedModel (no saved_model.pb)")
+        try:
+            raw = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{meta_path} is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"{meta_path} must hold a JSON object")
+        metadata = ModelMetadata.from_dict(raw)
+
+        import tensorflow as tf  # lazy: see module docstring
+
+        try:
+            saved = tf.saved_model.load(str(saved_path))
+        except Exception as exc:  # TF raises many types for a corrupt SavedModel
+            raise ModelLoadError(f"cannot load SavedModel at {saved_path}: {exc}") from exc
+        for endpoint in REQUIRED_OUTPUTS:
+            if not callable(getattr(saved, endpoint, None)):
+                raise ModelLoadError(f"SavedModel at {saved_path} has no `{endpoint}` endpoint")
+            _check_input_signature(getattr(saved, endpoint), endpoint, metadata)
+
+        model = cls(saved, metadata, model_dir)
+        model.report.load_seconds = time.perf_counter() - started
+        return model
+
+    def warm_up(self) -> None:
+        """Run one dummy batch through serve and explain and check the outputs' shapes.
+
+        The first call of a restored function traces and allocates; doing it here keeps that
+        latency (and any shape mismatch) out of the first user's request.
+        """
+        started = time.perf_counter()
+        h, w = self.metadata.input_size
+        dummy = np.full((1, h, w, 3), 128.0, dtype=np.float32)
+        served = self._call("serve", dummy)
+        explained = self._call("explain", dummy)
+        for endpoint, outputs in (("serve", served), ("explain", explained)):
+            missing = [k for k in self.metadata.endpoints[endpoint] if k not in outputs]
+            if missing:
+                raise ModelLoadError(f"endpoint {endpoint} did not return {missing}")
+            logit = outputs["logit"]
+            if logit.shape != (1,) or not np.all(np.isfinite(logit)):
+                raise ModelLoadError(f"{endpoint}.logit must be a finite [batch] vector")
+        if "embedding" in served and served["embedding"].ndim != 2:
+            raise ModelLoadError("serve.embedding must be [batch, features]")
+        if explained["heatmap"].ndim != 3 or explained["heatmap"].shape[0] != 1:
+            raise ModelLoadError("explain.heatmap must be [batch, h, w]")
+        self.report.warmup_seconds = time.perf_counter() - started
+
+    # -- inference -------------------------------------------------------------------------
+    def _call(self, endpoint: str, batch: np.ndarray) -> dict[str, np.ndarray]:
+        import tensorflow as tf
+
+        with self._lock:
+            outputs = getattr(self._saved, endpoint)(tf.constant(batch, dtype=tf.float32))
+        return {key: np.asarray(value) for key, value in outputs.items()}
+
+    def calibrate(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probability of the positive label: sigmoid(logit / temperature)."""
+        z = np.clip(np.asarray(logits, dtype=np.float64) / self.metadata.temperature, -60, 60)
+        return np.asarray(1.0 / (1.0 + np.exp(-z)))
+
+    def infer(self, batch: np.ndarray) -> Inference:
+        """Run ``serve`` on a [n, H, W, 3] float32 0..255 batch, with TTA if metadata asks."""
+        views = [batch]
+        for flip in self.metadata.tta_flips:
+            views.append(batch[:, :, ::-1, :] if flip == "horizontal" else batch[:, ::-1, :, :])
+        outputs = self._call("serve", np.ascontiguousarray(np.concatenate(views, axis=0)))
+        n = batch.shape[0]
+        # Average logits (not probabilities) over the views, as the contract states.
+        logits = outputs["logit"].reshape(len(views), n).mean(axis=0)
+        embedding = outputs.get("embedding")
+        return Inference(
+            logits=logits,
+            probabilities=self.calibrate(logits),
+            embeddings=None if embedding is None else embedding[:n],
+        )
+
+    def explain(self, batch: np.ndarray) -> np.ndarray:
+        """Grad-CAM maps [n, h, w] in 0..1 for the un-flipped images."""
+        heat = self._call("explain", np.ascontiguousarray(batch))["heatmap"]
+        return np.clip(np.nan_to_num(heat.astype(np.float32)), 0.0, 1.0)
+
+    # -- interpretation --------------------------------------------------------------------
+    def label_for(self, probability: float) -> str:
+        """Positive label when ``probability >= threshold``."""
+        meta = self.metadata
+        return meta.positive_label if probability >= meta.threshold else meta.negative_label
+
+    def tier_for(self, probability: float) -> RiskTier:
+        """The tier whose [lower, upper) holds ``probability`` (the top tier includes 1.0)."""
+        for tier in self.metadata.risk_tiers:
+            if tier.lower <= probability < tier.upper:
+                return tier
+        return self.metadata.risk_tiers[-1]
+
+    def tier_position(self, tier: RiskTier) -> str:
+        """Where a tier sits relative to the threshold: 'above', 'lowest' or 'between'.
+
+        Used to pick default advice wording without relying on tier names.
+        """
+        if tier.lower >= self.metadata.threshold - 1e-12:
+            return "above"
+        if tier == self.metadata.risk_tiers[0]:
+            return "lowest"
+        return "between"
+
+
+def _check_input_signature(function: Any, endpoint: str, metadata: ModelMetadata) -> None:
+    """Compare the endpoint's traced input shape with metadata's input size, when visible."""
+    concrete: Sequence[Any] = getattr(function, "concrete_functions", None) or ()
+    expected = (metadata.input_height, metadata.input_width, 3)
+    for fn in concrete:
+        try:
+            args, kwargs = fn.structured_input_signature
+            spec = args[0] if args else next(iter(kwargs.values()))
+            shape = tuple(spec.shape.as_list())
+        except (AttributeError, IndexError, StopIteration, TypeError, ValueError):
+            continue  # unusual signature: the warm-up still checks the real call
+        if len(shape) != 4 or any(
+            s is not None and s != e for s, e in zip(shape[1:], expected, strict=True)
+        ):
+            raise ModelLoadError(
+                f"endpoint {endpoint} takes input {shape}, but metadata says "
+                f"[batch, {expected[0]}, {expected[1]}, 3]"
+            )

@@ -1,0 +1,255 @@
+"""Response models: they define the JSON contract and the OpenAPI documentation."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Status = Literal["ok", "unable_to_assess", "not_a_lesion"]
+
+
+class RiskTierOut(BaseModel):
+    """The probability band the result falls in and what to do about it."""
+
+    name: str = Field(examples=["moderate"])
+    lower: float = Field(ge=0, le=1, examples=[0.1])
+    upper: float = Field(ge=0, le=1, examples=[0.31])
+    advice: str = Field(examples=["Some features are borderline. Ask a doctor to look at it..."])
+
+
+class ReasonOut(BaseModel):
+    """Why a photo was not assessed."""
+
+    code: str = Field(examples=["too_blurry"])
+    message: str = Field(examples=["The photo is out of focus."])
+    advice: str = Field(examples=["Hold the phone steady and tap the spot to focus."])
+
+
+class ImageInfo(BaseModel):
+    """Size of the photo as the server saw it: upright (EXIF orientation applied)."""
+
+    width: int = Field(examples=[3024])
+    height: int = Field(examples=[4032])
+
+
+class Timings(BaseModel):
+    """Server-side time spent, in milliseconds.
+
+    ``inference`` and ``explain`` are the shared model calls of the whole request (one batched
+    call for /predict/batch), ``total`` the time from the start of the request.
+    """
+
+    read: float = Field(0.0, description="receiving the upload", examples=[3.1])
+    decode: float = Field(0.0, examples=[12.4])
+    quality: float = Field(0.0, examples=[4.0])
+    inference: float = Field(0.0, examples=[180.2])
+    explain: float = Field(0.0, examples=[0.0])
+    total: float = Field(0.0, examples=[204.7])
+
+
+class PredictionResult(BaseModel):
+    """The assessment of one photo."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "ok",
+                    "label": "benign",
+                    "probability_malignant": 0.18,
+                    "threshold": 0.31,
+                    "risk_tier": {
+                        "name": "moderate",
+                        "lower": 0.1,
+                        "upper": 0.31,
+                        "advice": "Some features are borderline. Ask a doctor to look at it...",
+                    },
+                    "headline": "No strong features of concern were found in this photo",
+                    "advice": "Some features are borderline. Ask a doctor to look at it...",
+                    "reasons": [],
+                    "model_name": "isic-inceptionv3",
+                    "model_version": "1.0.0",
+                    "request_id": "5f0c3c1f9b8e4d7a9e1d2c3b4a596877",
+                    "image": {"width": 1024, "height": 768},
+                    "timings_ms": {
+                        "read": 2.0,
+                        "decode": 11.0,
+                        "quality": 3.0,
+                        "inference": 170.0,
+                        "explain": 0.0,
+                        "total": 190.0,
+                    },
+                    "disclaimer": "This is not a diagnosis. ...",
+                },
+                {
+                    "status": "unable_to_assess",
+                    "label": None,
+                    "probability_malignant": None,
+                    "threshold": 0.31,
+                    "risk_tier": None,
+                    "headline": "We could not assess this photo",
+                    "advice": "Hold the phone steady and tap the spot to focus.",
+                    "reasons": [
+                        {
+                            "code": "too_blurry",
+                            "message": "The photo is out of focus.",
+                            "advice": "Hold the phone steady and tap the spot to focus.",
+                        }
+                    ],
+                    "model_name": "isic-inceptionv3",
+                    "model_version": "1.0.0",
+                    "request_id": "0d9a0b8f1e2c4a6b8c0d1e2f3a4b5c6d",
+                    "image": {"width": 640, "height": 480},
+                    "timings_ms": {"decode": 5.0, "quality": 2.0, "total": 8.0},
+                    "disclaimer": "This is not a diagnosis. ...",
+                },
+            ]
+        }
+    )
+
+    status: Status = Field(
+        description="ok: assessed; unable_to_assess: photo unusable (see reasons); "
+        "not_a_lesion: photo unlike the lesion photos the model knows"
+    )
+    label: str | None = Field(
+        description="The model's label (one of metadata labels), null unless status is ok",
+        examples=["benign"],
+    )
+    probability_malignant: float | None = Field(
+        ge=0,
+        le=1,
+        description="Calibrated probability of the positive label; null unless status is ok",
+        examples=[0.18],
+    )
+    threshold: float = Field(
+        description="label is the positive one when probability_malignant >= threshold",
+        examples=[0.31],
+    )
+    risk_tier: RiskTierOut | None = None
+    headline: str = Field(description="The result in plain words")
+    advice: str | None = Field(None, description="What to do next")
+    reasons: list[ReasonOut] = Field(
+        default_factory=list, description="Why the photo was not assessed (empty when ok)"
+    )
+    model_name: str
+    model_version: str = Field(examples=["1.0.0"])
+    request_id: str
+    image: ImageInfo | None = None
+    timings_ms: Timings
+    heatmap_png_base64: str | None = Field(
+        None,
+        description="Only with explain=true and status ok: Grad-CAM overlay, an RGBA PNG with "
+        "the photo's aspect ratio (longer side capped), transparent where the model did not "
+        "look; draw it over the photo.",
+    )
+    preview_jpeg_base64: str | None = Field(
+        None,
+        description="Only with preview=true: the upright photo as the server saw it, "
+        "downscaled, re-encoded without any metadata (for clients that cannot show HEIC).",
+    )
+    disclaimer: str
+
+    def public_dict(self) -> dict[str, Any]:
+        """JSON-ready dict without the image fields that were not asked for."""
+        data = self.model_dump(mode="json")
+        for key in ("heatmap_png_base64", "preview_jpeg_base64"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+
+class BatchItemError(BaseModel):
+    """A file of a batch that could not be processed at all (the others still are)."""
+
+    status: Literal["error"] = "error"
+    index: int = Field(description="Position of the file in the request, from 0", examples=[2])
+    status_code: int = Field(
+        description="The HTTP status /predict would have answered", examples=[415]
+    )
+    detail: str = Field(examples=["the file is not a decodable image"])
+
+
+BatchItem = Annotated[PredictionResult | BatchItemError, Field(discriminator="status")]
+
+
+class BatchResponse(BaseModel):
+    """One entry per uploaded file, in upload order."""
+
+    request_id: str
+    model_version: str
+    count: int
+    results: list[BatchItem]
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: a human-readable ``detail`` (a list for field validation errors)."""
+
+    detail: str | list[Any] = Field(examples=["the file is not a decodable image"])
+
+
+class HealthResponse(BaseModel):
+    """Liveness / readiness answer."""
+
+    status: Literal["ok"] = "ok"
+    model_version: str | None = None
+
+
+class ServerModelInfo(BaseModel):
+    """What the server measured while loading the model."""
+
+    load_seconds: float
+    warmup_seconds: float
+    loaded_at: str
+    gates: dict[str, bool]
+
+
+class ModelInfo(BaseModel):
+    """The artifact's metadata.json as loaded, plus how the server loaded it."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "schema_version": 1,
+                    "name": "isic-inceptionv3",
+                    "version": "1.0.0",
+                    "labels": ["benign", "malignant"],
+                    "positive_label": "malignant",
+                    "input": {"height": 299, "width": 299, "channels": 3},
+                    "temperature": 1.0,
+                    "threshold": 0.31,
+                    "risk_tiers": [
+                        {"name": "low", "lower": 0.0, "upper": 0.1},
+                        {"name": "moderate", "lower": 0.1, "upper": 0.31},
+                        {"name": "high", "lower": 0.31, "upper": 1.0},
+                    ],
+                    "server": {
+                        "load_seconds": 4.2,
+                        "warmup_seconds": 1.3,
+                        "loaded_at": "2026-11-26T15:00:00Z",
+                        "gates": {"quality": True, "ood": True},
+                    },
+                }
+            ]
+        },
+    )
+
+    schema_version: int
+    name: str
+    version: str
+    labels: list[str]
+    positive_label: str
+    threshold: float
+    risk_tiers: list[dict[str, Any]]
+    server: ServerModelInfo
+
+
+# Shared OpenAPI error documentation for the prediction routes.
+PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "Upload larger than the configured limit"},
+    415: {"model": ErrorResponse, "description": "Not a decodable image, or an empty file"},
+    422: {"model": ErrorResponse, "description": "Missing `file` field"},
+    503: {"model": ErrorResponse, "description": "Model not loaded yet"},
+}

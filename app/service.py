@@ -1,0 +1,260 @@
+"""One assessment, from uploaded bytes to result objects: decode → gates → model → words.
+
+Synchronous and CPU-bound: the routes run it in a worker thread. Shared by the JSON API and
+the server-rendered pages so both give the same answer for the same photo.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image
+
+from app.gates import Gates, OODGate, Reason
+from app.imaging import b64, fit_within, heatmap_overlay_png, preview_jpeg
+from app.metrics import Metrics
+from app.model import TriageModel
+from app.schemas import (
+    BatchItemError,
+    ImageInfo,
+    PredictionResult,
+    ReasonOut,
+    RiskTierOut,
+    Timings,
+)
+from app.settings import Settings
+from app.texts import (
+    DISCLAIMER,
+    HEADLINES,
+    TIER_ADVICE,
+    UNABLE_ADVICE_FALLBACK,
+)
+from app.uploads import FilePart
+from model_training.preprocessing import ImageDecodeError, decode_image, resize_to_input
+
+logger = logging.getLogger("app.service")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-request switches."""
+
+    explain: bool = False
+    preview: bool = False
+
+
+@dataclass
+class _Item:
+    """Working state of one file while the request is processed."""
+
+    index: int
+    image: Image.Image | None = None
+    error: BatchItemError | None = None
+    reasons: list[Reason] | None = None
+    decode_ms: float = 0.0
+    quality_ms: float = 0.0
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 2)
+
+
+class TriageService:
+    """Holds the loaded model and gates; turns uploads into PredictionResults."""
+
+    def __init__(
+        self, model: TriageModel, gates: Gates, settings: Settings, metrics: Metrics
+    ) -> None:
+        self.model = model
+        self.gates = gates
+        self.settings = settings
+        self.metrics = metrics
+
+    def assess(
+        self,
+        parts: Sequence[FilePart],
+        options: Options,
+        request_id: str,
+        started: float,
+        read_ms: float = 0.0,
+    ) -> list[PredictionResult | BatchItemError]:
+        """Assess every part; one entry per part, in order. ``started`` is perf_counter()."""
+        items = [self._decode_and_check(part) for part in parts]
+
+        # One batched forward pass over every photo that passed decoding and the quality gate.
+        runnable = [it for it in items if it.image is not None and not it.reasons]
+        inference_ms = explain_ms = 0.0
+        probabilities: dict[int, float] = {}
+        outliers: set[int] = set()
+        heatmaps: dict[int, np.ndarray] = {}
+        if runnable:
+            size = self.model.metadata.input_size
+            batch = np.stack([resize_to_input(it.image, size) for it in runnable])  # type: ignore[arg-type]
+            t0 = time.perf_counter()
+            inference = self.model.infer(batch)
+            inference_ms = _ms(time.perf_counter() - t0)
+            self.metrics.inference_seconds.observe(inference_ms / 1000.0)
+            if self.gates.ood is not None and inference.embeddings is not None:
+                is_outlier, _scores = self.gates.ood.check(inference.embeddings)
+                outliers = {it.index for it, out in zip(runnable, is_outlier, strict=True) if out}
+            for it, p in zip(runnable, inference.probabilities, strict=True):
+                probabilities[it.index] = float(p)
+            to_explain = [i for i, it in enumerate(runnable) if it.index not in outliers]
+            if options.explain and to_explain:
+                t0 = time.perf_counter()
+                maps = self.model.explain(batch[to_explain])
+                explain_ms = _ms(time.perf_counter() - t0)
+                for row, i in enumerate(to_explain):
+                    heatmaps[runnable[i].index] = maps[row]
+
+        results: list[PredictionResult | BatchItemError] = []
+        for it in items:
+            if it.error is not None:
+                results.append(it.error)
+                continue
+            assert it.image is not None
+            timings = Timings(
+                read=read_ms,
+                decode=it.decode_ms,
+                quality=it.quality_ms,
+                inference=inference_ms if it.index in probabilities else 0.0,
+                explain=explain_ms if it.index in heatmaps else 0.0,
+            )
+            if it.reasons:
+                result = self._rejected("unable_to_assess", it.reasons, it.image, request_id)
+            elif it.index in outliers:
+                result = self._rejected("not_a_lesion", [OODGate.reason()], it.image, request_id)
+            else:
+                result = self._assessed(
+                    probabilities[it.index], heatmaps.get(it.index), it.image, request_id
+                )
+            if options.preview:
+                result.preview_jpeg_base64 = b64(preview_jpeg(it.image))
+            timings.total = _ms(time.perf_counter() - started)
+            result.timings_ms = timings
+            self._count(result)
+            if self.settings.store_uploads_dir is not None:
+                self._store(it.image, result, request_id, it.index)
+            results.append(result)
+        return results
+
+    # -- steps -----------------------------------------------------------------------------
+    def _decode_and_check(self, part: FilePart) -> _Item:
+        item = _Item(index=part.index)
+        if part.oversized:
+            item.error = BatchItemError(
+                index=part.index,
+                status_code=413,
+                detail=f"the file is larger than {self.settings.max_upload_bytes} bytes",
+            )
+            self.metrics.rejected_inputs.labels(reason="too_large").inc()
+            return item
+        t0 = time.perf_counter()
+        try:
+            item.image = decode_image(bytes(part.data))
+        except ImageDecodeError as exc:
+            item.error = BatchItemError(index=part.index, status_code=415, detail=str(exc))
+            reason = "empty_file" if not part.data else "not_an_image"
+            self.metrics.rejected_inputs.labels(reason=reason).inc()
+            return item
+        finally:
+            item.decode_ms = _ms(time.perf_counter() - t0)
+            part.data = bytearray()  # drop the raw bytes (and any EXIF/GPS in them) early
+        if self.gates.quality is not None:
+            t0 = time.perf_counter()
+            item.reasons = self.gates.quality.check(item.image)
+            item.quality_ms = _ms(time.perf_counter() - t0)
+        return item
+
+    def _base(self, request_id: str, img: Image.Image) -> dict[str, object]:
+        meta = self.model.metadata
+        return {
+            "threshold": meta.threshold,
+            "model_name": meta.name,
+            "model_version": meta.version,
+            "request_id": request_id,
+            "image": ImageInfo(width=img.width, height=img.height),
+            "timings_ms": Timings(),
+            "disclaimer": DISCLAIMER,
+        }
+
+    def _assessed(
+        self, p: float, heat: np.ndarray | None, img: Image.Image, request_id: str
+    ) -> PredictionResult:
+        model = self.model
+        label = model.label_for(p)
+        tier = model.tier_for(p)
+        advice = tier.advice or TIER_ADVICE[model.tier_position(tier)]
+        positive = label == model.metadata.positive_label
+        heatmap_b64 = None
+        if heat is not None:
+            size = fit_within(img.width, img.height, self.settings.heatmap_max_side)
+            heatmap_b64 = b64(heatmap_overlay_png(heat, size))
+        return PredictionResult(
+            status="ok",
+            label=label,
+            probability_malignant=round(min(max(p, 0.0), 1.0), 6),
+            risk_tier=RiskTierOut(name=tier.name, lower=tier.lower, upper=tier.upper, advice=advice),
+            headline=HEADLINES["positive" if positive else "negative"],
+            advice=advice,
+            heatmap_png_base64=heatmap_b64,
+            **self._base(request_id, img),  # type: ignore[arg-type]
+        )
+
+    def _rejected(
+        self, status: str, reasons: list[Reason], img: Image.Image, request_id: str
+    ) -> PredictionResult:
+        advice = " ".join(dict.fromkeys(r.advice for r in reasons if r.advice))
+        return PredictionResult(
+            status=status,  # type: ignore[arg-type]
+            label=None,
+            probability_malignant=None,
+            risk_tier=None,
+            headline=HEADLINES[status],
+            advice=advice or UNABLE_ADVICE_FALLBACK,
+            reasons=[ReasonOut(code=r.code, message=r.message, advice=r.advice) for r in reasons],
+            **self._base(request_id, img),  # type: ignore[arg-type]
+        )
+
+    def _count(self, result: PredictionResult) -> None:
+        if result.status == "ok":
+            self.metrics.predictions.labels(label=result.label or "none").inc()
+        else:
+            for reason in result.reasons:
+                self.metrics.rejected_inputs.labels(reason=reason.code).inc()
+
+    def _store(self, img: Image.Image, result: PredictionResult, request_id: str, index: int) -> None:
+        """Operator opt-in: keep a metadata-free JPEG of the upload and its result."""
+        assert self.settings.store_uploads_dir is not None
+        day = datetime.now(UTC).strftime("%Y-%m-%d")
+        folder = Path(self.settings.store_uploads_dir) / day
+        stem = folder / f"{request_id}-{index}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Re-encoded from decoded pixels, so EXIF/GPS in the original are not kept.
+            with _private_file(stem.with_suffix(".jpg")) as fh:
+                img.save(fh, format="JPEG", quality=95)
+            record = result.model_dump(
+                mode="json", exclude={"heatmap_png_base64", "preview_jpeg_base64"}
+            )
+            record["stored_at"] = datetime.now(UTC).isoformat()
+            with _private_file(stem.with_suffix(".json")) as fh:
+                fh.write(json.dumps(record, indent=2).encode("utf-8"))
+        except OSError:
+            # Storage is auxiliary: the user still gets the answer; the operator gets a log.
+            logger.exception("could not store upload", extra={"fields": {"dir": str(folder)}})
+
+
+def _private_file(path: Path) -> BinaryIO:
+    """Open a new file readable by the service user only (uploads are health data)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    return os.fdopen(fd, "wb")

@@ -1,0 +1,79 @@
+"""Runtime configuration, read from the environment.
+
+Every setting is read from an environment variable named ``TRIAGE_<FIELD>`` (case-insensitive),
+for example ``TRIAGE_MODEL_DIR=/models/v2`` or ``TRIAGE_STORE_UPLOADS_DIR=/srv/uploads``.
+``host`` and ``port`` also accept the unprefixed ``HOST`` and ``PORT`` that ``make run``,
+Docker and most hosting platforms set; the prefixed name wins when both are present.
+
+Relative paths (``model_dir``, ``store_uploads_dir``) are resolved against the current working
+directory, which is the repository root for ``make run`` and the Docker image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MB = 1024 * 1024
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class Settings(BaseSettings):
+    """Service settings; see the module docstring for the environment variable names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TRIAGE_",
+        case_sensitive=False,
+        populate_by_name=True,  # Settings(host=...) in code, HOST/TRIAGE_HOST in the environment
+        protected_namespaces=(),  # `model_dir` is a field name, not pydantic's namespace
+        extra="ignore",
+    )
+
+    model_dir: Path = Field(
+        Path("models/default"),
+        description="Model artifact folder (saved_model/ + metadata.json), see docs/ARTIFACT.md.",
+    )
+    host: str = Field(
+        "127.0.0.1",
+        validation_alias=AliasChoices("TRIAGE_HOST", "HOST"),
+        description="Interface to bind; use 0.0.0.0 inside a container.",
+    )
+    port: int = Field(
+        8000, ge=0, le=65535, validation_alias=AliasChoices("TRIAGE_PORT", "PORT")
+    )
+    max_upload_bytes: int = Field(
+        10 * MB, gt=0, description="Largest accepted image, in bytes (per file)."
+    )
+    max_batch_files: int = Field(16, gt=0, description="Most files in one /predict/batch call.")
+    max_batch_bytes: int = Field(
+        40 * MB,
+        gt=0,
+        description="Largest accepted /predict/batch request body, in bytes (all files together).",
+    )
+    heatmap_max_side: int = Field(
+        1024,
+        ge=64,
+        description=(
+            "The Grad-CAM overlay has the photo's aspect ratio and resolution, capped at this "
+            "many pixels on its longer side (a smooth upsampled map loses nothing by the cap)."
+        ),
+    )
+    store_uploads_dir: Path | None = Field(
+        None,
+        description=(
+            "Operator opt-in: keep a metadata-free copy of each decoded upload and its result "
+            "here. None (the default) means uploads are never written to disk."
+        ),
+    )
+    log_level: LogLevel = "info"
+    log_json: bool = Field(True, description="One JSON object per log line (false: plain text).")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: object) -> object:
+        """Accept LOG_LEVEL=INFO as well as info."""
+        return value.lower() if isinstance(value, str) else value

@@ -1,0 +1,214 @@
+"""Streaming multipart/form-data reader that keeps uploads in memory only.
+
+Why not FastAPI's ``UploadFile``: Starlette spools any part over 1 MB to a temporary file on
+disk, and a photo of someone's skin must never touch the disk unless the operator opted in
+(``store_uploads_dir``). This reader also enforces the size limits while the body streams in,
+so a client that omits or lies about Content-Length cannot make the server buffer more than
+the limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import HTTPException, Request
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+# Room for multipart boundaries, part headers and small form fields on top of the file limit.
+MULTIPART_OVERHEAD = 64 * 1024
+MAX_FIELD_BYTES = 1024  # non-file fields are flags like explain=true
+MAX_PARTS = 64
+
+
+@dataclass
+class FilePart:
+    """One uploaded file, held in memory."""
+
+    index: int
+    filename: str | None
+    content_type: str | None
+    data: bytearray = field(default_factory=bytearray)
+    oversized: bool = False  # more than the per-file limit arrived; data was dropped
+
+
+@dataclass
+class ParsedForm:
+    """The parts of a multipart body that the route asked for."""
+
+    fields: dict[str, str]
+    files: list[FilePart]
+    body_bytes: int
+
+
+def _too_large(detail: str) -> HTTPException:
+    return HTTPException(status_code=413, detail=detail)
+
+
+def missing_field(name: str) -> HTTPException:
+    """The 422 FastAPI itself answers for a missing form field, same shape."""
+    return HTTPException(
+        status_code=422,
+        detail=[
+            {
+                "type": "missing",
+                "loc": ["body", name],
+                "msg": "Field required",
+                "input": None,
+            }
+        ],
+    )
+
+
+class _Collector:
+    """python-multipart callbacks that collect parts into memory within the limits."""
+
+    def __init__(
+        self,
+        file_fields: Iterable[str],
+        form_fields: Iterable[str],
+        max_file_bytes: int,
+        max_files: int,
+        too_many_files: HTTPException,
+    ) -> None:
+        self.file_fields = set(file_fields)
+        self.form_fields = set(form_fields)
+        self.max_file_bytes = max_file_bytes
+        self.max_files = max_files
+        self.too_many_files = too_many_files
+        self.fields: dict[str, str] = {}
+        self.files: list[FilePart] = []
+        self.parts = 0
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._disposition = b""
+        self._content_type: bytes | None = None
+        self._file: FilePart | None = None
+        self._field: tuple[str, bytearray] | None = None
+
+    def callbacks(self) -> Any:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+        }
+
+    def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise HTTPException(status_code=400, detail=f"more than {MAX_PARTS} form parts")
+        self._disposition = b""
+        self._content_type = None
+        self._file = None
+        self._field = None
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        name = bytes(self._header_name).lower()
+        if name == b"content-disposition":
+            self._disposition = bytes(self._header_value)
+        elif name == b"content-type":
+            self._content_type = bytes(self._header_value)
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        if name in self.file_fields:
+            if len(self.files) >= self.max_files:
+                raise self.too_many_files
+            raw_filename = options.get(b"filename")
+            self._file = FilePart(
+                index=len(self.files),
+                filename=raw_filename.decode("utf-8", "replace") if raw_filename else None,
+                content_type=self._content_type.decode("latin-1") if self._content_type else None,
+            )
+            self.files.append(self._file)
+        elif name in self.form_fields and b"filename" not in options:
+            self._field = (name, bytearray())
+            # Stored by reference; filled by on_part_data.
+            self.fields[name] = ""
+        # Any other part is read and discarded (still counted against the body limit).
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if self._file is not None:
+            if self._file.oversized:
+                return
+            if len(self._file.data) + len(chunk) > self.max_file_bytes:
+                self._file.oversized = True
+                self._file.data = bytearray()  # free it: the file is rejected anyway
+                return
+            self._file.data += chunk
+        elif self._field is not None:
+            name, buf = self._field
+            if len(buf) + len(chunk) > MAX_FIELD_BYTES:
+                raise HTTPException(status_code=400, detail=f"form field {name!r} is too long")
+            buf += chunk
+            self.fields[name] = buf.decode("utf-8", "replace")
+
+
+async def read_multipart(
+    request: Request,
+    *,
+    file_fields: Iterable[str],
+    form_fields: Iterable[str] = (),
+    max_file_bytes: int,
+    max_body_bytes: int,
+    max_files: int,
+    too_many_files: HTTPException,
+) -> ParsedForm:
+    """Read a multipart body into memory, enforcing the limits as bytes arrive.
+
+    Raises HTTPException 413 (body over the limit), ``too_many_files`` (more than
+    ``max_files`` files), 415 (not multipart) or 400 (malformed). A file over ``max_file_bytes`` is returned with ``oversized=True`` so the
+    batch route can report it per file; the single-file route turns it into a 413.
+    """
+    content_type = request.headers.get("content-type")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        # Cheap early answer; the streaming count below is what actually protects memory.
+        raise _too_large(f"request body is larger than {max_body_bytes} bytes")
+    if not content_type:
+        if declared in (None, "0"):
+            return ParsedForm(fields={}, files=[], body_bytes=0)
+        raise HTTPException(status_code=415, detail="send the image as multipart/form-data")
+    mime, params = parse_options_header(content_type)
+    if mime != b"multipart/form-data":
+        raise HTTPException(
+            status_code=415,
+            detail="send the image as multipart/form-data (a form with a file field)",
+        )
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise HTTPException(status_code=400, detail="multipart body without a boundary")
+
+    collector = _Collector(file_fields, form_fields, max_file_bytes, max_files, too_many_files)
+    total = 0
+    try:
+        parser = MultipartParser(boundary, collector.callbacks())
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_body_bytes:
+                raise _too_large(f"request body is larger than {max_body_bytes} bytes")
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError as exc:
+        raise HTTPException(status_code=400, detail="malformed multipart body") from exc
+    return ParsedForm(fields=collector.fields, files=collector.files, body_bytes=total)
+
+
+def truthy(value: str | None) -> bool:
+    """HTML forms and curl send flags as strings."""
+    return value is not None and value.strip().lower() in {"1", "true", "yes", "on"}

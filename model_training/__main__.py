@@ -1,0 +1,163 @@
+"""Command line: ``python -m model_training train|export|evaluate|fit-gates ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+DEFAULT_DATA = Path(os.environ.get("SHARED_DATA_DIR", "../shared/data"))
+
+
+def _sets(value: str) -> list[str]:
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a classifier and write a run folder (weights shards, history, run.json)."""
+    from model_training import train as tr
+    from model_training.data import check_no_leak, describe, read_datasets
+    from model_training.weights import WEIGHTS_SOURCE, imagenet_weights
+
+    config = tr.TrainConfig(
+        mode=args.mode,
+        batch_size=args.batch_size,
+        head_epochs=args.head_epochs,
+        head_lr=args.head_lr,
+        epochs=args.epochs,
+        lr=args.lr,
+        seed=args.seed,
+        mixed_precision=args.mixed_precision,
+        workers=args.workers,
+        limit=args.limit,
+    )
+    df = read_datasets(args.data_dir, args.sets)
+    check_no_leak(df)
+    train = df[df["split"] == "train"].reset_index(drop=True)
+    if args.manifest:  # the GPU pack ships a chosen subset; train on exactly that
+        keep = set(Path(args.manifest).read_text().split())
+        train = train[train["image_id"].isin(keep)].reset_index(drop=True)
+    if config.limit:
+        train = train.sample(n=min(config.limit, len(train)), random_state=config.seed)
+        train = train.reset_index(drop=True)
+    init = Path(args.init_weights) if args.init_weights else imagenet_weights()
+    tr.log(tr.steps_summary(len(train), config))
+    if config.mode == "head":
+        cache = args.out / "embeddings-train.npz"
+        classifier, history = tr.train_head(train, config, init, cache)
+    else:
+        classifier, history = tr.train_finetune(train, config, init)
+    info = {
+        "config": config.to_json(),
+        "command": "python -m model_training " + shlex.join(sys.argv[1:]),
+        "data": describe(train),
+        "weights_source": WEIGHTS_SOURCE,
+        "init_weights": init.name,
+        "backend": __import__("keras").backend.backend(),
+    }
+    tr.write_run(args.out, classifier, history, info)
+    tr.log(f"run written to {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Rebuild the classifier here (TensorFlow), load a run's weights, export the artifact."""
+    from model_training.export import base_metadata, export_artifact
+    from model_training.model import build_classifier
+    from model_training.train import load_weight_shards
+
+    run = json.loads((args.run / "run.json").read_text())
+    config = run["config"]
+    model = build_classifier(tuple(config["input_size"]), config["dropout"])
+    load_weight_shards(model, args.run / "weights")
+    history = json.loads((args.run / "history.json").read_text())
+    metadata = base_metadata(
+        model,
+        version=args.version,
+        training={
+            "command": run["command"],
+            "export_command": "python -m model_training " + shlex.join(sys.argv[1:]),
+            "recipe": config["mode"],
+            "config": config,
+            "data": run["data"],
+            "backend": run.get("backend"),
+            "history": history,
+        },
+        weights_source=run["weights_source"],
+    )
+    export_artifact(model, args.out, metadata)
+    print(f"exported {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score an artifact on validation; calibrate, choose threshold and tiers; write reports."""
+    from model_training.evaluate import evaluate_artifact
+
+    evaluate_artifact(
+        args.artifact,
+        args.data_dir,
+        args.sets,
+        target_sensitivity=args.target_sensitivity,
+        tta=args.tta,
+        update_metadata=not args.no_update,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser."""
+    parser = argparse.ArgumentParser(prog="python -m model_training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a classifier into a run folder")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--sets", type=_sets, default=["isic2017", "ham10000", "pad-ufes-20"])
+    p.add_argument("--mode", choices=["finetune", "head"], default="finetune")
+    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--head-epochs", type=int, default=2)
+    p.add_argument("--head-lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--mixed-precision", default="auto")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--limit", type=int, default=0, help="smoke run on N images")
+    p.add_argument("--init-weights", default="", help="ImageNet .npz (default: pinned cache)")
+    p.add_argument("--manifest", default="", help="file of image_ids to train on (GPU pack)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export a run as SavedModel + metadata.json")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--version", default="1.0.0")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="validate, calibrate and report on an artifact")
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--sets", type=_sets, default=["isic2017", "ham10000", "pad-ufes-20"])
+    p.add_argument("--target-sensitivity", type=float, default=0.90)
+    p.add_argument("--tta", action="store_true", help="also measure flip test-time augmentation")
+    p.add_argument("--no-update", action="store_true", help="do not rewrite metadata.json")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        args.out.mkdir(parents=True, exist_ok=True)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""ISIC-style data sets: a folder of images plus a CSV of labels.
+
+A data set directory holds ``labels.csv`` (at least ``image_id`` and ``label``; optionally
+``split``, ``lesion_id``, ``patient_id``, ``diagnosis`` and metadata such as ``age``, ``sex``,
+``site``, ``fitzpatrick``) and an ``images/`` folder (or the images beside the CSV). This is
+what the ISIC Archive's ``isic-cli`` produces, and what ``../shared/data`` holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+LABELS_FILE = "labels.csv"
+# Domain of each known set: dermoscopy vs. smartphone close-up (reported separately).
+DOMAINS = {"isic2017": "dermoscopy", "ham10000": "dermoscopy", "pad-ufes-20": "phone"}
+DEFAULT_SETS = ("isic2017", "ham10000", "pad-ufes-20")
+
+
+class DataError(ValueError):
+    """A data set is missing or malformed."""
+
+
+def _find_image(folder: Path, image_id: str) -> Path | None:
+    for ext in IMAGE_EXTENSIONS:
+        for candidate in (folder / f"{image_id}{ext}", folder / f"{image_id}{ext.upper()}"):
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def group_key(row: pd.Series) -> str:
+    """The unit that must never straddle train and validation: patient > lesion > image."""
+    for column in ("patient_id", "lesion_id"):
+        value = row.get(column)
+        if isinstance(value, str) and value:
+            return f"{column}:{value}"
+    return f"image_id:{row['image_id']}"
+
+
+def grouped_split(groups: Sequence[str], valid_percent: int = 15) -> np.ndarray:
+    """Deterministic group-wise split: md5(group) mod 100 < valid_percent → valid."""
+    out = []
+    for group in groups:
+        bucket = int(hashlib.md5(group.encode()).hexdigest(), 16) % 100
+        out.append("valid" if bucket < valid_percent else "train")
+    return np.asarray(out)
+
+
+def read_dataset(root: Path, name: str | None = None, valid_percent: int = 15) -> pd.DataFrame:
+    """Read one ISIC-style set into a frame with path, label, split, group, dataset, domain."""
+    csv = root / LABELS_FILE
+    if not csv.exists():
+        raise DataError(f"{csv} not found: a data set needs a labels.csv")
+    df = pd.read_csv(csv, dtype={"image_id": str})
+    missing = {"image_id", "label"} - set(df.columns)
+    if missing:
+        raise DataError(f"{csv} lacks required column(s): {', '.join(sorted(missing))}")
+    folder = root / "images" if (root / "images").is_dir() else root
+    paths = [_find_image(folder, image_id) for image_id in df["image_id"]]
+    absent = [i for i, p in zip(df["image_id"], paths, strict=True) if p is None]
+    if absent:
+        raise DataError(f"{len(absent)} image(s) listed in {csv} not found, e.g. {absent[:3]}")
+    df["path"] = [str(p) for p in paths]
+    df["label"] = df["label"].astype(int)
+    if not set(df["label"].unique()) <= {0, 1}:
+        raise DataError(f"{csv}: label must be 0 (benign) or 1 (malignant)")
+    df["group"] = df.apply(group_key, axis=1)
+    if "split" not in df.columns or df["split"].isna().all():
+        df["split"] = grouped_split(df["group"].tolist(), valid_percent)
+    df["split"] = df["split"].fillna("train").astype(str)
+    name = name or root.name
+    df["dataset"] = name
+    df["domain"] = DOMAINS.get(name, "dermoscopy")
+    df["group"] = name + "/" + df["group"]
+    return df
+
+
+def read_datasets(data_dir: Path, names: Iterable[str] = DEFAULT_SETS) -> pd.DataFrame:
+    """Read and concatenate several sets found under ``data_dir``."""
+    frames = [read_dataset(data_dir / name, name) for name in names]
+    return pd.concat(frames, ignore_index=True)
+
+
+def check_no_leak(df: pd.DataFrame) -> None:
+    """Raise if any lesion/patient group has images in more than one split."""
+    spread = df.groupby("group")["split"].nunique()
+    leaking = spread[spread > 1]
+    if len(leaking):
+        raise DataError(f"{len(leaking)} group(s) straddle splits, e.g. {list(leaking.index[:3])}")
+
+
+def class_weights(labels: np.ndarray) -> dict[int, float]:
+    """Inverse-frequency weights so each class contributes equally to the loss."""
+    n = len(labels)
+    positives = int(labels.sum())
+    negatives = n - positives
+    if positives == 0 or negatives == 0:
+        return {0: 1.0, 1: 1.0}
+    return {0: n / (2.0 * negatives), 1: n / (2.0 * positives)}
+
+
+def describe(df: pd.DataFrame) -> list[dict[str, object]]:
+    """Per set and split: counts and malignant counts (for metadata and the model card)."""
+    rows = []
+    for (dataset, split), part in df.groupby(["dataset", "split"], sort=True):
+        rows.append(
+            {
+                "dataset": str(dataset),
+                "split": str(split),
+                "domain": str(part["domain"].iloc[0]),
+                "images": len(part),
+                "malignant": int(part["label"].sum()),
+                "groups": int(part["group"].nunique()),
+            }
+        )
+    return rows

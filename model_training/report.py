@@ -1,0 +1,787 @@
+"""Evaluation plots, the model card and the ISIC Challenge scorer bridge.
+
+Plots are drawn on matplotlib ``Figure`` objects with the Agg canvas (no pyplot global state,
+no display needed); each function writes one PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import auc as sklearn_auc
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
+
+from model_training.calibration import expected_calibration_error, reliability_curve
+from model_training.metrics import as_labels, as_probabilities
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | Path
+NOT_MEASURED = "not measured"
+DOMAIN_ORDER: tuple[str, ...] = ("isic2017", "ham10000", "pad-ufes-20")
+SUBGROUP_TITLES: dict[str, str] = {
+    "sex": "Sex",
+    "age_band": "Age band",
+    "age": "Age band",
+    "site": "Body site",
+    "fitzpatrick": "Fitzpatrick skin type",
+    "domain": "Domain",
+    "dx_type": "How the diagnosis was confirmed",
+}
+STANDARD_SUBGROUPS: tuple[str, ...] = ("sex", "age_band", "site", "fitzpatrick")
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+
+def _figure(width: float = 6.0, height: float = 5.0) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: PathLike) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", bbox_inches="tight")
+    return out
+
+
+def _both_classes(y: npt.NDArray[np.int64]) -> bool:
+    return bool(0 < int(y.sum()) < y.size)
+
+
+def plot_roc(
+    curves: Mapping[str, tuple[npt.ArrayLike, npt.ArrayLike]],
+    path: PathLike,
+    title: str = "ROC curve (malignant vs benign)",
+) -> Path:
+    """ROC curves, one per named ``(y, p)`` set, with AUC and n in the legend."""
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
+    for name, (y_raw, p_raw) in curves.items():
+        y = as_labels(y_raw)
+        p = as_probabilities(p_raw, y.size)
+        if not _both_classes(y):
+            ax.plot([], [], label=f"{name} (single class, n={y.size}: no curve)")
+            continue
+        fpr, tpr, _ = roc_curve(y, p)
+        auc = float(sklearn_auc(fpr, tpr))
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f}, n={y.size})")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), title=title)
+    ax.set_xlabel("1 - specificity (false-positive rate)")
+    ax.set_ylabel("sensitivity (true-positive rate)")
+    ax.legend(loc="lower right", fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_pr(
+    curves: Mapping[str, tuple[npt.ArrayLike, npt.ArrayLike]],
+    path: PathLike,
+    title: str = "Precision-recall curve (malignant)",
+) -> Path:
+    """Precision-recall curves with average precision; dashed lines mark each prevalence."""
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    for name, (y_raw, p_raw) in curves.items():
+        y = as_labels(y_raw)
+        p = as_probabilities(p_raw, y.size)
+        if not _both_classes(y):
+            ax.plot([], [], label=f"{name} (single class, n={y.size}: no curve)")
+            continue
+        precision, recall, _ = precision_recall_curve(y, p)
+        ap = float(average_precision_score(y, p))
+        (line,) = ax.plot(recall, precision, drawstyle="steps-post", label=f"{name} (AP {ap:.3f})")
+        ax.axhline(float(y.mean()), linestyle="--", linewidth=0.8, color=line.get_color())
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), title=title)
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision (PPV)")
+    ax.legend(loc="upper right", fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_confusion(cm: Mapping[str, int], path: PathLike, title: str = "Confusion matrix") -> Path:
+    """2x2 confusion matrix (rows: true class, columns: predicted) with counts and row %."""
+    matrix = np.array(
+        [[cm.get("tn", 0), cm.get("fp", 0)], [cm.get("fn", 0), cm.get("tp", 0)]], dtype=float
+    )
+    rows = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    fig = _figure(4.5, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(2):
+        for j in range(2):
+            colour = "white" if share[i, j] > 0.6 else "black"
+            text = f"{int(matrix[i, j])}\n({share[i, j]:.0%})"
+            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=12)
+    ax.set_xticks([0, 1], labels=["benign", "malignant"])
+    ax.set_yticks([0, 1], labels=["benign", "malignant"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_reliability(
+    y: npt.ArrayLike,
+    p_before: npt.ArrayLike,
+    p_after: npt.ArrayLike | None,
+    path: PathLike,
+    n_bins: int = 15,
+) -> Path:
+    """Reliability diagram before/after temperature scaling, with ECE and a count histogram."""
+    labels = as_labels(y)
+    fig = _figure(6.0, 6.5)
+    ax = fig.add_axes((0.12, 0.35, 0.83, 0.6))
+    hist = fig.add_axes((0.12, 0.08, 0.83, 0.18), sharex=ax)
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect calibration")
+    width = 1.0 / n_bins
+    sets = [("before scaling", p_before)]
+    if p_after is not None:
+        sets.append(("after scaling", p_after))
+    for k, (name, p_raw) in enumerate(sets):
+        p = as_probabilities(p_raw, labels.size)
+        _, observed, predicted, counts = reliability_curve(labels, p, n_bins)
+        ece = expected_calibration_error(labels, p, n_bins)
+        filled = counts > 0
+        ax.plot(predicted[filled], observed[filled], marker="o", label=f"{name} (ECE {ece:.3f})")
+        edges = np.arange(n_bins) * width
+        hist.bar(edges + k * width / 2, counts, width=width / 2, align="edge", alpha=0.7)
+    ax.set(xlim=(0, 1), ylim=(0, 1), title="Reliability (malignant probability)")
+    ax.set_ylabel("observed malignant fraction")
+    ax.legend(loc="upper left", fontsize="small")
+    ax.grid(alpha=0.3)
+    hist.set_xlabel("predicted probability")
+    hist.set_ylabel("count")
+    hist.set_yscale("symlog")
+    return _save(fig, path)
+
+
+def plot_training_curves(history: Mapping[str, Sequence[float]], path: PathLike) -> Path:
+    """Loss and AUC per epoch from a Keras-style history; missing keys are skipped."""
+    panels = {
+        "loss": sorted(k for k in history if "loss" in k.lower()),
+        "AUC": sorted(k for k in history if "auc" in k.lower()),
+    }
+    panels = {name: keys for name, keys in panels.items() if keys}
+    fig = _figure(6.0 * max(len(panels), 1), 4.0)
+    if not panels:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no training history recorded", ha="center", va="center")
+        ax.set_axis_off()
+        return _save(fig, path)
+    for i, (name, keys) in enumerate(panels.items(), start=1):
+        ax = fig.add_subplot(1, len(panels), i)
+        for key in keys:
+            values = np.asarray(list(history[key]), dtype=float)
+            if values.size:
+                ax.plot(np.arange(1, values.size + 1), values, marker=".", label=key)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Model card
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        return "n/a" if not math.isfinite(float(value)) else f"{float(value):.{digits}f}"
+    return _cell(str(value))
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _is_metrics(entry: Any) -> bool:
+    return isinstance(entry, Mapping) and "n" in entry and not isinstance(entry["n"], Mapping)
+
+
+def _ordered(keys: Sequence[str], preferred: Sequence[str], last: Sequence[str] = ()) -> list[str]:
+    head = [k for k in preferred if k in keys]
+    tail = [k for k in last if k in keys and k not in head]
+    middle = sorted(k for k in keys if k not in head and k not in tail)
+    return head + middle + tail
+
+
+def _domains(metadata: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
+    for source in (metrics.get("domains"), metrics.get("validation")):
+        if isinstance(source, Mapping) and source:
+            return dict(source)
+    meta_metrics = metadata.get("metrics")
+    if isinstance(meta_metrics, Mapping) and isinstance(meta_metrics.get("validation"), Mapping):
+        return {k: v for k, v in meta_metrics["validation"].items() if v}
+    return {}
+
+
+def _split_entry(entry: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    inner = entry.get("metrics")
+    m: Mapping[str, Any] = inner if isinstance(inner, Mapping) else entry
+    ci = entry.get("ci") or entry.get("bootstrap_ci") or m.get("ci") or {}
+    return m, ci if isinstance(ci, Mapping) else {}
+
+
+def _with_ci(m: Mapping[str, Any], ci: Mapping[str, Any], key: str) -> str:
+    value = _fmt(m.get(key))
+    interval = ci.get(key)
+    if isinstance(interval, Mapping) and interval.get("lower") is not None:
+        return f"{value} ({_fmt(interval.get('lower'))}-{_fmt(interval.get('upper'))})"
+    return value
+
+
+def _section_model(metadata: Mapping[str, Any]) -> list[str]:
+    lines = ["## Model details", ""]
+    fields = [
+        ("Name", metadata.get("name")),
+        ("Version", metadata.get("version")),
+        ("Created", metadata.get("created")),
+        ("Architecture", metadata.get("architecture")),
+        ("Labels", ", ".join(map(str, metadata.get("labels", []))) or None),
+        ("Positive label", metadata.get("positive_label")),
+    ]
+    inp = metadata.get("input")
+    if isinstance(inp, Mapping):
+        size = f"{inp.get('height', '?')}x{inp.get('width', '?')} {inp.get('color', '')}".strip()
+        fields.append(("Input", f"{size}; resize: {inp.get('resize', 'n/a')}"))
+    fields.append(("Temperature", metadata.get("temperature")))
+    tta = metadata.get("tta")
+    if isinstance(tta, Mapping):
+        fields.append(("Test-time augmentation", bool(tta.get("enabled"))))
+    ood = metadata.get("ood")
+    fields.append(
+        ("Out-of-distribution gate", ood.get("method") if isinstance(ood, Mapping) else "off")
+    )
+    fields.append(("Image-quality gate", "on" if metadata.get("quality") else "off"))
+    for name, value in fields:
+        lines.append(f"- **{name}**: {_fmt(value, 4) if value is not None else 'not recorded'}")
+    return [*lines, ""]
+
+
+INTENDED_USE = """## Intended use
+- A **triage aid**: it estimates how concerning a photographed skin spot looks and suggests how
+  soon to have it checked by a doctor. For lay users who wonder whether to see a doctor, and for
+  clinicians as a second reader that prioritises who is seen first.
+- It is **not a diagnosis**. It never says that a spot is or is not cancer; only a clinician's
+  examination (and, where needed, a biopsy) can.
+
+## Out-of-scope use
+- Diagnosis, or any use that replaces or delays a clinician's examination.
+- Use without a clinician in the loop for decisions about treatment.
+- Images that are not of skin, or not of a single lesion (whole-body photos, screenshots, text).
+- Children (few children in the training data; not validated for them).
+- Lesions on mucosa (mouth, genitals), nails, palms and soles, scalp through hair.
+- Populations, cameras and skin types far from the training data without local validation.
+"""
+
+TRAINING_DATA = """## Training data and licences
+- **ISIC 2017 Challenge, Part 3** (melanoma detection): Codella et al., "Skin lesion analysis
+  toward melanoma detection: a challenge at ISBI 2017", arXiv:1710.05006 (2018). Dermoscopy images
+  from the ISIC Archive under per-image licences: CC-0, CC-BY or CC-BY-NC.
+- **HAM10000**: Tschandl, Rosendahl & Kittler, "The HAM10000 dataset", Sci. Data 5, 180161
+  (2018), doi:10.1038/sdata.2018.161. Licence CC BY-NC 4.0 (non-commercial, attribution).
+- **PAD-UFES-20** (smartphone photos): Pacheco et al., "PAD-UFES-20: a skin lesion dataset
+  composed of patient data and clinical images collected from smartphones", Data in Brief 32
+  (2020). Licence CC BY 4.0.
+- Labels: malignant = melanoma (ISIC 2017); mel, bcc, akiec (HAM10000); MEL, BCC, SCC
+  (PAD-UFES-20). Actinic keratosis (ACK) is labelled benign in PAD-UFES-20 but is pre-malignant.
+
+**Licence of the weights: NON-COMMERCIAL.** The model was trained on CC BY-NC data (HAM10000 and
+part of the ISIC Archive), so the trained weights inherit a non-commercial condition: use them
+for research and non-commercial purposes only, with attribution to the datasets above. The code
+is licensed separately.
+"""
+
+
+def _section_data_used(metadata: Mapping[str, Any]) -> list[str]:
+    training = metadata.get("training")
+    data = training.get("data") if isinstance(training, Mapping) else None
+    if not data:
+        return ["Data used for this model: " + NOT_MEASURED + ".", ""]
+    lines = ["Data used for this model:", ""]
+    for item in data if isinstance(data, list) else [data]:
+        text = json.dumps(item, sort_keys=True) if isinstance(item, Mapping) else str(item)
+        lines.append(f"- {text}")
+    return [*lines, ""]
+
+
+def _section_weights(metadata: Mapping[str, Any]) -> list[str]:
+    lines = ["## ImageNet initialisation (weights provenance)", ""]
+    source = metadata.get("weights_source")
+    if not source:
+        return [*lines, f"Provenance of the ImageNet weights: {NOT_MEASURED}.", ""]
+    if isinstance(source, Mapping):
+        for key, value in source.items():
+            text = json.dumps(value, sort_keys=True) if isinstance(value, Mapping | list) else value
+            lines.append(f"- **{key}**: {text}")
+    else:
+        lines.append(str(source))
+    return [*lines, ""]
+
+
+def _section_performance(domains: Mapping[str, Any]) -> list[str]:
+    lines = ["## Validation performance", ""]
+    if not domains:
+        return [*lines, f"Validation metrics: {NOT_MEASURED}.", ""]
+    lines += [
+        "Per validation domain (95% stratified bootstrap CIs in brackets where measured). A case "
+        "is called malignant when its calibrated probability is >= the threshold.",
+        "",
+    ]
+    order = _ordered(list(domains), DOMAIN_ORDER, last=("pooled",))
+    main_rows, op_rows = [], []
+    for name in order:
+        entry = domains[name]
+        if not isinstance(entry, Mapping):
+            continue
+        m, ci = _split_entry(entry)
+        prevalence = m.get("prevalence")
+        pos = f"{_fmt(m.get('n_positive'))} ({_fmt(prevalence, 2)})" if prevalence else "n/a"
+        main_rows.append(
+            [
+                _cell(name),
+                _fmt(m.get("n")),
+                pos,
+                _with_ci(m, ci, "roc_auc"),
+                _fmt(m.get("average_precision")),
+                _with_ci(m, ci, "sensitivity"),
+                _with_ci(m, ci, "specificity"),
+                _with_ci(m, ci, "balanced_accuracy"),
+            ]
+        )
+        sas = m.get("sensitivity_at_specificity") or {}
+        spas = m.get("specificity_at_sensitivity") or {}
+        cm = m.get("confusion") or {}
+        cm_text = "/".join(_fmt(cm.get(k)) for k in ("tn", "fp", "fn", "tp")) if cm else "n/a"
+        op_rows.append(
+            [
+                _cell(name),
+                _fmt(m.get("threshold"), 4),
+                _fmt(m.get("ppv")),
+                _fmt(m.get("npv")),
+                _fmt(m.get("accuracy")),
+                *(_fmt(sas.get(k)) for k in ("0.80", "0.90", "0.95")),
+                *(_fmt(spas.get(k)) for k in ("0.90", "0.95")),
+                cm_text,
+            ]
+        )
+    lines += _table(
+        [
+            "Domain",
+            "n",
+            "malignant (prevalence)",
+            "ROC-AUC",
+            "PR-AUC",
+            "Sensitivity",
+            "Specificity",
+            "Balanced accuracy",
+        ],
+        main_rows,
+    )
+    lines += [
+        "Operating points (sensitivity at a fixed specificity and vice versa are read "
+        "conservatively off the ROC curve: the best value among thresholds that really reach "
+        "the target). Accuracy alone is misleading at this prevalence.",
+        "",
+    ]
+    lines += _table(
+        [
+            "Domain",
+            "threshold",
+            "PPV",
+            "NPV",
+            "accuracy",
+            "sens @ spec 0.80",
+            "sens @ spec 0.90",
+            "sens @ spec 0.95",
+            "spec @ sens 0.90",
+            "spec @ sens 0.95",
+            "TN/FP/FN/TP",
+        ],
+        op_rows,
+    )
+    return lines
+
+
+def _calibration_values(entry: Mapping[str, Any]) -> dict[str, Any]:
+    def pick(stage: str, name: str) -> Any:
+        nested = entry.get(stage)
+        if isinstance(nested, Mapping) and name in nested:
+            return nested[name]
+        return entry.get(f"{name}_{stage}")
+
+    return {
+        "ece_before": pick("before", "ece"),
+        "ece_after": pick("after", "ece"),
+        "brier_before": pick("before", "brier"),
+        "brier_after": pick("after", "brier"),
+    }
+
+
+def _section_calibration(metadata: Mapping[str, Any], metrics: Mapping[str, Any]) -> list[str]:
+    lines = ["## Calibration", ""]
+    calib = metrics.get("calibration")
+    temperature = metadata.get("temperature")
+    if isinstance(calib, Mapping):
+        temperature = calib.get("temperature", temperature)
+    lines.append(
+        f"Temperature scaling: calibrated p = sigmoid(logit / T), T = "
+        f"{_fmt(temperature, 4) if temperature is not None else NOT_MEASURED}."
+    )
+    lines.append("")
+    if not isinstance(calib, Mapping):
+        return [*lines, f"ECE and Brier score: {NOT_MEASURED}.", ""]
+    entries: dict[str, Mapping[str, Any]] = {}
+    if any(k in calib for k in ("before", "after", "ece_before", "ece_after")):
+        entries["pooled"] = calib
+    for key, value in calib.items():
+        if isinstance(value, Mapping) and key not in ("before", "after"):
+            entries[key] = value
+    if not entries:
+        return [*lines, f"ECE and Brier score: {NOT_MEASURED}.", ""]
+    n_bins = calib.get("n_bins", 15)
+    lines.append(f"Expected calibration error ({_fmt(n_bins)} equal-width bins) and Brier score:")
+    lines.append("")
+    rows = []
+    for name in _ordered(list(entries), DOMAIN_ORDER, last=("pooled",)):
+        v = _calibration_values(entries[name])
+        rows.append([_cell(name), *(_fmt(v[k]) for k in v)])
+    lines += _table(
+        ["Set", "ECE before", "ECE after", "Brier before", "Brier after"],
+        rows,
+    )
+    return lines
+
+
+def _section_threshold(metadata: Mapping[str, Any], metrics: Mapping[str, Any]) -> list[str]:
+    lines = ["## Decision threshold and risk tiers", ""]
+    thr = metrics.get("threshold", metadata.get("threshold"))
+    rule = metrics.get("threshold_rule", metadata.get("threshold_rule"))
+    if isinstance(thr, Mapping):
+        rule = thr.get("rule", rule)
+        thr = thr.get("value")
+    lines.append(f"- **Threshold**: {_fmt(thr, 4) if thr is not None else NOT_MEASURED}")
+    lines.append(f"- **Rule**: {_cell(str(rule)) if rule else NOT_MEASURED}")
+    lines.append("")
+    tiers = metrics.get("risk_tiers") or metadata.get("risk_tiers")
+    if not tiers:
+        return [*lines, f"Risk tiers: {NOT_MEASURED}.", ""]
+    rows = []
+    rules = []
+    for tier in tiers:
+        val = tier.get("validation") or {}
+        rows.append(
+            [
+                _cell(str(tier.get("name", "?"))),
+                f"[{_fmt(tier.get('lower'), 4)}, {_fmt(tier.get('upper'), 4)}"
+                + ("]" if tier.get("name") == "high" else ")"),
+                _fmt(val.get("n")),
+                _fmt(val.get("malignant_fraction")),
+                _cell(str(tier.get("advice", NOT_MEASURED))),
+            ]
+        )
+        if tier.get("rule") and tier["rule"] not in rules:
+            rules.append(tier["rule"])
+    lines += _table(
+        ["Tier", "calibrated p", "validation n", "malignant fraction", "advice shown"],
+        rows,
+    )
+    lines += [f"Tier rule: {_cell(r)}" for r in rules]
+    return [*lines, ""] if rules else lines
+
+
+def _subgroup_sets(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    sub = metrics.get("subgroups")
+    if not isinstance(sub, Mapping) or not sub:
+        return {}
+    first = next(iter(sub.values()))
+    # {column: {value: metrics}} (one set) or {domain: {column: {value: metrics}}}.
+    if isinstance(first, Mapping) and first and all(_is_metrics(v) for v in first.values()):
+        return {"all": dict(sub)}
+    return {k: dict(v) for k, v in sub.items() if isinstance(v, Mapping)}
+
+
+def _section_subgroups(metrics: Mapping[str, Any]) -> list[str]:
+    lines = ["## Subgroups", ""]
+    sets = _subgroup_sets(metrics)
+    if not sets:
+        return [*lines, f"Subgroup metrics: {NOT_MEASURED}.", ""]
+    lines += [
+        "Sensitivity and specificity at the decision threshold per subgroup. ROC-AUC is left "
+        "n/a where a subgroup has too few malignant or benign cases to estimate it. Small groups "
+        "give very uncertain figures.",
+        "",
+    ]
+    for set_name in _ordered(list(sets), DOMAIN_ORDER, last=("pooled",)):
+        columns = sets[set_name]
+        lines += [f"### {set_name}", ""]
+        for column in _ordered(list(columns), ("sex", "age_band", "age", "site", "fitzpatrick")):
+            values = columns[column]
+            if not isinstance(values, Mapping):
+                continue
+            lines += [f"**{SUBGROUP_TITLES.get(column, column)}**", ""]
+            rows = [
+                [
+                    _cell(str(value)),
+                    _fmt(m.get("n")),
+                    _fmt(m.get("n_positive")),
+                    _fmt(m.get("sensitivity")),
+                    _fmt(m.get("specificity")),
+                    _fmt(m.get("roc_auc")),
+                ]
+                for value, m in values.items()
+                if isinstance(m, Mapping)
+            ]
+            lines += _table(
+                ["Group", "n", "malignant", "sensitivity", "specificity", "ROC-AUC"], rows
+            )
+        missing = [SUBGROUP_TITLES[c] for c in STANDARD_SUBGROUPS if c not in columns]
+        if missing:
+            lines += [f"Not measured for {set_name}: {', '.join(missing)}.", ""]
+    return lines
+
+
+def _section_isic(metrics: Mapping[str, Any]) -> list[str]:
+    scores = metrics.get("isic_challenge")
+    lines = ["## ISIC Challenge scorer", ""]
+    if not isinstance(scores, Mapping) or not scores:
+        return [*lines, f"Official ISIC Challenge scoring: {NOT_MEASURED}.", ""]
+    sets = {"all": scores} if "auc" in scores else dict(scores)
+    lines += [
+        "Scored with the ISIC Challenge's own package (`isic-challenge-scoring`); its thresholded "
+        "figures use the scorer's fixed rule (malignant when p > 0.5), not this model's threshold.",
+        "",
+    ]
+    rows = []
+    for name in _ordered(list(sets), DOMAIN_ORDER, last=("pooled",)):
+        s = sets[name]
+        if not isinstance(s, Mapping):
+            rows.append([_cell(name), *([NOT_MEASURED] * 5)])
+            continue
+        keys = ("auc", "auc_sens_80", "average_precision", "balanced_accuracy", "sensitivity")
+        rows.append([_cell(name), *(_fmt(s.get(k)) for k in keys)])
+    return lines + _table(
+        ["Set", "AUC", "partial AUC (sens >= 0.80)", "AP", "balanced accuracy", "sensitivity"],
+        rows,
+    )
+
+
+def _section_limits(domains: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "## Known limitations",
+        "",
+        "- **Skin tones**: ISIC and HAM10000 images come mostly from fair-skinned patients; "
+        "darker skin types (Fitzpatrick IV-VI) are under-represented, so performance on them is "
+        "largely unknown (see the Fitzpatrick table where measured).",
+        "- **Artefacts**: ink or surgical-marker circles, rulers, hair, gel bubbles, vignetting "
+        "and dermoscope borders occur in the training images; a model can learn such shortcuts.",
+        "- **Domain shift**: most training images are dermoscopy; ordinary phone photos (what a "
+        "lay user sends) look different. Expect lower performance on phone photos and compare the "
+        "pad-ufes-20 rows above with the dermoscopy rows.",
+        "- **Label scope**: benign/malignant only; actinic keratosis (pre-malignant) counts as "
+        "benign in PAD-UFES-20; rare malignancies are barely represented.",
+        "- **Licence**: the training data include CC BY-NC images, so the weights may not be used "
+        "commercially.",
+    ]
+    small = []
+    for name, entry in domains.items():
+        if isinstance(entry, Mapping):
+            m, _ = _split_entry(entry)
+            n_pos = m.get("n_positive")
+            if isinstance(n_pos, int | float) and n_pos < 100:
+                small.append(f"{name} ({_fmt(m.get('n'))} images, {_fmt(n_pos)} malignant)")
+    text = "- **Small validation sets**: confidence intervals are wide"
+    lines.append(f"{text}: {', '.join(small)}." if small else f"{text} for small sets.")
+    return [*lines, ""]
+
+
+def _section_plots(metrics: Mapping[str, Any], card_dir: Path) -> list[str]:
+    lines = ["## Plots", ""]
+    plots = metrics.get("plots")
+    entries: list[tuple[str, str]] = []
+    if isinstance(plots, Mapping):
+        entries = [(str(k), str(v)) for k, v in plots.items()]
+    elif (card_dir / "plots").is_dir():
+        entries = [(p.stem, f"plots/{p.name}") for p in sorted((card_dir / "plots").glob("*.png"))]
+    if not entries:
+        return [*lines, f"Plots: {NOT_MEASURED}.", ""]
+    return [*lines, *(f"![{name}]({rel})" for name, rel in entries), ""]
+
+
+def _section_reproduce(metadata: Mapping[str, Any]) -> list[str]:
+    lines = ["## How to reproduce", ""]
+    training = metadata.get("training")
+    if not isinstance(training, Mapping) or not training.get("command"):
+        return [*lines, f"Training command: {NOT_MEASURED}.", ""]
+    lines += ["```", str(training["command"]), "```", ""]
+    if training.get("seed") is not None:
+        lines.append(f"- **Seed**: {training['seed']}")
+    if training.get("recipe"):
+        lines.append(f"- **Recipe**: {_cell(str(training['recipe']))}")
+    return [*lines, ""]
+
+
+def write_model_card(
+    metadata: Mapping[str, Any], metrics: Mapping[str, Any], path: PathLike
+) -> Path:
+    """Write MODEL_CARD.md from the artifact metadata and the evaluation report.
+
+    ``metrics`` layout (every key optional; a missing section reads "not measured"):
+    ``domains`` (or ``validation``): ``{domain: binary_metrics(...) + {"ci": bootstrap_ci(...)}}``
+    (or ``{"metrics": ..., "ci": ...}``), falling back to ``metadata["metrics"]["validation"]``;
+    ``calibration``: ``{"temperature", "n_bins", "before": {"ece", "brier"}, "after": {...}}``
+    and/or the same per domain; ``threshold`` and ``threshold_rule`` (else from metadata);
+    ``risk_tiers`` (else from metadata); ``subgroups``: ``{domain: subgroup_metrics(...)}`` or
+    one ``subgroup_metrics(...)``; ``isic_challenge``: ``{domain: isic_challenge_score(...)}``;
+    ``plots``: ``{title: path relative to the card}`` (else ``plots/*.png`` next to the card).
+    """
+    out = Path(path)
+    domains = _domains(metadata, metrics)
+    name = metadata.get("name", "skin-lesion triage model")
+    version = metadata.get("version", "")
+    lines = [f"# Model card: {name} {version}".rstrip(), ""]
+    lines += [
+        "A benign/malignant assessment of a photographed skin lesion, used to suggest how "
+        "urgently to see a doctor. **Not a diagnosis.**",
+        "",
+    ]
+    lines += _section_model(metadata)
+    lines += [*INTENDED_USE.splitlines(), ""]
+    lines += [*TRAINING_DATA.splitlines(), ""]
+    lines += _section_data_used(metadata)
+    lines += _section_weights(metadata)
+    lines += _section_performance(domains)
+    lines += _section_calibration(metadata, metrics)
+    lines += _section_threshold(metadata, metrics)
+    lines += _section_subgroups(metrics)
+    lines += _section_isic(metrics)
+    lines += _section_limits(domains)
+    lines += _section_plots(metrics, out.parent)
+    lines += _section_reproduce(metadata)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(lines).rstrip() + "\n"
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# ISIC Challenge scorer
+# --------------------------------------------------------------------------------------------
+
+CATEGORIES: tuple[str, str] = ("benign", "malignant")
+
+
+def isic_challenge_score(
+    y_true: npt.ArrayLike, p: npt.ArrayLike, image_ids: Sequence[str]
+) -> dict[str, Any] | None:
+    """Score malignant probabilities with the ISIC Challenge's own scorer.
+
+    Builds a 2-category (benign, malignant) ground-truth CSV and prediction CSV (benign = 1 - p)
+    and scores them with ``isic_challenge_scoring.ClassificationScore``. Returns the malignant
+    category's figures (auc, auc_sens_80, average_precision, sensitivity, specificity, accuracy,
+    ppv, npv, dice) and the scorer's aggregate balanced_accuracy, as plain floats. Its
+    thresholded figures use the scorer's fixed cut (argmax, i.e. p > 0.5). Returns None with a
+    logged warning if the package is not importable or the set has a single class.
+    """
+    try:
+        import isic_challenge_scoring as ics
+        from isic_challenge_scoring import ClassificationMetric, ClassificationScore
+        from isic_challenge_scoring.load_csv import sort_rows, validate_rows
+    except ImportError:
+        logger.warning("isic-challenge-scoring is not installed; ISIC Challenge score skipped")
+        return None
+    import pandas as pd
+
+    y = as_labels(y_true)
+    prob = as_probabilities(p, y.size)
+    ids = [str(i) for i in image_ids]
+    if len(ids) != y.size:
+        raise ValueError(f"{len(ids)} image ids for {y.size} labels")
+    if len(set(ids)) != len(ids):
+        raise ValueError("image ids must be unique")
+    if not _both_classes(y):
+        logger.warning("ISIC Challenge score skipped: the set has a single class")
+        return None
+
+    benign, malignant = CATEGORIES
+    truth = pd.DataFrame({"image": ids, benign: 1.0 - y, malignant: y.astype(float)})
+    pred = pd.DataFrame({"image": ids, benign: 1.0 - prob, malignant: prob})
+    metric = ClassificationMetric.AUC
+    with tempfile.TemporaryDirectory() as tmp:
+        truth_csv, pred_csv = Path(tmp) / "truth.csv", Path(tmp) / "prediction.csv"
+        truth.to_csv(truth_csv, index=False)
+        pred.to_csv(pred_csv, index=False)
+        try:
+            score = ClassificationScore.from_file(truth_csv, pred_csv, metric)
+            route = "csv"
+        except AttributeError:
+            # isic-challenge-scoring <= 5.6 validates prediction CSVs with DataFrame.applymap,
+            # which pandas 3 removed: score the same tables through the scorer's own class.
+            truth_probs = truth.set_index("image")
+            pred_probs = pred.set_index("image").reindex(truth_probs.columns, axis="columns")
+            weights = pd.DataFrame(
+                {"score_weight": 1.0, "validation_weight": 1.0}, index=truth_probs.index
+            )
+            validate_rows(truth_probs, pred_probs)
+            sort_rows(truth_probs)
+            sort_rows(pred_probs)
+            weights = weights.reindex(truth_probs.index)
+            score = ClassificationScore(truth_probs, pred_probs, weights, metric)
+            route = "dataframe"
+
+    row = score.per_category.loc[malignant]
+    result: dict[str, Any] = {
+        key: float(row[src])
+        for key, src in (
+            ("auc", "auc"),
+            ("auc_sens_80", "auc_sens_80"),
+            ("average_precision", "ap"),
+            ("sensitivity", "sensitivity"),
+            ("specificity", "specificity"),
+            ("accuracy", "accuracy"),
+            ("ppv", "ppv"),
+            ("npv", "npv"),
+            ("dice", "dice"),
+        )
+    }
+    result["balanced_accuracy"] = float(score.aggregate["balanced_accuracy"])
+    result["overall"] = float(score.overall)
+    result["decision_rule"] = "scorer's argmax over (benign = 1 - p, malignant = p): p > 0.5"
+    result["n"] = int(y.size)
+    result["n_positive"] = int(y.sum())
+    result["scorer_version"] = str(getattr(ics, "__version__", "unknown"))
+    result["route"] = route
+    return result

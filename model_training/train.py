@@ -1,0 +1,318 @@
+"""Training: head-only on frozen features (CPU) or two-phase full fine-tuning (GPU).
+
+Backend-agnostic Keras 3. On a lent GPU this runs under JAX with mixed bfloat16; here it runs
+under TensorFlow on the CPU. Either way the result is a folder of float16 weight shards that
+``export`` turns into the served SavedModel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+
+from model_training.data import class_weights
+from model_training.model import (
+    INPUT_SIZE,
+    build_classifier,
+    set_trunk_trainable,
+    training_model,
+)
+from model_training.preprocessing import load_image_file, resize_to_input
+
+SHARD_BYTES = 15 * 2**20  # download limit from the GPU machine is 16 MiB per file
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (recorded in the run folder and metadata)."""
+
+    mode: str = "finetune"  # "finetune" (two phases) or "head" (frozen features)
+    input_size: tuple[int, int] = INPUT_SIZE
+    crop_margin: int = 21  # train images are stored this much larger, then randomly cropped
+    batch_size: int = 128
+    head_epochs: int = 2
+    head_lr: float = 1e-3
+    epochs: int = 15
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    warmup_epochs: float = 1.0
+    dropout: float = 0.3
+    label_smoothing: float = 0.0
+    domain_repeat: dict[str, int] = field(default_factory=lambda: {"phone": 3})
+    mixed_precision: str = "auto"  # auto | bfloat16 | float16 | off
+    seed: int = 1234
+    workers: int = 8
+    limit: int = 0  # >0: a smoke run on that many images
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def log(msg: str) -> None:
+    """Timestamped progress line (flushes: remote logs must arrive in order)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load_images(
+    paths: Sequence[str], size: tuple[int, int], workers: int = 8, progress: bool = True
+) -> np.ndarray:
+    """Decode and resize images through the shared preprocessing path into uint8 [N, H, W, 3]."""
+    out = np.empty((len(paths), *size, 3), dtype=np.uint8)
+
+    def one(i: int) -> None:
+        out[i] = np.asarray(resize_to_input(load_image_file(paths[i]), size), dtype=np.uint8)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        iterator = pool.map(one, range(len(paths)))
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(iterator, total=len(paths), desc="decode", unit="img")
+        for _ in iterator:
+            pass
+    return out
+
+
+class CropBatches(keras.utils.PyDataset):  # type: ignore[misc]
+    """Random crops of pre-resized uint8 images, shuffled each epoch, with sample weights."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        weights: np.ndarray,
+        index: np.ndarray,
+        crop: tuple[int, int],
+        batch_size: int,
+        seed: int,
+        workers: int = 8,
+    ) -> None:
+        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=32)
+        self.images, self.labels, self.weights = images, labels, weights
+        self.base_index = index
+        self.crop = crop
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(self.base_index)
+
+    def __len__(self) -> int:
+        return len(self.base_index) // self.batch_size  # drop the ragged last batch
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
+        ch, cw = self.crop
+        h, w = self.images.shape[1:3]
+        # A per-item generator keyed on (epoch order, batch) keeps runs reproducible with threads.
+        rng = np.random.default_rng([int(self.order[0]), i])
+        oy = rng.integers(0, h - ch + 1, len(idx))
+        ox = rng.integers(0, w - cw + 1, len(idx))
+        batch = np.empty((len(idx), ch, cw, 3), dtype=np.uint8)
+        for j, k in enumerate(idx):
+            batch[j] = self.images[k, oy[j] : oy[j] + ch, ox[j] : ox[j] + cw]
+        return batch, self.labels[idx].astype("float32"), self.weights[idx].astype("float32")
+
+    def on_epoch_end(self) -> None:
+        self.order = self.rng.permutation(self.base_index)
+
+
+def epoch_index(domains: np.ndarray, repeat: dict[str, int]) -> np.ndarray:
+    """Row indices for one epoch, repeating rows of under-represented domains."""
+    parts = [np.repeat(np.flatnonzero(domains == d), repeat.get(str(d), 1)) for d in set(domains)]
+    return np.sort(np.concatenate(parts))
+
+
+def setup_precision(choice: str) -> str:
+    """Set Keras' global dtype policy; 'auto' uses bfloat16 on a GPU under JAX."""
+    policy = "float32"
+    if choice == "auto":
+        if keras.backend.backend() == "jax":
+            import jax
+
+            if any(d.platform == "gpu" for d in jax.devices()):
+                policy = "mixed_bfloat16"
+    elif choice in ("bfloat16", "float16"):
+        policy = f"mixed_{choice}"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+def save_weight_shards(model: keras.Model, dest: Path, dtype: str = "float16") -> list[Path]:
+    """Save every variable by path into ``.npz`` shards under SHARD_BYTES (download limit)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for variable in model.weights:
+        value = np.asarray(keras.ops.convert_to_numpy(variable)).astype(dtype)
+        if size + value.nbytes > SHARD_BYTES and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][variable.path] = value
+        size += value.nbytes
+    paths = []
+    for i, shard in enumerate(shards):
+        path = dest / f"weights-{i:02d}-of-{len(shards):02d}.npz"
+        np.savez(path, **shard)  # type: ignore[arg-type]
+        paths.append(path)
+    return paths
+
+
+def load_weight_shards(model: keras.Model, src: Path) -> None:
+    """Load shards written by ``save_weight_shards`` (any backend), matching by variable path."""
+    values: dict[str, np.ndarray] = {}
+    for path in sorted(src.glob("weights-*.npz")):
+        with np.load(path) as data:
+            values.update({k: data[k] for k in data.files})
+    missing = [v.path for v in model.weights if v.path not in values]
+    if missing:
+        raise ValueError(f"{len(missing)} variable(s) missing from {src}, e.g. {missing[:3]}")
+    for variable in model.weights:
+        variable.assign(values[variable.path].astype(variable.dtype))
+
+
+def compile_model(
+    model: keras.Model, optimizer: keras.optimizers.Optimizer, smoothing: float
+) -> None:
+    """Weighted binary cross-entropy on the logit, with a running AUC."""
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=smoothing),
+        weighted_metrics=[],
+        metrics=[keras.metrics.AUC(from_logits=True, name="auc")],
+    )
+
+
+def _merge(history: dict[str, list[float]], new: dict[str, list[Any]], phase: str) -> None:
+    for key, values in new.items():
+        history.setdefault(key, []).extend(float(v) for v in values)
+    history.setdefault("phase", []).extend([phase] * len(next(iter(new.values()), [])))
+
+
+def train_finetune(
+    train: pd.DataFrame,
+    config: TrainConfig,
+    imagenet_npz: Path,
+    progress: Callable[[str], None] = log,
+) -> tuple[keras.Model, dict[str, list[Any]]]:
+    """Phase 1: the head on the frozen trunk. Phase 2: the whole network, batch norm frozen."""
+    keras.utils.set_random_seed(config.seed)
+    policy = setup_precision(config.mixed_precision)
+    progress(f"backend {keras.backend.backend()}, dtype policy {policy}")
+    store = (config.input_size[0] + config.crop_margin, config.input_size[1] + config.crop_margin)
+    t0 = time.time()
+    images = load_images(train["path"].tolist(), store, config.workers, progress=True)
+    progress(f"decoded {len(images)} images at {store} in {time.time() - t0:.1f}s")
+    labels = train["label"].to_numpy()
+    cw = class_weights(labels)
+    weights = np.where(labels == 1, cw[1], cw[0])
+    index = epoch_index(train["domain"].to_numpy(), config.domain_repeat)
+    batches = CropBatches(
+        images, labels, weights, index, config.input_size, config.batch_size, config.seed,
+        config.workers,
+    )  # fmt: skip
+    classifier = build_classifier(config.input_size, config.dropout, imagenet_npz)
+    model = training_model(classifier, seed=config.seed)
+    history: dict[str, list[Any]] = {}
+
+    set_trunk_trainable(classifier, False)
+    compile_model(model, keras.optimizers.Adam(config.head_lr), config.label_smoothing)
+    t0 = time.time()
+    fit = model.fit(batches, epochs=config.head_epochs, verbose=2)
+    _merge(history, fit.history, "head")
+    progress(f"phase 1 (head) done in {time.time() - t0:.1f}s")
+
+    set_trunk_trainable(classifier, True, freeze_bn=True)
+    steps = len(batches) * config.epochs
+    warmup = int(len(batches) * config.warmup_epochs)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=config.lr / 10,
+        decay_steps=max(1, steps - warmup),
+        warmup_target=config.lr,
+        warmup_steps=warmup,
+        alpha=0.01,
+    )
+    optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+    compile_model(model, optimizer, config.label_smoothing)
+    t0 = time.time()
+    fit = model.fit(batches, epochs=config.epochs, verbose=2)
+    elapsed = time.time() - t0
+    _merge(history, fit.history, "finetune")
+    seen = len(batches) * config.batch_size * config.epochs
+    history["finetune_images_per_second"] = [seen / elapsed]
+    progress(f"phase 2 (full) done in {elapsed:.1f}s ({seen / elapsed:.0f} images/s incl. compile)")
+    return classifier, history
+
+
+def train_head(
+    train: pd.DataFrame,
+    config: TrainConfig,
+    imagenet_npz: Path,
+    cache: Path | None = None,
+    progress: Callable[[str], None] = log,
+) -> tuple[keras.Model, dict[str, list[Any]]]:
+    """CPU recipe: cache frozen ImageNet embeddings once, then fit the head on them."""
+    keras.utils.set_random_seed(config.seed)
+    classifier = build_classifier(config.input_size, config.dropout, imagenet_npz)
+    embeddings = embed_images(classifier, train["path"].tolist(), cache, config.batch_size)
+    labels = train["label"].to_numpy().astype("float32")
+    cw = class_weights(labels)
+    emb = keras.Input((embeddings.shape[1],))
+    x = keras.layers.Dropout(config.dropout)(emb)
+    out = keras.layers.Dense(1, kernel_regularizer=keras.regularizers.L2(1e-4))(x)
+    head = keras.Model(emb, out)
+    compile_model(head, keras.optimizers.Adam(config.head_lr), config.label_smoothing)
+    fit = head.fit(
+        embeddings, labels, batch_size=256, epochs=config.epochs, class_weight=cw, verbose=2,
+        shuffle=True,
+    )  # fmt: skip
+    classifier.get_layer("logit").set_weights(head.layers[-1].get_weights())
+    history: dict[str, list[Any]] = {}
+    _merge(history, fit.history, "head")
+    return classifier, history
+
+
+def embed_images(
+    classifier: keras.Model, paths: Sequence[str], cache: Path | None, batch_size: int = 32
+) -> np.ndarray:
+    """Global-pooled trunk features of images, cached in ``cache`` (an .npz) when given."""
+    if cache is not None and cache.exists():
+        with np.load(cache, allow_pickle=False) as data:
+            if list(data["paths"]) == list(paths):
+                return np.asarray(data["embeddings"])
+    from tqdm import tqdm
+
+    embedder = keras.Model(classifier.inputs, classifier.get_layer("embedding").output)
+    size = classifier.input_shape[1:3]
+    chunks = []
+    step = max(1, min(batch_size, 32))
+    for start in tqdm(range(0, len(paths), step), desc="embed", unit="batch"):
+        batch = load_images(paths[start : start + step], size, workers=2, progress=False)
+        chunks.append(np.asarray(embedder.predict_on_batch(batch.astype("float32"))))
+    embeddings = np.concatenate(chunks).astype("float32")
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, paths=np.asarray(paths), embeddings=embeddings)
+    return embeddings
+
+
+def write_run(run_dir: Path, classifier: keras.Model, history: dict[str, Any], info: dict) -> None:
+    """Weights shards, history and the run description into ``run_dir``."""
+    save_weight_shards(classifier, run_dir / "weights")
+    (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+
+
+def steps_summary(n_images: int, config: TrainConfig) -> str:
+    """One line describing the schedule (for logs)."""
+    per_epoch = math.floor(n_images / config.batch_size)
+    return f"{n_images} images/epoch, {per_epoch} steps/epoch, batch {config.batch_size}"
