@@ -10,6 +10,8 @@ from typing import Any
 
 # Attributes every LogRecord has; anything else came in through `extra=`.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+# uvicorn adds an ANSI-coloured copy of its message; useless in JSON.
+_DROP = {"color_message"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,7 +28,7 @@ class JsonFormatter(logging.Formatter):
         if isinstance(fields, dict):
             payload.update(fields)
         for key, value in record.__dict__.items():
-            if key not in _STANDARD and key != "fields" and key not in payload:
+            if key not in _STANDARD and key not in _DROP and key != "fields" and key not in payload:
                 payload[key] = value
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)

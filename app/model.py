@@ -8,6 +8,7 @@ reported before TensorFlow spends seconds starting up.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -107,7 +108,9 @@ class ModelMetadata:
         except (KeyError, TypeError, ValueError) as exc:
             raise fail(f"input.height/width must be integers ({exc})") from exc
         if height < 8 or width < 8 or channels != 3:
-            raise fail(f"input must be at least 8x8 with 3 channels, got {height}x{width}x{channels}")
+            raise fail(
+                f"input must be at least 8x8 with 3 channels, got {height}x{width}x{channels}"
+            )
         if str(inp.get("color", "RGB")).upper() != "RGB":
             raise fail(f"input.color {inp.get('color')!r} is not RGB")
 
@@ -158,7 +161,7 @@ class ModelMetadata:
             name=str(raw.get("name", "model")),
             version=str(raw.get("version", "unknown")),
             labels=(labels[0], labels[1]),
-            positive_label=positive,
+            positive_label=str(positive),
             input_height=height,
             input_width=width,
             endpoints=endpoints,
@@ -197,7 +200,7 @@ def _parse_tiers(raw: Any, fail: Any) -> tuple[RiskTier, ...]:
         tiers.append(RiskTier(str(item["name"]), lower, upper, str(advice) if advice else None))
     if not math.isclose(tiers[0].lower, 0.0) or not math.isclose(tiers[-1].upper, 1.0):
         raise fail("risk_tiers must start at 0 and end at 1")
-    for prev, nxt in zip(tiers, tiers[1:], strict=False):
+    for prev, nxt in itertools.pairwise(tiers):
         if not math.isclose(prev.upper, nxt.lower, abs_tol=1e-9):
             raise fail(f"risk_tiers {prev.name!r} and {nxt.name!r} are not contiguous")
     return tuple(tiers)

@@ -40,12 +40,12 @@ class Timings(BaseModel):
     call for /predict/batch), ``total`` the time from the start of the request.
     """
 
-    read: float = Field(0.0, description="receiving the upload", examples=[3.1])
-    decode: float = Field(0.0, examples=[12.4])
-    quality: float = Field(0.0, examples=[4.0])
-    inference: float = Field(0.0, examples=[180.2])
-    explain: float = Field(0.0, examples=[0.0])
-    total: float = Field(0.0, examples=[204.7])
+    read: float = Field(default=0.0, description="receiving the upload", examples=[3.1])
+    decode: float = Field(default=0.0, examples=[12.4])
+    quality: float = Field(default=0.0, examples=[4.0])
+    inference: float = Field(default=0.0, examples=[180.2])
+    explain: float = Field(default=0.0, examples=[0.0])
+    total: float = Field(default=0.0, examples=[204.7])
 
 
 class PredictionResult(BaseModel):
@@ -128,7 +128,7 @@ class PredictionResult(BaseModel):
     )
     risk_tier: RiskTierOut | None = None
     headline: str = Field(description="The result in plain words")
-    advice: str | None = Field(None, description="What to do next")
+    advice: str | None = Field(default=None, description="What to do next")
     reasons: list[ReasonOut] = Field(
         default_factory=list, description="Why the photo was not assessed (empty when ok)"
     )
@@ -138,13 +138,13 @@ class PredictionResult(BaseModel):
     image: ImageInfo | None = None
     timings_ms: Timings
     heatmap_png_base64: str | None = Field(
-        None,
+        default=None,
         description="Only with explain=true and status ok: Grad-CAM overlay, an RGBA PNG with "
         "the photo's aspect ratio (longer side capped), transparent where the model did not "
         "look; draw it over the photo.",
     )
     preview_jpeg_base64: str | None = Field(
-        None,
+        default=None,
         description="Only with preview=true: the upright photo as the server saw it, "
         "downscaled, re-encoded without any metadata (for clients that cannot show HEIC).",
     )

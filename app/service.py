@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal, TypedDict
 
 import numpy as np
 from PIL import Image
@@ -52,6 +52,18 @@ class Options:
     preview: bool = False
 
 
+class _Common(TypedDict):
+    """Fields every PredictionResult of this service shares."""
+
+    threshold: float
+    model_name: str
+    model_version: str
+    request_id: str
+    image: ImageInfo
+    timings_ms: Timings
+    disclaimer: str
+
+
 @dataclass
 class _Item:
     """Working state of one file while the request is processed."""
@@ -62,6 +74,11 @@ class _Item:
     reasons: list[Reason] | None = None
     decode_ms: float = 0.0
     quality_ms: float = 0.0
+
+
+def _images(items: Sequence[_Item]) -> list[Image.Image]:
+    """The decoded images of items known to have one."""
+    return [it.image for it in items if it.image is not None]
 
 
 def _ms(seconds: float) -> float:
@@ -98,7 +115,7 @@ class TriageService:
         heatmaps: dict[int, np.ndarray] = {}
         if runnable:
             size = self.model.metadata.input_size
-            batch = np.stack([resize_to_input(it.image, size) for it in runnable])  # type: ignore[arg-type]
+            batch = np.stack([resize_to_input(img, size) for img in _images(runnable)])
             t0 = time.perf_counter()
             inference = self.model.infer(batch)
             inference_ms = _ms(time.perf_counter() - t0)
@@ -175,7 +192,7 @@ class TriageService:
             item.quality_ms = _ms(time.perf_counter() - t0)
         return item
 
-    def _base(self, request_id: str, img: Image.Image) -> dict[str, object]:
+    def _base(self, request_id: str, img: Image.Image) -> _Common:
         meta = self.model.metadata
         return {
             "threshold": meta.threshold,
@@ -203,26 +220,32 @@ class TriageService:
             status="ok",
             label=label,
             probability_malignant=round(min(max(p, 0.0), 1.0), 6),
-            risk_tier=RiskTierOut(name=tier.name, lower=tier.lower, upper=tier.upper, advice=advice),
+            risk_tier=RiskTierOut(
+                name=tier.name, lower=tier.lower, upper=tier.upper, advice=advice
+            ),
             headline=HEADLINES["positive" if positive else "negative"],
             advice=advice,
             heatmap_png_base64=heatmap_b64,
-            **self._base(request_id, img),  # type: ignore[arg-type]
+            **self._base(request_id, img),
         )
 
     def _rejected(
-        self, status: str, reasons: list[Reason], img: Image.Image, request_id: str
+        self,
+        status: Literal["unable_to_assess", "not_a_lesion"],
+        reasons: list[Reason],
+        img: Image.Image,
+        request_id: str,
     ) -> PredictionResult:
         advice = " ".join(dict.fromkeys(r.advice for r in reasons if r.advice))
         return PredictionResult(
-            status=status,  # type: ignore[arg-type]
+            status=status,
             label=None,
             probability_malignant=None,
             risk_tier=None,
             headline=HEADLINES[status],
             advice=advice or UNABLE_ADVICE_FALLBACK,
             reasons=[ReasonOut(code=r.code, message=r.message, advice=r.advice) for r in reasons],
-            **self._base(request_id, img),  # type: ignore[arg-type]
+            **self._base(request_id, img),
         )
 
     def _count(self, result: PredictionResult) -> None:
@@ -232,7 +255,9 @@ class TriageService:
             for reason in result.reasons:
                 self.metrics.rejected_inputs.labels(reason=reason.code).inc()
 
-    def _store(self, img: Image.Image, result: PredictionResult, request_id: str, index: int) -> None:
+    def _store(
+        self, img: Image.Image, result: PredictionResult, request_id: str, index: int
+    ) -> None:
         """Operator opt-in: keep a metadata-free JPEG of the upload and its result."""
         assert self.settings.store_uploads_dir is not None
         day = datetime.now(UTC).strftime("%Y-%m-%d")

@@ -34,28 +34,30 @@ class Settings(BaseSettings):
     )
 
     model_dir: Path = Field(
-        Path("models/default"),
+        default=Path("models/default"),
         description="Model artifact folder (saved_model/ + metadata.json), see docs/ARTIFACT.md.",
     )
     host: str = Field(
-        "127.0.0.1",
+        default="127.0.0.1",
         validation_alias=AliasChoices("TRIAGE_HOST", "HOST"),
         description="Interface to bind; use 0.0.0.0 inside a container.",
     )
     port: int = Field(
-        8000, ge=0, le=65535, validation_alias=AliasChoices("TRIAGE_PORT", "PORT")
+        default=8000, ge=0, le=65535, validation_alias=AliasChoices("TRIAGE_PORT", "PORT")
     )
     max_upload_bytes: int = Field(
-        10 * MB, gt=0, description="Largest accepted image, in bytes (per file)."
+        default=10 * MB, gt=0, description="Largest accepted image, in bytes (per file)."
     )
-    max_batch_files: int = Field(16, gt=0, description="Most files in one /predict/batch call.")
+    max_batch_files: int = Field(
+        default=16, gt=0, description="Most files in one /predict/batch call."
+    )
     max_batch_bytes: int = Field(
-        40 * MB,
+        default=40 * MB,
         gt=0,
         description="Largest accepted /predict/batch request body, in bytes (all files together).",
     )
     heatmap_max_side: int = Field(
-        1024,
+        default=1024,
         ge=64,
         description=(
             "The Grad-CAM overlay has the photo's aspect ratio and resolution, capped at this "
@@ -63,14 +65,16 @@ class Settings(BaseSettings):
         ),
     )
     store_uploads_dir: Path | None = Field(
-        None,
+        default=None,
         description=(
             "Operator opt-in: keep a metadata-free copy of each decoded upload and its result "
             "here. None (the default) means uploads are never written to disk."
         ),
     )
     log_level: LogLevel = "info"
-    log_json: bool = Field(True, description="One JSON object per log line (false: plain text).")
+    log_json: bool = Field(
+        default=True, description="One JSON object per log line (false: plain text)."
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -172,8 +172,9 @@ async def read_multipart(
     """Read a multipart body into memory, enforcing the limits as bytes arrive.
 
     Raises HTTPException 413 (body over the limit), ``too_many_files`` (more than
-    ``max_files`` files), 415 (not multipart) or 400 (malformed). A file over ``max_file_bytes`` is returned with ``oversized=True`` so the
-    batch route can report it per file; the single-file route turns it into a 413.
+    ``max_files`` files), 415 (not multipart) or 400 (malformed). A file over
+    ``max_file_bytes`` is returned with ``oversized=True`` so the batch route can report it
+    per file; the single-file route turns it into a 413.
     """
     content_type = request.headers.get("content-type")
     declared = request.headers.get("content-length")

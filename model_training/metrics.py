@@ -257,7 +257,8 @@ def _group_label(value: object) -> str:
     if isinstance(value, float | np.floating) and float(value).is_integer():
         return str(int(value))
     text = str(value).strip()
-    return text if text and text.lower() not in {"nan", "none", "unknown"} else UNKNOWN
+    missing = {"nan", "none", "unknown", "<na>", "nat"}
+    return text if text and text.lower() not in missing else UNKNOWN
 
 
 def _label_sort_key(label: str) -> tuple[int, float, str]:

@@ -27,9 +27,7 @@ async def live() -> HealthResponse:
     summary="Readiness: the model is loaded and warmed up",
     responses={
         200: {
-            "content": {
-                "application/json": {"example": {"status": "ok", "model_version": "1.0.0"}}
-            }
+            "content": {"application/json": {"example": {"status": "ok", "model_version": "1.0.0"}}}
         },
         503: {"model": ErrorResponse, "description": "Model not loaded yet"},
     },

@@ -1,0 +1,134 @@
+"""Application factory and lifespan.
+
+Start-up order: load the artifact, validate it against its metadata, build the gates, warm
+the model up through ``serve`` and ``explain``, and only then mark the app ready. A model
+that fails any of these steps stops the process with a clear log line (uvicorn exits with
+status 3) instead of serving 503s forever: an orchestrator then reports a crash loop that
+someone will look at, and a rolling update keeps the old version serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
+
+from app import __version__
+from app.gates import build_gates
+from app.metrics import Metrics
+from app.middleware import RequestContextMiddleware
+from app.model import ModelLoadError, TriageModel
+from app.routers import health, metrics, model, pages, predict
+from app.service import TriageService
+from app.settings import Settings
+
+logger = logging.getLogger("app")
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES_DIR = ROOT / "templates"
+STATIC_DIR = ROOT / "static"
+
+DESCRIPTION = """
+Upload a photo of a skin lesion (a mole or spot) and get a **calibrated** estimate of the
+probability that it is malignant, the label by the model's decision threshold, a risk tier
+with plain-language advice, and optionally a Grad-CAM heat map.
+
+**This is not a diagnosis.** It is a triage aid; only a clinician who examines the skin can
+diagnose. Photos are processed in memory and are not stored unless the operator enabled it.
+"""
+
+TAGS = [
+    {"name": "prediction", "description": "Assess photos."},
+    {"name": "model", "description": "The loaded model artifact."},
+    {"name": "health", "description": "Probes for orchestrators."},
+    {"name": "operations", "description": "Prometheus metrics."},
+    {"name": "pages", "description": "The browser interface (HTML)."},
+]
+
+
+def load_service(settings: Settings, metrics: Metrics) -> TriageService:
+    """Load, validate and warm up the model; blocking (run it off the event loop)."""
+    started = time.perf_counter()
+    triage_model = TriageModel.load(settings.model_dir)
+    gates = build_gates(triage_model.metadata, triage_model.model_dir)
+    triage_model.report.load_seconds = time.perf_counter() - started
+    try:
+        triage_model.warm_up()
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # TF errors here mean the artifact and metadata disagree
+        raise ModelLoadError(f"warm-up through serve/explain failed: {exc}") from exc
+    meta = triage_model.metadata
+    metrics.model_load_seconds.set(triage_model.report.load_seconds)
+    metrics.model_warmup_seconds.set(triage_model.report.warmup_seconds)
+    metrics.model_info.labels(name=meta.name, version=meta.version).set(1)
+    return TriageService(triage_model, gates, settings, metrics)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; the model is loaded by the lifespan, when the server starts."""
+    settings = settings or Settings()
+    app_metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        model_dir = Path(settings.model_dir).resolve()
+        logger.info("loading model", extra={"fields": {"model_dir": str(model_dir)}})
+        try:
+            service = await run_in_threadpool(load_service, settings, app_metrics)
+        except ModelLoadError as exc:
+            logger.critical(
+                "model failed to load; refusing to start",
+                extra={"fields": {"model_dir": str(model_dir), "error": str(exc)}},
+            )
+            raise
+        app.state.service = service
+        app.state.ready = True
+        app_metrics.model_ready.set(1)
+        meta = service.model.metadata
+        logger.info(
+            "model ready",
+            extra={
+                "fields": {
+                    "model": meta.name,
+                    "version": meta.version,
+                    "load_seconds": round(service.model.report.load_seconds, 3),
+                    "warmup_seconds": round(service.model.report.warmup_seconds, 3),
+                    "quality_gate": service.gates.quality is not None,
+                    "ood_gate": service.gates.ood is not None,
+                    "store_uploads": settings.store_uploads_dir is not None,
+                }
+            },
+        )
+        try:
+            yield
+        finally:
+            # Stop advertising readiness first, so a load balancer drains us during shutdown.
+            app.state.ready = False
+            app_metrics.model_ready.set(0)
+
+    app = FastAPI(
+        title="Skin-lesion triage",
+        version=__version__,
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = app_metrics
+    app.state.service = None
+    app.state.ready = False
+    app.state.templates = Jinja2Templates(directory=TEMPLATES_DIR)
+
+    app.add_middleware(RequestContextMiddleware, metrics=app_metrics)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    for router in (predict.router, model.router, health.router, metrics.router, pages.router):
+        app.include_router(router)
+    return app

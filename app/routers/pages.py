@@ -1,0 +1,227 @@
+"""Server-rendered pages: upload, result (works without JavaScript) and about."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import HTMLResponse
+from markdown_it import MarkdownIt
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import (
+    MetricsDep,
+    OptionalServiceDep,
+    RequestIdDep,
+    SettingsDep,
+    TemplatesDep,
+)
+from app.routers.model import model_info
+from app.schemas import BatchItemError, PredictionResult
+from app.service import Options, TriageService
+from app.settings import Settings
+from app.texts import DISCLAIMER, PHOTO_TIPS, WARNING_SIGNS, percent
+from app.uploads import MULTIPART_OVERHEAD, missing_field, read_multipart
+
+router = APIRouter(tags=["pages"], include_in_schema=True)
+
+# The pages load nothing from third parties; inline scripts are not needed either.
+CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
+    "object-src 'none'"
+)
+PAGE_HEADERS = {"Content-Security-Policy": CSP, "Cache-Control": "no-store"}
+FORM_FILE_FIELDS = ("file", "photo")
+HTML_200: dict[int | str, dict[str, Any]] = {200: {"content": {"text/html": {}}}}
+
+
+def render_model_card(text: str) -> str:
+    """MODEL_CARD.md → HTML: CommonMark with tables, raw HTML escaped (html=False), and
+    links to the artifact's ``plots/`` pointed at ``/model/plots/`` so the figures show."""
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    tokens = md.parse(text)
+    for token in tokens:
+        for node in [token, *(token.children or [])]:
+            attr = {"image": "src", "link_open": "href"}.get(node.type)
+            value = str(node.attrGet(attr) or "") if attr else ""
+            if attr and value.startswith(("plots/", "./plots/")):
+                node.attrSet(attr, "/model/plots/" + value.split("plots/", 1)[1])
+    return md.renderer.render(tokens, md.options, {})
+
+
+def _model_context(service: TriageService | None) -> dict[str, Any]:
+    """What every page shows about the model (if loaded)."""
+    if service is None:
+        return {"model": None}
+    meta = service.model.metadata
+    tiers = [
+        {
+            "name": t.name,
+            "lower": t.lower,
+            "upper": t.upper,
+            "position": service.model.tier_position(t),
+        }
+        for t in meta.risk_tiers
+    ]
+    return {
+        "model": {
+            "name": meta.name,
+            "version": meta.version,
+            "threshold": meta.threshold,
+            "positive_label": meta.positive_label,
+            "labels": list(meta.labels),
+            "tiers": tiers,
+        }
+    }
+
+
+def _common(settings: Settings) -> dict[str, Any]:
+    return {
+        "disclaimer": DISCLAIMER,
+        "warning_signs": WARNING_SIGNS,
+        "photo_tips": PHOTO_TIPS,
+        "max_upload_mb": round(settings.max_upload_bytes / (1024 * 1024), 1),
+        "stores_uploads": settings.store_uploads_dir is not None,
+        "percent": percent,
+    }
+
+
+@router.get("/", response_class=HTMLResponse, summary="Upload page", responses=HTML_200)
+async def index(
+    request: Request,
+    templates: TemplatesDep,
+    settings: SettingsDep,
+    service: OptionalServiceDep,
+) -> HTMLResponse:
+    """Mobile-first upload page (camera, file picker, drag and drop)."""
+    context = {**_common(settings), **_model_context(service)}
+    return templates.TemplateResponse(request, "index.html", context, headers=PAGE_HEADERS)
+
+
+@router.post(
+    "/assess",
+    response_class=HTMLResponse,
+    summary="Form upload; renders the result page (no JavaScript needed)",
+    responses=HTML_200,
+)
+async def assess(
+    request: Request,
+    templates: TemplatesDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    service: OptionalServiceDep,
+    request_id: RequestIdDep,
+) -> HTMLResponse:
+    """The plain HTML form posts here; errors render the page with the error and its code."""
+    started = time.perf_counter()
+    context: dict[str, Any] = {**_common(settings), **_model_context(service)}
+    context.update(result=None, error=None, request_id=request_id)
+    status_code = 200
+    try:
+        if service is None:
+            raise HTTPException(status_code=503, detail="The service is starting; try again.")
+        # The page has two pickers (camera and file); a browser sends both parts, the
+        # unused one empty and without a filename.
+        form = await read_multipart(
+            request,
+            file_fields=FORM_FILE_FIELDS,
+            max_file_bytes=settings.max_upload_bytes,
+            max_body_bytes=2 * settings.max_upload_bytes + MULTIPART_OVERHEAD,
+            max_files=len(FORM_FILE_FIELDS),
+            too_many_files=HTTPException(status_code=422, detail="Choose a single photo."),
+        )
+        chosen = [f for f in form.files if f.data or f.filename or f.oversized]
+        if not chosen:
+            raise missing_field("file")
+        chosen[0].index = 0
+        [result] = await run_in_threadpool(
+            service.assess, chosen[:1], Options(explain=True, preview=True), request_id, started
+        )
+        if isinstance(result, BatchItemError):
+            raise HTTPException(status_code=result.status_code, detail=result.detail)
+        context["result"] = _result_view(result, service)
+        request.state.outcome = result.label if result.status == "ok" else result.status
+    except HTTPException as exc:
+        status_code = exc.status_code
+        context["error"] = _error_message(exc, settings.max_upload_bytes)
+        request.state.outcome = f"rejected:{exc.status_code}"
+        if exc.status_code in (413, 415):
+            reason = "too_large" if exc.status_code == 413 else "not_an_image"
+            metrics.rejected_inputs.labels(reason=reason).inc()
+    return templates.TemplateResponse(
+        request, "result.html", context, status_code=status_code, headers=PAGE_HEADERS
+    )
+
+
+def _error_message(exc: HTTPException, max_bytes: int) -> str:
+    """Lay wording for the errors a form upload can hit."""
+    if exc.status_code == 413:
+        return f"The photo is too large. Please send one under {max_bytes // (1024 * 1024)} MB."
+    if exc.status_code == 415:
+        return (
+            "That file could not be read as a photo. Please choose a JPEG, PNG, WebP or HEIC image."
+        )
+    if exc.status_code == 422:
+        return "Please choose or take a photo first."
+    if exc.status_code == 503:
+        return "The service is still starting. Please try again in a minute."
+    return str(exc.detail)
+
+
+def _result_view(result: PredictionResult, service: TriageService) -> dict[str, Any]:
+    """The result plus display helpers the template needs."""
+    view = result.model_dump()
+    view["tier_position"] = ""
+    for tier in service.model.metadata.risk_tiers:
+        if result.risk_tier is not None and tier.name == result.risk_tier.name:
+            view["tier_position"] = service.model.tier_position(tier)
+    if result.heatmap_png_base64:
+        view["heatmap_src"] = "data:image/png;base64," + result.heatmap_png_base64
+    if result.preview_jpeg_base64:
+        view["photo_src"] = "data:image/jpeg;base64," + result.preview_jpeg_base64
+    return view
+
+
+@router.get("/about", response_class=HTMLResponse, summary="About the model", responses=HTML_200)
+async def about(
+    request: Request,
+    templates: TemplatesDep,
+    settings: SettingsDep,
+    service: OptionalServiceDep,
+) -> HTMLResponse:
+    """The artifact's MODEL_CARD.md (if shipped) and the key metadata."""
+    context: dict[str, Any] = {**_common(settings), **_model_context(service)}
+    context.update(card_html=None, info=None, metric_rows=[])
+    if service is not None:
+        info = model_info(service)
+        context["info"] = info
+        context["metric_rows"] = _metric_rows(info.get("metrics"))
+        card = Path(service.model.model_dir) / "MODEL_CARD.md"
+        if card.is_file():
+            text = card.read_text(encoding="utf-8", errors="replace")
+            context["card_html"] = render_model_card(text)
+    return templates.TemplateResponse(request, "about.html", context, headers=PAGE_HEADERS)
+
+
+def _metric_rows(metrics: Any) -> list[dict[str, Any]]:
+    """Flatten metrics.validation.<set>.<metric> numbers into table rows."""
+    rows: list[dict[str, Any]] = []
+    if not isinstance(metrics, dict):
+        return rows
+    for split, sets in metrics.items():
+        if not isinstance(sets, dict):
+            continue
+        for dataset, values in sets.items():
+            if not isinstance(values, dict):
+                continue
+            numbers = {
+                k: v
+                for k, v in values.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+            if numbers:
+                rows.append({"split": split, "dataset": dataset, "values": numbers})
+    return rows

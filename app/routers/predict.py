@@ -1,0 +1,232 @@
+"""The JSON prediction API."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import MetricsDep, RequestIdDep, ServiceDep, SettingsDep
+from app.metrics import Metrics
+from app.schemas import PREDICT_ERRORS, BatchItemError, BatchResponse, PredictionResult
+from app.service import Options
+from app.uploads import MULTIPART_OVERHEAD, ParsedForm, missing_field, read_multipart, truthy
+
+router = APIRouter(tags=["prediction"])
+
+_FLAG_FIELDS = ("explain", "preview")
+_FLAGS_DOC = {
+    "explain": {
+        "type": "boolean",
+        "default": False,
+        "description": "Also return the Grad-CAM heat map (also accepted as a query parameter)",
+    },
+    "preview": {
+        "type": "boolean",
+        "default": False,
+        "description": "Also return an upright, metadata-free JPEG preview of the photo",
+    },
+}
+_IMAGE_TYPES = "image/jpeg, image/png, image/webp, image/heic, image/heif, image/*"
+
+_SINGLE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "The photo: JPEG, PNG, WebP, HEIC/HEIF, ...",
+                        },
+                        **_FLAGS_DOC,
+                    },
+                },
+                "encoding": {"file": {"contentType": _IMAGE_TYPES}},
+            }
+        },
+    }
+}
+_BATCH_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "Several photos, each one part named `files`",
+                        },
+                        **_FLAGS_DOC,
+                    },
+                },
+                "encoding": {"files": {"contentType": _IMAGE_TYPES}},
+            }
+        },
+    }
+}
+
+ExplainQuery = Annotated[
+    bool, Query(description="Also return the Grad-CAM heat map overlay (slower)")
+]
+PreviewQuery = Annotated[
+    bool, Query(description="Also return an upright, metadata-free JPEG preview")
+]
+
+
+async def _read(request: Request, metrics: Metrics, **limits: Any) -> ParsedForm:
+    """read_multipart, counting refused bodies in the metrics and the request log."""
+    try:
+        return await read_multipart(request, form_fields=_FLAG_FIELDS, **limits)
+    except HTTPException as exc:
+        reason = {413: "too_large", 415: "not_multipart"}.get(exc.status_code, "bad_request")
+        metrics.rejected_inputs.labels(reason=reason).inc()
+        request.state.outcome = f"rejected:{reason}"
+        raise
+
+
+def _options(form: ParsedForm, explain: bool, preview: bool) -> Options:
+    return Options(
+        explain=explain or truthy(form.fields.get("explain")),
+        preview=preview or truthy(form.fields.get("preview")),
+    )
+
+
+def _outcome(results: Sequence[PredictionResult | BatchItemError]) -> str:
+    """Short summary for the request log line (labels and statuses only, no data)."""
+    parts = []
+    for r in results:
+        if isinstance(r, BatchItemError):
+            parts.append(f"error:{r.status_code}")
+        else:
+            parts.append(r.label if r.status == "ok" and r.label else r.status)
+    return ",".join(parts)
+
+
+@router.post(
+    "/predict",
+    response_model=PredictionResult,
+    summary="Assess one photo",
+    responses=PREDICT_ERRORS,
+    openapi_extra=_SINGLE_BODY,
+)
+async def predict(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    request_id: RequestIdDep,
+    explain: ExplainQuery = False,
+    preview: PreviewQuery = False,
+) -> JSONResponse:
+    """Upload one photo of a skin lesion as multipart field `file`.
+
+    Returns a calibrated probability, the label by the model's threshold, the risk tier
+    with advice, or `unable_to_assess` / `not_a_lesion` with reasons when the photo cannot
+    be assessed. Example: `curl -F file=@mole.jpg 'http://127.0.0.1:8000/predict?explain=true'`
+    """
+    started = time.perf_counter()
+    form = await _read(
+        request,
+        metrics,
+        file_fields=("file",),
+        max_file_bytes=settings.max_upload_bytes,
+        max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD,
+        max_files=1,
+        too_many_files=HTTPException(
+            status_code=422, detail="send one file in `file`; use /predict/batch for several"
+        ),
+    )
+    read_ms = round((time.perf_counter() - started) * 1000.0, 2)
+    if not form.files:
+        request.state.outcome = "rejected:missing_file"
+        raise missing_field("file")
+    [result] = await run_in_threadpool(
+        service.assess,
+        form.files,
+        _options(form, explain, preview),
+        request_id,
+        started,
+        read_ms,
+    )
+    request.state.outcome = _outcome([result])
+    if isinstance(result, BatchItemError):
+        raise HTTPException(status_code=result.status_code, detail=result.detail)
+    return JSONResponse(result.public_dict())
+
+
+@router.post(
+    "/predict/batch",
+    response_model=BatchResponse,
+    summary="Assess several photos in one request",
+    responses={
+        **PREDICT_ERRORS,
+        413: {
+            "model": PREDICT_ERRORS[413]["model"],
+            "description": "More than max_batch_files files, or the body over max_batch_bytes",
+        },
+    },
+    openapi_extra=_BATCH_BODY,
+)
+async def predict_batch(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    request_id: RequestIdDep,
+    explain: ExplainQuery = False,
+    preview: PreviewQuery = False,
+) -> JSONResponse:
+    """Upload several photos, each as a multipart part named `files`.
+
+    `results` has one entry per file, in order: a result as from /predict, or an error
+    object (`status: "error"`, `status_code`, `detail`) for a file that is not an image or
+    too large. The photos are run through the model in one batch.
+    """
+    started = time.perf_counter()
+    form = await _read(
+        request,
+        metrics,
+        file_fields=("files",),
+        max_file_bytes=settings.max_upload_bytes,
+        max_body_bytes=settings.max_batch_bytes,
+        max_files=settings.max_batch_files,
+        too_many_files=HTTPException(
+            status_code=413, detail=f"at most {settings.max_batch_files} files per batch"
+        ),
+    )
+    read_ms = round((time.perf_counter() - started) * 1000.0, 2)
+    if not form.files:
+        request.state.outcome = "rejected:missing_files"
+        raise missing_field("files")
+    results = await run_in_threadpool(
+        service.assess,
+        form.files,
+        _options(form, explain, preview),
+        request_id,
+        started,
+        read_ms,
+    )
+    request.state.outcome = _outcome(results)
+    body = {
+        "request_id": request_id,
+        "model_version": service.model.metadata.version,
+        "count": len(results),
+        "results": [
+            r.public_dict() if isinstance(r, PredictionResult) else r.model_dump(mode="json")
+            for r in results
+        ],
+    }
+    return JSONResponse(body)

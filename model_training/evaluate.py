@@ -1,0 +1,228 @@
+"""Score an exported artifact on the validation splits, calibrate it and write its report.
+
+Everything here runs the *exported SavedModel* through the shared preprocessing path, so the
+figures describe exactly what the server serves. Temperature, threshold and risk tiers are
+chosen on validation (never on a test split) and written back into ``metadata.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from model_training import calibration as cal
+from model_training import metrics as mt
+from model_training import report
+from model_training.data import read_datasets
+from model_training.export import SAVED_MODEL_DIR, read_metadata, write_metadata
+from model_training.preprocessing import image_to_input
+
+PREDICTIONS_FILE = "validation_predictions.csv"
+TTA_VIEWS = ("identity", "flip_lr", "flip_ud", "transpose")
+
+
+def tta_views(batch: np.ndarray, views: Sequence[str]) -> list[np.ndarray]:
+    """Dihedral views of a batch [N, H, W, 3] (a lesion has no up or left)."""
+    ops = {
+        "identity": lambda b: b,
+        "flip_lr": lambda b: b[:, :, ::-1],
+        "flip_ud": lambda b: b[:, ::-1],
+        "transpose": lambda b: b.transpose(0, 2, 1, 3),
+    }
+    return [np.ascontiguousarray(ops[v](batch)) for v in views]
+
+
+def predict_artifact(
+    artifact: Path, paths: Sequence[str], batch_size: int = 16, views: Sequence[str] = ("identity",)
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Logits (averaged over ``views``), embeddings of the identity view, seconds per image."""
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    meta = read_metadata(artifact)
+    size = (meta["input"]["height"], meta["input"]["width"])
+    model = tf.saved_model.load(str(artifact / SAVED_MODEL_DIR))
+    logits, embeddings = [], []
+    infer_seconds = 0.0
+    for start in tqdm(range(0, len(paths), batch_size), desc=f"score x{len(views)}", unit="batch"):
+        batch = np.stack([image_to_input(p, size) for p in paths[start : start + batch_size]])
+        t0 = time.perf_counter()
+        outs = [model.serve(tf.constant(v)) for v in tta_views(batch, views)]
+        infer_seconds += time.perf_counter() - t0
+        logits.append(np.mean([o["logit"].numpy() for o in outs], axis=0))
+        embeddings.append(outs[0]["embedding"].numpy())
+    return np.concatenate(logits), np.concatenate(embeddings), infer_seconds / max(1, len(paths))
+
+
+def _domain_sets(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Row masks: each data set, each domain (dermoscopy / phone) and everything pooled."""
+    sets: dict[str, np.ndarray] = {}
+    for name in sorted(df["dataset"].unique()):
+        sets[str(name)] = (df["dataset"] == name).to_numpy()
+    for domain in sorted(df["domain"].unique()):
+        sets[f"domain:{domain}"] = (df["domain"] == domain).to_numpy()
+    sets["pooled"] = np.ones(len(df), dtype=bool)
+    return sets
+
+
+def _subgroup_columns(part: pd.DataFrame) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    if "sex" in part and part["sex"].notna().any():
+        groups["sex"] = part["sex"].fillna("unknown").astype(str).tolist()
+    if "age" in part and part["age"].notna().any():
+        groups["age_band"] = [mt.age_band(a) for a in part["age"]]
+    if "site" in part and part["site"].notna().any():
+        groups["site"] = part["site"].fillna("unknown").astype(str).tolist()
+    if "fitzpatrick" in part and part["fitzpatrick"].notna().any():
+        groups["fitzpatrick"] = [
+            "unknown" if pd.isna(v) else str(int(v)) for v in part["fitzpatrick"]
+        ]
+    return groups
+
+
+def summarise(
+    df: pd.DataFrame, logits: np.ndarray, temperature: float, threshold: float
+) -> dict[str, Any]:
+    """Per-domain metrics with bootstrap CIs, calibration and subgroups at a threshold."""
+    y = df["label"].to_numpy().astype(int)
+    p_raw = cal.sigmoid(logits)
+    p = cal.sigmoid(logits / temperature)
+    domains: dict[str, Any] = {}
+    calib: dict[str, Any] = {}
+    subgroups: dict[str, Any] = {}
+    for name, mask in _domain_sets(df).items():
+        entry = mt.binary_metrics(y[mask], p[mask], threshold)
+        entry["ci"] = mt.bootstrap_ci(y[mask], p[mask], threshold, n_boot=1000, seed=0)
+        domains[name] = entry
+        calib[name] = {
+            "before": {
+                "ece": cal.expected_calibration_error(y[mask], p_raw[mask]),
+                "brier": cal.brier_score(y[mask], p_raw[mask]),
+            },
+            "after": {
+                "ece": cal.expected_calibration_error(y[mask], p[mask]),
+                "brier": cal.brier_score(y[mask], p[mask]),
+            },
+        }
+        if not name.startswith("domain:") and name != "pooled":
+            part = df[mask]
+            groups = _subgroup_columns(part)
+            if groups:
+                subgroups[name] = mt.subgroup_metrics(y[mask], p[mask], threshold, groups)
+    return {"domains": domains, "calibration": calib, "subgroups": subgroups}
+
+
+def evaluate_artifact(
+    artifact: Path,
+    data_dir: Path,
+    sets: Sequence[str],
+    target_sensitivity: float = 0.90,
+    tta: bool = False,
+    update_metadata: bool = True,
+) -> dict[str, Any]:
+    """Validate, calibrate, choose threshold and tiers, write metrics.json, plots, model card."""
+    df = read_datasets(data_dir, sets)
+    df = df[df["split"] == "valid"].reset_index(drop=True)
+    y = df["label"].to_numpy().astype(int)
+    logits, _, sec_per_image = predict_artifact(artifact, df["path"].tolist())
+
+    temperature = cal.fit_temperature(logits, y)
+    p = cal.sigmoid(logits / temperature)
+    threshold, rule = cal.choose_threshold(y, p, target_sensitivity)
+    tiers = cal.choose_risk_tiers(y, p, threshold)
+    result = summarise(df, logits, temperature, threshold)
+    result["calibration"]["temperature"] = temperature
+    result["calibration"]["fitted_on"] = "pooled validation splits"
+    result.update(threshold=threshold, threshold_rule=rule, risk_tiers=tiers)
+    result["inference_seconds_per_image"] = sec_per_image
+
+    isic = df["dataset"] == "isic2017"
+    if isic.any():
+        result["isic_challenge"] = {
+            "isic2017": report.isic_challenge_score(
+                y[isic], p[isic], df.loc[isic, "image_id"].tolist()
+            )
+        }
+
+    if tta:
+        tta_logits, _, tta_sec = predict_artifact(artifact, df["path"].tolist(), views=TTA_VIEWS)
+        tta_t = cal.fit_temperature(tta_logits, y)
+        tta_p = cal.sigmoid(tta_logits / tta_t)
+        gains = {}
+        for name, mask in _domain_sets(df).items():
+            base = mt.binary_metrics(y[mask], p[mask], threshold)["roc_auc"]
+            with_tta = mt.binary_metrics(y[mask], tta_p[mask], threshold)["roc_auc"]
+            gains[name] = {"roc_auc": base, "roc_auc_tta": with_tta}
+        result["tta"] = {
+            "views": list(TTA_VIEWS),
+            "auc": gains,
+            "cost_ratio": tta_sec / sec_per_image,
+            "seconds_per_image": tta_sec,
+        }
+
+    plots_dir = artifact / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    masks = _domain_sets(df)
+    curves = {n: (y[m], p[m]) for n, m in masks.items() if not n.startswith("domain:")}
+    report.plot_roc(curves, plots_dir / "roc.png")
+    report.plot_pr(curves, plots_dir / "pr.png")
+    report.plot_confusion(
+        result["domains"]["pooled"]["confusion"], plots_dir / "confusion.png",
+        f"Pooled validation at threshold {threshold:.3f}",
+    )  # fmt: skip
+    report.plot_reliability(y, cal.sigmoid(logits), p, plots_dir / "reliability.png")
+    meta = read_metadata(artifact)
+    history = meta.get("training", {}).get("history", {})
+    if history:
+        report.plot_training_curves(history, plots_dir / "training_curves.png")
+    result["plots"] = {
+        title: f"plots/{name}"
+        for title, name in [
+            ("ROC curves", "roc.png"),
+            ("Precision-recall curves", "pr.png"),
+            ("Confusion matrix", "confusion.png"),
+            ("Reliability diagram", "reliability.png"),
+            ("Training curves", "training_curves.png"),
+        ]
+        if (plots_dir / name).exists()
+    }
+
+    out = df[["image_id", "dataset", "domain", "label"]].copy()
+    out["logit"] = logits
+    out["probability_malignant"] = p
+    out.to_csv(artifact / PREDICTIONS_FILE, index=False, float_format="%.6f")
+    (artifact / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+
+    if update_metadata:
+        meta.update(
+            temperature=temperature,
+            threshold=threshold,
+            threshold_rule=rule,
+            risk_tiers=[{k: t[k] for k in ("name", "lower", "upper", "advice")} for t in tiers],
+        )
+        meta["metrics"] = {"validation": _headline(result)}
+        write_metadata(artifact, meta)
+    report.write_model_card(meta, result, artifact / "MODEL_CARD.md")
+    return result
+
+
+def _headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The compact metrics kept in metadata.json (the full report is metrics.json)."""
+    keys = (
+        "n", "n_positive", "roc_auc", "average_precision", "sensitivity", "specificity",
+        "balanced_accuracy", "sensitivity_at_specificity", "specificity_at_sensitivity",
+    )  # fmt: skip
+    out: dict[str, Any] = {}
+    for name, entry in result["domains"].items():
+        out[name] = {k: entry.get(k) for k in keys}
+        ci = entry.get("ci", {}).get("roc_auc")
+        if ci:
+            out[name]["roc_auc_ci95"] = [ci.get("lower"), ci.get("upper")]
+        out[name]["ece_calibrated"] = result["calibration"][name]["after"]["ece"]
+    return out

@@ -1,0 +1,341 @@
+/* Progressive enhancement of the upload form: preview, drag and drop, and an in-page result
+ * fetched from /predict. Without this script the form posts to /assess and the server renders
+ * the same result page. Server text is inserted as text nodes only, never parsed as markup. */
+(function () {
+  "use strict";
+
+  var form = document.getElementById("upload-form");
+  if (!form || !window.fetch || !window.FormData) {
+    return; // old browser: the plain form keeps working
+  }
+  document.documentElement.classList.add("has-js");
+
+  var cameraInput = document.getElementById("camera-input");
+  var fileInput = document.getElementById("file-input");
+  var dropzone = document.getElementById("dropzone");
+  var preview = document.getElementById("preview");
+  var previewImg = document.getElementById("preview-img");
+  var previewCaption = document.getElementById("preview-caption");
+  var submitButton = document.getElementById("submit-button");
+  var working = document.getElementById("working");
+  var resultRegion = document.getElementById("result");
+  var maxBytes = parseInt(form.getAttribute("data-max-bytes") || "0", 10);
+  var model = readJson("model-meta");
+  var texts = readJson("page-texts") || {};
+
+  var selected = null; // the File to send
+  var objectUrl = null; // its local preview URL
+  var browserCanShow = true; // false for e.g. HEIC in most browsers: ask the server for a preview
+
+  function readJson(id) {
+    var node = document.getElementById(id);
+    try {
+      return node ? JSON.parse(node.textContent || "null") : null;
+    } catch (e) {
+      return null;
+    }
+  }
+
+  function el(tag, attrs, children) {
+    var node = document.createElement(tag);
+    Object.keys(attrs || {}).forEach(function (key) {
+      node.setAttribute(key, attrs[key]);
+    });
+    (children || []).forEach(function (child) {
+      if (child === null || child === undefined) return;
+      node.appendChild(typeof child === "string" ? document.createTextNode(child) : child);
+    });
+    return node;
+  }
+
+  function svg(tag, attrs) {
+    var node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    Object.keys(attrs).forEach(function (key) {
+      node.setAttribute(key, String(attrs[key]));
+    });
+    return node;
+  }
+
+  function percent(p) {
+    if (p < 0.01) return "less than 1%";
+    if (p > 0.99) return "more than 99%";
+    return Math.round(p * 100) + "%";
+  }
+
+  function bound(p, isUpper) {
+    if (!isUpper && p <= 0) return "0%";
+    if (isUpper && p >= 1) return "100%";
+    return percent(p);
+  }
+
+  function formatBytes(n) {
+    return n >= 1048576 ? (n / 1048576).toFixed(1) + " MB" : Math.max(1, Math.round(n / 1024)) + " KB";
+  }
+
+  function setWorking(message, busy) {
+    working.textContent = message || "";
+    working.classList.toggle("busy", !!busy);
+    submitButton.disabled = !!busy;
+    resultRegion.setAttribute("aria-busy", busy ? "true" : "false");
+  }
+
+  function clearResult() {
+    while (resultRegion.firstChild) resultRegion.removeChild(resultRegion.firstChild);
+  }
+
+  function choose(file) {
+    if (!file) return;
+    selected = file;
+    clearResult();
+    setWorking("", false);
+    if (objectUrl) URL.revokeObjectURL(objectUrl);
+    objectUrl = URL.createObjectURL(file);
+    browserCanShow = true;
+    previewImg.onerror = function () {
+      browserCanShow = false; // e.g. HEIC: the server will send back a JPEG preview
+      previewImg.removeAttribute("src");
+      previewCaption.textContent = file.name + " (" + formatBytes(file.size) + ") — no preview in this browser";
+    };
+    previewImg.src = objectUrl;
+    previewCaption.textContent = file.name + " (" + formatBytes(file.size) + ")";
+    preview.hidden = false;
+  }
+
+  [cameraInput, fileInput].forEach(function (input) {
+    if (!input) return;
+    input.addEventListener("change", function () {
+      if (input.files && input.files[0]) {
+        choose(input.files[0]);
+        var other = input === cameraInput ? fileInput : cameraInput;
+        if (other) other.value = ""; // one photo at a time
+      }
+    });
+  });
+
+  // Drag and drop onto the whole zone.
+  ["dragenter", "dragover"].forEach(function (type) {
+    dropzone.addEventListener(type, function (event) {
+      event.preventDefault();
+      dropzone.classList.add("dragover");
+    });
+  });
+  ["dragleave", "dragend", "drop"].forEach(function (type) {
+    dropzone.addEventListener(type, function () {
+      dropzone.classList.remove("dragover");
+    });
+  });
+  dropzone.addEventListener("drop", function (event) {
+    event.preventDefault();
+    var files = event.dataTransfer && event.dataTransfer.files;
+    if (!files || !files.length) return;
+    try {
+      fileInput.files = files; // keeps the form's own state in step where supported
+    } catch (e) {
+      /* read-only in old browsers: `selected` is what is sent anyway */
+    }
+    if (cameraInput) cameraInput.value = "";
+    choose(files[0]);
+  });
+
+  function showError(message) {
+    clearResult();
+    var box = el("div", { class: "error-box", role: "alert" }, [
+      el("h2", { tabindex: "-1" }, ["We could not check this photo"]),
+      el("p", {}, [message]),
+    ]);
+    resultRegion.appendChild(box);
+    box.querySelector("h2").focus();
+  }
+
+  function errorMessage(status, detail) {
+    if (status === 413) return "The photo is too large. Please send one under " + formatBytes(maxBytes) + ".";
+    if (status === 415) return "That file could not be read as a photo. Please choose a JPEG, PNG, WebP or HEIC image.";
+    if (status === 422) return "Please choose or take a photo first.";
+    if (status === 503) return "The service is still starting. Please try again in a minute.";
+    return typeof detail === "string" ? detail : "Something went wrong (error " + status + "). Please try again.";
+  }
+
+  form.addEventListener("submit", function (event) {
+    event.preventDefault();
+    if (!selected) {
+      showError("Please choose or take a photo first.");
+      return;
+    }
+    if (maxBytes && selected.size > maxBytes) {
+      showError(errorMessage(413));
+      return;
+    }
+    clearResult();
+    setWorking("Checking the photo… this can take a few seconds.", true);
+    var body = new FormData();
+    body.append("file", selected, selected.name || "photo");
+    var url = "/predict?explain=true" + (browserCanShow ? "" : "&preview=true");
+    fetch(url, { method: "POST", body: body, headers: { Accept: "application/json" } })
+      .then(function (response) {
+        return response
+          .json()
+          .catch(function () {
+            return {};
+          })
+          .then(function (data) {
+            return { status: response.status, ok: response.ok, data: data };
+          });
+      })
+      .then(function (answer) {
+        setWorking("", false);
+        if (!answer.ok) {
+          showError(errorMessage(answer.status, answer.data && answer.data.detail));
+          return;
+        }
+        renderResult(answer.data);
+      })
+      .catch(function () {
+        setWorking("", false);
+        showError("Could not reach the service. Check your connection and try again.");
+      });
+  });
+
+  function tierPosition(tier) {
+    if (!model || !tier) return "";
+    for (var i = 0; i < model.tiers.length; i++) {
+      if (model.tiers[i].name === tier.name) return model.tiers[i].position;
+    }
+    return "";
+  }
+
+  function probabilityBar(r) {
+    var p = r.probability_malignant;
+    var bar = svg("svg", {
+      class: "prob-bar",
+      viewBox: "0 0 1000 48",
+      preserveAspectRatio: "none",
+      role: "img",
+      "aria-label":
+        "Estimate " + percent(p) + " on a scale from 0 to 100 percent; threshold " + percent(r.threshold),
+    });
+    (model ? model.tiers : []).forEach(function (t) {
+      bar.appendChild(
+        svg("rect", {
+          class: "band band-" + t.position,
+          x: (t.lower * 1000).toFixed(1),
+          y: 0,
+          width: ((t.upper - t.lower) * 1000).toFixed(1),
+          height: 48,
+        })
+      );
+    });
+    bar.appendChild(svg("rect", { class: "fill", x: 0, y: 16, width: (p * 1000).toFixed(1), height: 16 }));
+    var x = (p * 1000).toFixed(1);
+    bar.appendChild(svg("line", { class: "needle", x1: x, x2: x, y1: 6, y2: 42, "vector-effect": "non-scaling-stroke" }));
+    var t = (r.threshold * 1000).toFixed(1);
+    bar.appendChild(svg("line", { class: "threshold", x1: t, x2: t, y1: 0, y2: 48, "vector-effect": "non-scaling-stroke" }));
+
+    var legend = el("ul", { class: "tier-legend" });
+    (model ? model.tiers : []).forEach(function (tier) {
+      legend.appendChild(
+        el("li", {}, [
+          el("span", { class: "swatch band-" + tier.position, "aria-hidden": "true" }),
+          tier.name + ": " + bound(tier.lower, false) + "–" + bound(tier.upper, true),
+        ])
+      );
+    });
+    return el("figure", { class: "prob" }, [
+      bar,
+      el("div", { class: "prob-scale", "aria-hidden": "true" }, [
+        el("span", {}, ["0%"]),
+        el("span", {}, ["50%"]),
+        el("span", {}, ["100%"]),
+      ]),
+      el("figcaption", {}, [
+        el("span", { class: "key key-fill", "aria-hidden": "true" }),
+        " this photo: " + percent(p) + " ",
+        el("span", { class: "key key-threshold", "aria-hidden": "true" }),
+        " doctor's-check threshold: " + percent(r.threshold),
+        legend,
+      ]),
+    ]);
+  }
+
+  function photoBlock(r) {
+    var src = r.preview_jpeg_base64 ? "data:image/jpeg;base64," + r.preview_jpeg_base64 : browserCanShow ? objectUrl : null;
+    if (!src) return null;
+    var stack = el("div", { class: "photo-stack" }, [
+      el("img", { class: "photo", src: src, alt: "Your photo, as it was analysed" }),
+    ]);
+    var children = [];
+    if (r.heatmap_png_base64) {
+      var id = "heat-toggle-" + r.request_id;
+      children.push(el("input", { type: "checkbox", id: id, class: "heat-toggle" }));
+      children.push(el("label", { for: id, class: "heat-toggle-label" }, ["Show where the model looked (heat map)"]));
+      stack.appendChild(
+        el("img", {
+          class: "heat",
+          src: "data:image/png;base64," + r.heatmap_png_base64,
+          alt: "Heat map over the photo: coloured areas influenced the model most",
+        })
+      );
+    }
+    children.push(stack);
+    if (r.heatmap_png_base64) {
+      children.push(
+        el("p", { class: "hint" }, [
+          "Coloured areas show which parts of the photo influenced the model most (red the most). They are not a map of disease.",
+        ])
+      );
+    }
+    return el("div", { class: "photo-block" }, children);
+  }
+
+  function disclaimer(r) {
+    var list = el("ul", { class: "abcde" });
+    (texts.warning_signs || []).forEach(function (pair) {
+      list.appendChild(el("li", {}, [el("strong", {}, [pair[0]]), ": " + pair[1]]));
+    });
+    return el("aside", { class: "disclaimer", "aria-label": "Please read" }, [
+      el("h3", {}, ["Please read"]),
+      el("p", {}, [r.disclaimer || texts.disclaimer || ""]),
+      el("p", {}, ["See a doctor about any spot with these warning signs, whatever the result:"]),
+      list,
+    ]);
+  }
+
+  function renderResult(r) {
+    clearResult();
+    var classes = "result-card status-" + r.status;
+    if (r.risk_tier) classes += " tier-" + tierPosition(r.risk_tier);
+    var heading = el("h2", { id: "result-headline", tabindex: "-1" }, [r.headline]);
+    var children = [heading];
+    if (r.status === "ok") {
+      var positive = model ? model.positive_label : "malignant";
+      children.push(
+        el("p", { class: "prob-text" }, [
+          "The model estimates a ",
+          el("strong", {}, [percent(r.probability_malignant)]),
+          " chance that this spot is " + positive + ". Spots at " + percent(r.threshold) +
+            " or above are flagged for a doctor's check.",
+        ])
+      );
+      children.push(probabilityBar(r));
+      children.push(
+        el("section", { class: "next-step", "aria-labelledby": "next-step-heading" }, [
+          el("h3", { id: "next-step-heading" }, ["What to do next"]),
+          el("p", { class: "tier-name" }, ["Risk level: ", el("strong", {}, [r.risk_tier.name])]),
+          el("p", {}, [r.risk_tier.advice]),
+        ])
+      );
+    } else {
+      var reasons = el("ul", { class: "reasons" });
+      (r.reasons || []).forEach(function (reason) {
+        reasons.appendChild(el("li", {}, [el("strong", {}, [reason.message]), " " + reason.advice]));
+      });
+      children.push(reasons);
+    }
+    children.push(photoBlock(r));
+    children.push(
+      el("p", { class: "meta" }, ["Model " + r.model_name + " " + r.model_version + " · reference " + r.request_id])
+    );
+    children.push(disclaimer(r));
+    resultRegion.appendChild(el("article", { class: classes, "aria-labelledby": "result-headline" }, children));
+    heading.focus();
+  }
+})();
