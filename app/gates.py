@@ -107,7 +107,12 @@ def build_gates(metadata: ModelMetadata, model_dir: Path) -> Gates:
     quality: QualityGate | None = None
     if metadata.quality is not None:
         module = _import("model_training.quality", "quality")
-        thresholds = {k: float(v) for k, v in metadata.quality.items()}
+        # Numbers only: the metadata block may also carry notes about how they were set.
+        thresholds = {
+            str(k): float(v)
+            for k, v in metadata.quality.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
         quality = QualityGate(module.assess_quality, thresholds)
 
     ood: OODGate | None = None

@@ -23,6 +23,7 @@ _RAMP = np.array(
     ],
     dtype=np.float64,
 )
+PREVIEW_MAX_SIDE = 768
 _MAX_ALPHA = 170  # the photo must stay visible through the hottest areas
 
 
@@ -49,7 +50,7 @@ def heatmap_overlay_png(heat: np.ndarray, size: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
-def preview_jpeg(img: Image.Image, max_side: int = 768, quality: int = 85) -> bytes:
+def preview_jpeg(img: Image.Image, max_side: int = PREVIEW_MAX_SIDE, quality: int = 85) -> bytes:
     """The upright photo, downscaled and re-encoded without EXIF/GPS or any other metadata."""
     small = img.convert("RGB")
     small = small.resize(fit_within(*small.size, max_side), Image.Resampling.BILINEAR)

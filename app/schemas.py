@@ -176,6 +176,48 @@ BatchItem = Annotated[PredictionResult | BatchItemError, Field(discriminator="st
 class BatchResponse(BaseModel):
     """One entry per uploaded file, in upload order."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "request_id": "5f0c3c1f9b8e4d7a9e1d2c3b4a596877",
+                    "model_version": "1.0.0",
+                    "count": 2,
+                    "results": [
+                        {
+                            "status": "ok",
+                            "label": "malignant",
+                            "probability_malignant": 0.62,
+                            "threshold": 0.31,
+                            "risk_tier": {
+                                "name": "high",
+                                "lower": 0.31,
+                                "upper": 1.0,
+                                "advice": "Please make an appointment with a doctor...",
+                            },
+                            "headline": "Features of concern found: please have this spot "
+                            "checked by a doctor",
+                            "advice": "Please make an appointment with a doctor...",
+                            "reasons": [],
+                            "model_name": "isic-inceptionv3",
+                            "model_version": "1.0.0",
+                            "request_id": "5f0c3c1f9b8e4d7a9e1d2c3b4a596877",
+                            "image": {"width": 1024, "height": 768},
+                            "timings_ms": {"decode": 10.0, "inference": 310.0, "total": 340.0},
+                            "disclaimer": "This is not a diagnosis. ...",
+                        },
+                        {
+                            "status": "error",
+                            "index": 1,
+                            "status_code": 415,
+                            "detail": "the file is not a decodable image",
+                        },
+                    ],
+                }
+            ]
+        }
+    )
+
     request_id: str
     model_version: str
     count: int

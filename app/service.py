@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from app.gates import Gates, OODGate, Reason
-from app.imaging import b64, fit_within, heatmap_overlay_png, preview_jpeg
+from app.imaging import PREVIEW_MAX_SIDE, b64, fit_within, heatmap_overlay_png, preview_jpeg
 from app.metrics import Metrics
 from app.model import TriageModel
 from app.schemas import (
@@ -69,16 +69,20 @@ class _Item:
     """Working state of one file while the request is processed."""
 
     index: int
-    image: Image.Image | None = None
+    image: Image.Image | None = None  # upright RGB; reduced in size unless uploads are stored
+    info: ImageInfo | None = None  # size of the photo as uploaded (upright)
+    model_input: np.ndarray | None = None  # [H, W, 3] float32, from the full-size photo
     error: BatchItemError | None = None
     reasons: list[Reason] | None = None
     decode_ms: float = 0.0
     quality_ms: float = 0.0
 
 
-def _images(items: Sequence[_Item]) -> list[Image.Image]:
-    """The decoded images of items known to have one."""
-    return [it.image for it in items if it.image is not None]
+def _reduced(img: Image.Image, max_side: int) -> Image.Image:
+    """``img`` itself if small enough, else a copy whose longer side is ``max_side``."""
+    if max(img.size) <= max_side:
+        return img
+    return img.resize(fit_within(*img.size, max_side), Image.Resampling.BILINEAR)
 
 
 def _ms(seconds: float) -> float:
@@ -108,14 +112,13 @@ class TriageService:
         items = [self._decode_and_check(part) for part in parts]
 
         # One batched forward pass over every photo that passed decoding and the quality gate.
-        runnable = [it for it in items if it.image is not None and not it.reasons]
+        runnable = [it for it in items if it.model_input is not None]
         inference_ms = explain_ms = 0.0
         probabilities: dict[int, float] = {}
         outliers: set[int] = set()
         heatmaps: dict[int, np.ndarray] = {}
         if runnable:
-            size = self.model.metadata.input_size
-            batch = np.stack([resize_to_input(img, size) for img in _images(runnable)])
+            batch = np.stack([it.model_input for it in runnable if it.model_input is not None])
             t0 = time.perf_counter()
             inference = self.model.infer(batch)
             inference_ms = _ms(time.perf_counter() - t0)
@@ -138,7 +141,7 @@ class TriageService:
             if it.error is not None:
                 results.append(it.error)
                 continue
-            assert it.image is not None
+            assert it.image is not None and it.info is not None
             timings = Timings(
                 read=read_ms,
                 decode=it.decode_ms,
@@ -147,12 +150,12 @@ class TriageService:
                 explain=explain_ms if it.index in heatmaps else 0.0,
             )
             if it.reasons:
-                result = self._rejected("unable_to_assess", it.reasons, it.image, request_id)
+                result = self._rejected("unable_to_assess", it.reasons, it.info, request_id)
             elif it.index in outliers:
-                result = self._rejected("not_a_lesion", [OODGate.reason()], it.image, request_id)
+                result = self._rejected("not_a_lesion", [OODGate.reason()], it.info, request_id)
             else:
                 result = self._assessed(
-                    probabilities[it.index], heatmaps.get(it.index), it.image, request_id
+                    probabilities[it.index], heatmaps.get(it.index), it.info, request_id
                 )
             if options.preview:
                 result.preview_jpeg_base64 = b64(preview_jpeg(it.image))
@@ -177,7 +180,7 @@ class TriageService:
             return item
         t0 = time.perf_counter()
         try:
-            item.image = decode_image(bytes(part.data))
+            img = decode_image(bytes(part.data))
         except ImageDecodeError as exc:
             item.error = BatchItemError(index=part.index, status_code=415, detail=str(exc))
             reason = "empty_file" if not part.data else "not_an_image"
@@ -188,24 +191,33 @@ class TriageService:
             part.data = bytearray()  # drop the raw bytes (and any EXIF/GPS in them) early
         if self.gates.quality is not None:
             t0 = time.perf_counter()
-            item.reasons = self.gates.quality.check(item.image)
+            item.reasons = self.gates.quality.check(img)
             item.quality_ms = _ms(time.perf_counter() - t0)
+        item.info = ImageInfo(width=img.width, height=img.height)
+        if not item.reasons:
+            # The model input comes from the full-size photo, exactly as in evaluation.
+            item.model_input = resize_to_input(img, self.model.metadata.input_size)
+        if self.settings.store_uploads_dir is None:
+            # Only the preview and overlay need the photo from here on: keep a smaller copy
+            # so a batch of 12-megapixel photos does not hold gigabytes of pixels.
+            img = _reduced(img, max(self.settings.heatmap_max_side, PREVIEW_MAX_SIDE))
+        item.image = img
         return item
 
-    def _base(self, request_id: str, img: Image.Image) -> _Common:
+    def _base(self, request_id: str, info: ImageInfo) -> _Common:
         meta = self.model.metadata
         return {
             "threshold": meta.threshold,
             "model_name": meta.name,
             "model_version": meta.version,
             "request_id": request_id,
-            "image": ImageInfo(width=img.width, height=img.height),
+            "image": info,
             "timings_ms": Timings(),
             "disclaimer": DISCLAIMER,
         }
 
     def _assessed(
-        self, p: float, heat: np.ndarray | None, img: Image.Image, request_id: str
+        self, p: float, heat: np.ndarray | None, info: ImageInfo, request_id: str
     ) -> PredictionResult:
         model = self.model
         label = model.label_for(p)
@@ -214,7 +226,7 @@ class TriageService:
         positive = label == model.metadata.positive_label
         heatmap_b64 = None
         if heat is not None:
-            size = fit_within(img.width, img.height, self.settings.heatmap_max_side)
+            size = fit_within(info.width, info.height, self.settings.heatmap_max_side)
             heatmap_b64 = b64(heatmap_overlay_png(heat, size))
         return PredictionResult(
             status="ok",
@@ -226,14 +238,14 @@ class TriageService:
             headline=HEADLINES["positive" if positive else "negative"],
             advice=advice,
             heatmap_png_base64=heatmap_b64,
-            **self._base(request_id, img),
+            **self._base(request_id, info),
         )
 
     def _rejected(
         self,
         status: Literal["unable_to_assess", "not_a_lesion"],
         reasons: list[Reason],
-        img: Image.Image,
+        info: ImageInfo,
         request_id: str,
     ) -> PredictionResult:
         advice = " ".join(dict.fromkeys(r.advice for r in reasons if r.advice))
@@ -245,7 +257,7 @@ class TriageService:
             headline=HEADLINES[status],
             advice=advice or UNABLE_ADVICE_FALLBACK,
             reasons=[ReasonOut(code=r.code, message=r.message, advice=r.advice) for r in reasons],
-            **self._base(request_id, img),
+            **self._base(request_id, info),
         )
 
     def _count(self, result: PredictionResult) -> None:

@@ -17,6 +17,8 @@ from fastapi import HTTPException, Request
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from app.metrics import Metrics
+
 # Room for multipart boundaries, part headers and small form fields on top of the file limit.
 MULTIPART_OVERHEAD = 64 * 1024
 MAX_FIELD_BYTES = 1024  # non-file fields are flags like explain=true
@@ -208,6 +210,20 @@ async def read_multipart(
     except FormParserError as exc:
         raise HTTPException(status_code=400, detail="malformed multipart body") from exc
     return ParsedForm(fields=collector.fields, files=collector.files, body_bytes=total)
+
+
+async def read_upload(request: Request, metrics: Metrics, **limits: Any) -> ParsedForm:
+    """read_multipart, counting a refused body in the metrics and the request log line.
+
+    Per-file problems (not an image, too large) are counted later, where they are found.
+    """
+    try:
+        return await read_multipart(request, **limits)
+    except HTTPException as exc:
+        reason = {413: "too_large", 415: "not_multipart"}.get(exc.status_code, "bad_request")
+        metrics.rejected_inputs.labels(reason=reason).inc()
+        request.state.outcome = f"rejected:{reason}"
+        raise
 
 
 def truthy(value: str | None) -> bool:

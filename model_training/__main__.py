@@ -65,6 +65,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Train several recipes on one decoded data set, keep the best on validation."""
+    from model_training import train as tr
+    from model_training.data import check_no_leak, describe, read_datasets
+    from model_training.sweep import run_sweep
+    from model_training.weights import WEIGHTS_SOURCE, imagenet_weights
+
+    base = tr.TrainConfig(batch_size=args.batch_size, seed=args.seed, workers=args.workers,
+                          mixed_precision=args.mixed_precision)  # fmt: skip
+    variants = json.loads(Path(args.variants).read_text())
+    if args.variant_overrides:
+        extra = json.loads(args.variant_overrides)
+        variants = [{**v, **extra} for v in variants]
+    df = read_datasets(args.data_dir, args.sets)
+    check_no_leak(df)
+    train = df[df["split"] == "train"].reset_index(drop=True)
+    valid = df[df["split"] == "valid"].reset_index(drop=True)
+    if args.limit:
+        train = train.sample(n=min(args.limit, len(train)), random_state=args.seed)
+        valid = valid.sample(n=min(args.limit, len(valid)), random_state=args.seed)
+        train, valid = train.reset_index(drop=True), valid.reset_index(drop=True)
+    init = Path(args.init_weights) if args.init_weights else imagenet_weights()
+    summary = run_sweep(train, valid, base, variants, init, args.out, args.time_budget)
+    info = {
+        "config": summary["best_config"],
+        "command": "python -m model_training " + shlex.join(sys.argv[1:]),
+        "data": describe(train),
+        "validation_data": describe(valid),
+        "weights_source": WEIGHTS_SOURCE,
+        "init_weights": init.name,
+        "backend": __import__("keras").backend.backend(),
+        "sweep": {k: v for k, v in summary.items() if k != "best_config"},
+    }
+    (args.out / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Rebuild the classifier here (TensorFlow), load a run's weights, export the artifact."""
     from model_training.export import base_metadata, export_artifact
@@ -133,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", default="", help="file of image_ids to train on (GPU pack)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("sweep", help="train several recipes, keep the best on validation")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--sets", type=_sets, default=["isic2017", "ham10000", "pad-ufes-20"])
+    p.add_argument("--variants", required=True, help="JSON file: list of {name, field: value}")
+    p.add_argument("--variant-overrides", default="", help="JSON merged into every variant")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--mixed-precision", default="auto")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=330.0, help="seconds; stop new variants")
+    p.add_argument("--init-weights", default="")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("export", help="export a run as SavedModel + metadata.json")
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -153,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "sweep"):
         args.out.mkdir(parents=True, exist_ok=True)
     code: int = args.func(args)
     return code

@@ -125,15 +125,16 @@ mkdir -p /tmp/data && for z in .gpu/data/*.zip; do python3 -m zipfile -e "$z" /t
 for z in /tmp/stash/*.zip; do
     if [ -e "$z" ]; then python3 -m zipfile -e "$z" /tmp/data; fi
 done
-for f in /tmp/data/*/labels-extra.csv; do
+for f in /tmp/data/*/labels-*.csv; do
     if [ -e "$f" ]; then tail -n +2 "$f" >> "$(dirname "$f")/labels.csv"; rm "$f"; fi
 done
 wc -l /tmp/data/*/labels.csv
 echo "setup took $(( $(date +%s) - T0 ))s"
-python3 -m model_training train --data-dir /tmp/data --sets {sets} \\
+python3 -m model_training {command} --data-dir /tmp/data --sets {sets} \\
     --init-weights .gpu/imagenet_int8.npz --out /tmp/run --workers 12 {train_args} ${{TRAIN_EXTRA:-}} \\
     2>&1 | tee "$OUT/train.log"
 cp /tmp/run/weights/*.npz /tmp/run/history.json /tmp/run/run.json "$OUT/"
+if [ -e /tmp/run/sweep.json ]; then cp /tmp/run/sweep.json "$OUT/"; fi
 echo "total on device $(( $(date +%s) - T0 ))s"
 """
 
@@ -147,7 +148,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     quantize_int8(imagenet_weights(), out / "imagenet_int8.npz")
     fetch_wheels(out / "wheels")
     (out / "remote.sh").write_text(
-        REMOTE.format(sets=",".join(args.sets), train_args=args.train_args)
+        REMOTE.format(command=args.command_remote, sets=",".join(args.sets), train_args=args.train_args)
     )
     fixed = tree_size(Path.cwd()) + sum(
         f.stat().st_size + PER_FILE_OVERHEAD for f in out.rglob("*") if f.is_file()
@@ -169,6 +170,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
             zip_path = extra / "data" / f"{name}-extra.zip"
             extra_total += write_set_zip(args.data_dir, name, ids, zip_path, "labels-extra.csv")
             print(f"{name}: {len(ids)} more in {zip_path} (first call, stashed on the machine)")
+    if args.command_remote == "sweep":  # the sweep selects on validation: ship those splits
+        for name in args.sets:
+            df = read_dataset(args.data_dir / name, name)
+            ids = df.loc[df["split"] == "valid", "image_id"].astype(str).tolist()
+            zip_path = extra / "data" / f"{name}-valid.zip"
+            extra_total += write_set_zip(args.data_dir, name, ids, zip_path, "labels-valid.csv")
+            print(f"{name}: {len(ids)} validation images in {zip_path}")
     print(f"extra carry {extra_total / 2**20:.1f} MiB")
     if total > CARRY_LIMIT or extra_total > CARRY_LIMIT:
         print("over the carry limit", file=sys.stderr)
@@ -197,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(".gpu"))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--margin-mb", type=int, default=2)
+    p.add_argument("--command-remote", choices=["train", "sweep"], default="train")
     p.add_argument("--train-args", default="--epochs 20 --head-epochs 2 --batch-size 128")
     p.set_defaults(func=cmd_pack)
     p = sub.add_parser("unpack")

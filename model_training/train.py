@@ -48,6 +48,10 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     dropout: float = 0.3
     label_smoothing: float = 0.0
+    augment: str = "basic"  # basic: random crops; strong: + rotation and random-resized crops
+    min_crop_area: float = 0.35  # strong: smallest crop, as a share of the stored image
+    ema: bool = False  # exponential moving average of the weights (kept at the end)
+    ema_momentum: float = 0.99
     domain_repeat: dict[str, int] = field(default_factory=lambda: {"phone": 3})
     mixed_precision: str = "auto"  # auto | bfloat16 | float16 | off
     seed: int = 1234
@@ -97,9 +101,13 @@ class CropBatches(keras.utils.PyDataset):  # type: ignore[misc]
         batch_size: int,
         seed: int,
         workers: int = 8,
+        augment: str = "basic",
+        min_crop_area: float = 0.35,
     ) -> None:
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=32)
         self.images, self.labels, self.weights = images, labels, weights
+        self.augment = augment
+        self.min_crop_area = min_crop_area
         self.base_index = index
         self.crop = crop
         self.batch_size = batch_size
@@ -119,8 +127,36 @@ class CropBatches(keras.utils.PyDataset):  # type: ignore[misc]
         ox = rng.integers(0, w - cw + 1, len(idx))
         batch = np.empty((len(idx), ch, cw, 3), dtype=np.uint8)
         for j, k in enumerate(idx):
-            batch[j] = self.images[k, oy[j] : oy[j] + ch, ox[j] : ox[j] + cw]
+            if self.augment == "strong":
+                batch[j] = self._rotate_and_crop(self.images[k], rng)
+            else:
+                batch[j] = self.images[k, oy[j] : oy[j] + ch, ox[j] : ox[j] + cw]
         return batch, self.labels[idx].astype("float32"), self.weights[idx].astype("float32")
+
+    def _rotate_and_crop(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Any-angle rotation, then a random-resized crop (Inception-style scale and aspect).
+
+        Done here with Pillow in worker threads (it releases the GIL): affine warps inside the
+        model are ~90x slower on JAX.
+        """
+        from PIL import Image
+
+        h, w = image.shape[:2]
+        pil = Image.fromarray(image).rotate(
+            float(rng.uniform(0.0, 360.0)), resample=Image.Resampling.BILINEAR
+        )
+        area = rng.uniform(self.min_crop_area, 1.0) * h * w
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw_ = min(w, round(math.sqrt(area * ratio)))
+        ch_ = min(h, round(math.sqrt(area / ratio)))
+        x0 = int(rng.integers(0, w - cw_ + 1))
+        y0 = int(rng.integers(0, h - ch_ + 1))
+        out = pil.resize(
+            (self.crop[1], self.crop[0]),
+            Image.Resampling.BILINEAR,
+            box=(x0, y0, x0 + cw_, y0 + ch_),
+        )
+        return np.asarray(out)
 
     def on_epoch_end(self) -> None:
         self.order = self.rng.permutation(self.base_index)
@@ -213,16 +249,20 @@ def _merge(history: dict[str, list[float]], new: dict[str, list[Any]], phase: st
     history.setdefault("phase", []).extend([phase] * len(next(iter(new.values()), [])))
 
 
-def train_finetune(
-    train: pd.DataFrame,
-    config: TrainConfig,
-    imagenet_npz: Path,
-    progress: Callable[[str], None] = log,
-) -> tuple[keras.Model, dict[str, list[Any]]]:
-    """Phase 1: the head on the frozen trunk. Phase 2: the whole network, batch norm frozen."""
-    keras.utils.set_random_seed(config.seed)
-    policy = setup_precision(config.mixed_precision)
-    progress(f"backend {keras.backend.backend()}, dtype policy {policy}")
+@dataclass
+class TrainingData:
+    """Decoded training images (stored larger than the input, for cropping) and their labels."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray
+    index: np.ndarray
+
+
+def prepare_training_data(
+    train: pd.DataFrame, config: TrainConfig, progress: Callable[[str], None] = log
+) -> TrainingData:
+    """Decode once; class-balanced sample weights; phone photos repeated per epoch."""
     store = (config.input_size[0] + config.crop_margin, config.input_size[1] + config.crop_margin)
     t0 = time.time()
     images = load_images(train["path"].tolist(), store, config.workers, progress=True)
@@ -231,9 +271,34 @@ def train_finetune(
     cw = class_weights(labels)
     weights = np.where(labels == 1, cw[1], cw[0])
     index = epoch_index(train["domain"].to_numpy(), config.domain_repeat)
+    return TrainingData(images, labels, weights, index)
+
+
+def train_finetune(
+    train: pd.DataFrame,
+    config: TrainConfig,
+    imagenet_npz: Path,
+    progress: Callable[[str], None] = log,
+) -> tuple[keras.Model, dict[str, list[Any]]]:
+    """Decode the data, then run :func:`fit_finetune`."""
+    keras.utils.set_random_seed(config.seed)
+    policy = setup_precision(config.mixed_precision)
+    progress(f"backend {keras.backend.backend()}, dtype policy {policy}")
+    data = prepare_training_data(train, config, progress)
+    return fit_finetune(data, config, imagenet_npz, progress)
+
+
+def fit_finetune(
+    data: TrainingData,
+    config: TrainConfig,
+    imagenet_npz: Path,
+    progress: Callable[[str], None] = log,
+) -> tuple[keras.Model, dict[str, list[Any]]]:
+    """Phase 1: the head on the frozen trunk. Phase 2: the whole network, batch norm frozen."""
+    keras.utils.set_random_seed(config.seed)
     batches = CropBatches(
-        images, labels, weights, index, config.input_size, config.batch_size, config.seed,
-        config.workers,
+        data.images, data.labels, data.weights, data.index, config.input_size,
+        config.batch_size, config.seed, config.workers, config.augment, config.min_crop_area,
     )  # fmt: skip
     classifier = build_classifier(config.input_size, config.dropout, imagenet_npz)
     model = training_model(classifier, seed=config.seed)
@@ -256,7 +321,12 @@ def train_finetune(
         warmup_steps=warmup,
         alpha=0.01,
     )
-    optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+    optimizer = keras.optimizers.AdamW(
+        schedule,
+        weight_decay=config.weight_decay,
+        use_ema=config.ema,
+        ema_momentum=config.ema_momentum,
+    )
     compile_model(model, optimizer, config.label_smoothing)
     timer = EpochTimer()
     t0 = time.time()

@@ -311,7 +311,7 @@ def test_explain_as_form_field_and_capped_size_for_large_photos(
     big = open_rgb(image_bytes[HAM]).resize((1200, 900))
     r = client.post(
         "/predict",
-        data={"explain": "true"},
+        data={"explain": "true", "preview": "1"},
         files={"file": ("big.jpg", encode(big, "JPEG", quality=80), "image/jpeg")},
     )
     assert r.status_code == 200
@@ -320,6 +320,8 @@ def test_explain_as_form_field_and_capped_size_for_large_photos(
     overlay = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png_base64"])))
     cap = server.settings.heatmap_max_side
     assert overlay.size == (cap, round(900 * cap / 1200))  # same aspect ratio, capped
+    preview = Image.open(io.BytesIO(base64.b64decode(body["preview_jpeg_base64"])))
+    assert preview.format == "JPEG" and preview.size == (768, 576)
 
 
 # -- /predict: errors ------------------------------------------------------------------------
@@ -405,6 +407,27 @@ def test_a_photo_of_exactly_the_limit_is_accepted(
     r = post_image(client, padded)
     assert r.status_code == 200, r.text
     assert post_image(client, padded + b"\0").status_code == 413
+
+
+def test_one_structured_log_line_per_request(
+    client: httpx.Client, image_bytes: dict[str, bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    from app.logs import JsonFormatter
+
+    caplog.set_level("INFO", logger="app.access")
+    data = image_bytes[MELANOMA]
+    r = post_image(client, data, "private-name.jpg", headers={"X-Request-ID": "log-check-1"})
+    assert r.status_code == 200
+    records = [rec for rec in caplog.records if rec.name == "app.access"]
+    mine = [rec for rec in records if getattr(rec, "fields", {}).get("request_id") == "log-check-1"]
+    assert len(mine) == 1
+    line = JsonFormatter().format(mine[0])
+    entry = json.loads(line)
+    assert entry["path"] == "/predict" and entry["status"] == 200
+    assert entry["latency_ms"] > 0
+    assert entry["outcome"] == r.json()["label"]
+    assert "private-name" not in line  # no file names
+    assert base64.b64encode(data[:48]).decode()[:32] not in line and len(line) < 1000
 
 
 def test_request_id_is_propagated_or_generated(
@@ -497,7 +520,7 @@ def test_uploads_are_not_written_to_disk_by_default(
     assert r.status_code == 200
     batch = client.post("/predict/batch", files=[("files", ("n.png", data, "image/png"))] * 2)
     assert batch.status_code == 200
-    assert sorted(watched_tmpdir.rglob("*")) == before == []
+    assert sorted(watched_tmpdir.rglob("*")) == before
 
 
 @pytest.fixture(scope="module")

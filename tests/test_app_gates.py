@@ -19,12 +19,14 @@ from PIL import Image, ImageFilter
 
 IMAGES = Path(__file__).parent / "fixtures" / "images"
 PHOTO = IMAGES / "pad-ufes-20_nev_PAT_1107_427_352.jpg"
+# Lenient thresholds every fixture photo passes (their sharpness is 12..180, brightness
+# 76..164, no clipping), strict enough that a degraded copy fails.
 QUALITY = {
     "min_side": 64,
-    "min_sharpness": 0.0,
-    "min_brightness": 0.0,
-    "max_brightness": 255.0,
-    "max_clipped_fraction": 1.0,
+    "min_sharpness": 5.0,
+    "min_brightness": 30.0,
+    "max_brightness": 235.0,
+    "max_clipped_fraction": 0.5,
 }
 
 
@@ -79,6 +81,37 @@ def test_quality_gate_refuses_a_too_small_photo(quality_server: Any) -> None:
         assert ok.json()["status"] == "ok"
         gates = c.get("/model").json()["server"]["gates"]
         assert gates["quality"] is True
+
+
+@pytest.mark.parametrize(
+    ("degrade", "code"),
+    [
+        (lambda img: img.point(lambda v: v // 12), "too_dark"),
+        (lambda img: img.point(lambda v: min(255, v * 3)), "overexposed"),
+        (
+            lambda img: img.resize((24, 24)).resize(img.size, Image.Resampling.BILINEAR),
+            "too_blurry",
+        ),
+    ],
+)
+def test_quality_gate_names_what_is_wrong(
+    quality_server: Any, degrade: Callable[[Image.Image], Image.Image], code: str
+) -> None:
+    photo = degrade(Image.open(PHOTO).convert("RGB"))
+    with quality_server.client() as c:
+        body = c.post("/predict", files={"file": ("p.png", png(photo), "image/png")}).json()
+    assert body["status"] == "unable_to_assess"
+    assert [reason["code"] for reason in body["reasons"]] == [code]
+
+
+def test_every_fixture_photo_passes_the_quality_gate(quality_server: Any) -> None:
+    files = [
+        ("files", (p.name, p.read_bytes(), "image/jpeg")) for p in sorted(IMAGES.glob("*.jpg"))
+    ]
+    with quality_server.client(params={"explain": "false"}) as c:
+        results = c.post("/predict/batch", files=files[:4]).json()["results"]
+        results += c.post("/predict/batch", files=files[4:]).json()["results"]
+    assert [r["status"] for r in results] == ["ok"] * len(files)
 
 
 def test_quality_gate_in_a_batch_only_affects_the_bad_photo(quality_server: Any) -> None:
@@ -145,3 +178,80 @@ def test_client_never_sees_a_500_for_odd_inputs(client: httpx.Client) -> None:
     # A 1x1 image is decodable; with no quality gate in this artifact it is assessed.
     r = client.post("/predict", files={"file": ("1.png", png(Image.new("RGB", (1, 1))))})
     assert r.status_code == 200
+
+
+def _candidates() -> dict[str, bytes]:
+    """Photos to send: the lesion fixtures plus things that are not skin-lesion photos."""
+    rng = np.random.default_rng(3)
+    checker = np.kron((np.indices((8, 8)).sum(axis=0) % 2) * 255, np.ones((16, 16)))
+    others = {
+        "white": Image.new("RGB", (128, 128), (255, 255, 255)),
+        "blue": Image.new("RGB", (128, 128), (20, 60, 230)),
+        "checkerboard": Image.fromarray(checker.astype(np.uint8)).convert("RGB"),
+        "noise": Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)),
+    }
+    photos = {p.name: p.read_bytes() for p in sorted(IMAGES.glob("*.jpg"))}
+    return {**photos, **{name: png(img) for name, img in others.items()}}
+
+
+@pytest.fixture(scope="module")
+def ood_server(
+    artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory, server_factory: Any
+) -> Iterator[tuple[Any, dict[str, bool]]]:
+    """A server whose artifact has OOD statistics fitted on the lesion fixtures.
+
+    Yields the server and, per candidate photo, whether the detector itself (run here on
+    the same preprocessing) calls it an outlier: the server must agree.
+    """
+    ood = pytest.importorskip("model_training.ood")
+    import shutil
+
+    from app.model import TriageModel
+    from model_training.preprocessing import decode_image, resize_to_input
+
+    model_dir = tmp_path_factory.mktemp("ood") / "artifact"
+    shutil.copytree(artifact_dir, model_dir)
+    model = TriageModel.load(model_dir)
+    size = model.metadata.input_size
+    photos = [decode_image(p.read_bytes()) for p in sorted(IMAGES.glob("*.jpg"))]
+    # Dihedral copies give the fit more than six samples (a lesion has no up or left).
+    views = [
+        img.transpose(t) if t is not None else img
+        for img in photos
+        for t in (None, *list(Image.Transpose)[:7])
+    ]
+    train = model.infer(np.stack([resize_to_input(v, size) for v in views])).embeddings
+    assert train is not None
+    detector = ood.OODDetector.fit(train)
+    threshold = float(detector.score(train).max()) * 1.05
+    detector.save(model_dir / "ood.npz")
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    meta["ood"] = {"file": "ood.npz", "method": "mahalanobis", "threshold": threshold}
+    (model_dir / "metadata.json").write_text(json.dumps(meta))
+
+    candidates = _candidates()
+    batch = np.stack([resize_to_input(decode_image(b), size) for b in candidates.values()])
+    embeddings = model.infer(batch).embeddings
+    detector = ood.OODDetector.load(model_dir / "ood.npz", threshold)
+    expected = dict(zip(candidates, detector.is_outlier(embeddings).tolist(), strict=True))
+    with server_factory(model_dir=model_dir) as live:
+        yield live, expected
+
+
+def test_ood_gate_flags_what_the_detector_flags(ood_server: tuple[Any, dict[str, bool]]) -> None:
+    live, expected = ood_server
+    assert not any(expected[p.name] for p in IMAGES.glob("*.jpg"))  # fitted on these
+    assert any(expected.values()), "no candidate is an outlier: the test proves nothing"
+    with live.client() as c:
+        assert c.get("/model").json()["server"]["gates"]["ood"] is True
+        for name, data in _candidates().items():
+            body = c.post("/predict?explain=true", files={"file": (name, data)}).json()
+            if expected[name]:
+                assert body["status"] == "not_a_lesion", name
+                assert body["label"] is None and body["probability_malignant"] is None
+                assert [r["code"] for r in body["reasons"]] == ["not_a_lesion"]
+                assert "heatmap_png_base64" not in body
+            else:
+                assert body["status"] == "ok", name
+                assert body["heatmap_png_base64"]
+        assert 'triage_rejected_inputs_total{reason="not_a_lesion"}' in c.get("/metrics").text

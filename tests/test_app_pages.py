@@ -118,11 +118,19 @@ def test_form_post_without_a_photo_explains_what_to_do(client: httpx.Client) -> 
     assert 'role="alert"' in r.text
 
 
+def _rejected_count(client: httpx.Client, reason: str) -> float:
+    pattern = rf'triage_rejected_inputs_total{{reason="{reason}"}} ([0-9.e+]+)'
+    match = re.search(pattern, client.get("/metrics").text)
+    return float(match.group(1)) if match else 0.0
+
+
 def test_form_post_with_a_non_image_is_415_html(client: httpx.Client) -> None:
+    before = _rejected_count(client, "not_an_image")
     r = client.post("/assess", files={"file": ("notes.txt", b"hello", "text/plain")})
     assert r.status_code == 415
     assert r.headers["content-type"].startswith("text/html")
     assert "could not be read as a photo" in r.text
+    assert _rejected_count(client, "not_an_image") == before + 1  # counted once
 
 
 def test_form_post_oversize_is_413_html(client: httpx.Client, server: Any) -> None:

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,53 @@ def test_missing_model_dir_fails_fast_with_a_clear_log(tmp_path: Path) -> None:
     assert record["msg"] == "model failed to load; refusing to start"
     assert str(missing) in record["error"] and "does not exist" in record["error"]
     assert "Application startup failed" in proc.stderr
+
+
+def test_python_dash_m_app_serves_with_json_logs(artifact_dir: Path) -> None:
+    """The entry point `make run` and Docker use: binds HOST/PORT, logs one JSON per line."""
+    import socket
+
+    with socket.socket() as probe:  # a free port (released just before the server binds it)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "TRIAGE_MODEL_DIR": str(artifact_dir), "HOST": "127.0.0.1"}
+    env["PORT"] = str(port)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.2)
+        r = httpx.get(f"http://127.0.0.1:{port}/model", headers={"X-Request-ID": "entry-1"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "entry-1"
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+    entries = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    messages = [e["msg"] for e in entries]
+    assert "model ready" in messages
+    # Graceful shutdown on SIGTERM (uvicorn then re-raises the signal, hence -15).
+    assert "Application shutdown complete." in messages
+    assert proc.returncode in (0, -15)
+    access = [e for e in entries if e["msg"] == "request" and e.get("request_id") == "entry-1"]
+    assert access and access[0]["path"] == "/model" and access[0]["status"] == 200
+    # Everything Python logs is JSON; only TensorFlow's native start-up lines are not.
+    for line in stderr.splitlines():
+        if not line.startswith("{"):
+            assert "absl" in line or line.startswith(("I0000", "W0000", "E0000")), line
 
 
 def test_artifact_that_disagrees_with_its_metadata_fails_fast(

@@ -23,7 +23,7 @@ from app.schemas import BatchItemError, PredictionResult
 from app.service import Options, TriageService
 from app.settings import Settings
 from app.texts import DISCLAIMER, PHOTO_TIPS, WARNING_SIGNS, percent
-from app.uploads import MULTIPART_OVERHEAD, missing_field, read_multipart
+from app.uploads import MULTIPART_OVERHEAD, missing_field, read_upload
 
 router = APIRouter(tags=["pages"], include_in_schema=True)
 
@@ -125,8 +125,9 @@ async def assess(
             raise HTTPException(status_code=503, detail="The service is starting; try again.")
         # The page has two pickers (camera and file); a browser sends both parts, the
         # unused one empty and without a filename.
-        form = await read_multipart(
+        form = await read_upload(
             request,
+            metrics,
             file_fields=FORM_FILE_FIELDS,
             max_file_bytes=settings.max_upload_bytes,
             max_body_bytes=2 * settings.max_upload_bytes + MULTIPART_OVERHEAD,
@@ -148,9 +149,6 @@ async def assess(
         status_code = exc.status_code
         context["error"] = _error_message(exc, settings.max_upload_bytes)
         request.state.outcome = f"rejected:{exc.status_code}"
-        if exc.status_code in (413, 415):
-            reason = "too_large" if exc.status_code == 413 else "not_an_image"
-            metrics.rejected_inputs.labels(reason=reason).inc()
     return templates.TemplateResponse(
         request, "result.html", context, status_code=status_code, headers=PAGE_HEADERS
     )

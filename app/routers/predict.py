@@ -11,14 +11,15 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import MetricsDep, RequestIdDep, ServiceDep, SettingsDep
-from app.metrics import Metrics
 from app.schemas import PREDICT_ERRORS, BatchItemError, BatchResponse, PredictionResult
 from app.service import Options
-from app.uploads import MULTIPART_OVERHEAD, ParsedForm, missing_field, read_multipart, truthy
+from app.uploads import MULTIPART_OVERHEAD, ParsedForm, missing_field, read_upload, truthy
 
 router = APIRouter(tags=["prediction"])
 
 _FLAG_FIELDS = ("explain", "preview")
+# Results are health information about one person: no shared or browser caches.
+NO_STORE = {"Cache-Control": "no-store"}
 _FLAGS_DOC = {
     "explain": {
         "type": "boolean",
@@ -86,17 +87,6 @@ PreviewQuery = Annotated[
 ]
 
 
-async def _read(request: Request, metrics: Metrics, **limits: Any) -> ParsedForm:
-    """read_multipart, counting refused bodies in the metrics and the request log."""
-    try:
-        return await read_multipart(request, form_fields=_FLAG_FIELDS, **limits)
-    except HTTPException as exc:
-        reason = {413: "too_large", 415: "not_multipart"}.get(exc.status_code, "bad_request")
-        metrics.rejected_inputs.labels(reason=reason).inc()
-        request.state.outcome = f"rejected:{reason}"
-        raise
-
-
 def _options(form: ParsedForm, explain: bool, preview: bool) -> Options:
     return Options(
         explain=explain or truthy(form.fields.get("explain")),
@@ -138,9 +128,10 @@ async def predict(
     be assessed. Example: `curl -F file=@mole.jpg 'http://127.0.0.1:8000/predict?explain=true'`
     """
     started = time.perf_counter()
-    form = await _read(
+    form = await read_upload(
         request,
         metrics,
+        form_fields=_FLAG_FIELDS,
         file_fields=("file",),
         max_file_bytes=settings.max_upload_bytes,
         max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD,
@@ -164,7 +155,7 @@ async def predict(
     request.state.outcome = _outcome([result])
     if isinstance(result, BatchItemError):
         raise HTTPException(status_code=result.status_code, detail=result.detail)
-    return JSONResponse(result.public_dict())
+    return JSONResponse(result.public_dict(), headers=NO_STORE)
 
 
 @router.post(
@@ -196,9 +187,10 @@ async def predict_batch(
     too large. The photos are run through the model in one batch.
     """
     started = time.perf_counter()
-    form = await _read(
+    form = await read_upload(
         request,
         metrics,
+        form_fields=_FLAG_FIELDS,
         file_fields=("files",),
         max_file_bytes=settings.max_upload_bytes,
         max_body_bytes=settings.max_batch_bytes,
@@ -229,4 +221,4 @@ async def predict_batch(
             for r in results
         ],
     }
-    return JSONResponse(body)
+    return JSONResponse(body, headers=NO_STORE)

@@ -1,0 +1,166 @@
+"""Photo-quality gate: too small, too blurry, too dark or overexposed → not assessed.
+
+Only Pillow and NumPy are used, so the server imports this module without the training extras.
+The measures are taken on a grey (luma) copy squashed to a fixed working size, the way the
+model squashes every photo to its input size, so they do not depend on the upload's
+resolution. The thresholds come from the artifact's ``metadata.json`` (key ``quality``, set on
+real and deliberately degraded validation images by ``python -m model_training.gates``); a
+missing key switches that check off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+# Working size (width, height) for the resolution-independent measures.
+WORK_SIZE = (256, 256)
+# Luma at or below DARK_LEVEL counts as dark; at or above CLIP_LEVEL as clipped (blown out).
+DARK_LEVEL = 16
+CLIP_LEVEL = 250
+
+THRESHOLD_KEYS = (
+    "min_side",
+    "min_sharpness",
+    "min_brightness",
+    "max_brightness",
+    "max_clipped_fraction",
+)
+ISSUE_CODES = ("too_small", "too_blurry", "too_dark", "overexposed")
+
+
+@dataclass(frozen=True)
+class QualityMeasures:
+    """What the gate measures on one photo.
+
+    ``sharpness`` is the variance of a 4-neighbour Laplacian of the 0..255 luma at the working
+    size (higher = sharper); ``brightness`` the mean luma (0..255); ``dark_fraction`` and
+    ``clipped_fraction`` the shares of working-size pixels with luma <= 16 and >= 250.
+    """
+
+    width: int
+    height: int
+    sharpness: float
+    brightness: float
+    dark_fraction: float
+    clipped_fraction: float
+
+    @property
+    def min_side(self) -> int:
+        """The shorter side in pixels of the photo as uploaded."""
+        return min(self.width, self.height)
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain numbers (for logs, reports and JSON)."""
+        return {k: float(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class QualityIssue:
+    """One reason a photo is not assessed, in words a lay person can act on."""
+
+    code: str
+    message: str
+    advice: str
+
+
+_TEXTS: dict[str, tuple[str, str]] = {
+    "too_small": (
+        "The photo is too small (too few pixels) to show the details of the spot.",
+        "Send the original photo from your camera rather than a thumbnail or a screenshot, "
+        "and take it close enough that the spot fills most of the frame.",
+    ),
+    "too_blurry": (
+        "The photo is too blurred to see the edges and patterns of the spot.",
+        "Hold the phone steady about 10 cm from the skin, tap the spot on the screen to focus "
+        "and wait until it looks sharp before taking the photo.",
+    ),
+    "too_dark": (
+        "The photo is too dark to see the colours of the spot.",
+        "Take the photo in good daylight or a well-lit room, without your shadow or the "
+        "phone's shadow falling on the spot.",
+    ),
+    "overexposed": (
+        "The photo is too bright or washed out: parts of it are pure white.",
+        "Avoid direct sunlight and the flash; use even indirect light, such as near a window.",
+    ),
+}
+
+
+def _luma(img: Image.Image) -> np.ndarray:
+    """Grey (ITU-R 601 luma) copy at the working size, float64 0..255."""
+    grey = img.convert("L") if img.mode != "L" else img
+    return np.asarray(grey.resize(WORK_SIZE, Image.Resampling.BILINEAR), dtype=np.float64)
+
+
+def laplacian_variance(grey: np.ndarray) -> float:
+    """Variance of the 4-neighbour Laplacian over the interior of a 2-D array."""
+    if grey.shape[0] < 3 or grey.shape[1] < 3:
+        return 0.0
+    lap = (
+        grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4.0 * grey[1:-1, 1:-1]
+    )
+    return float(lap.var())
+
+
+def measure_quality(img: Image.Image) -> QualityMeasures:
+    """Measure size, sharpness, brightness and clipping of one photo."""
+    width, height = img.size
+    if width == 0 or height == 0:
+        return QualityMeasures(width, height, 0.0, 0.0, 1.0, 0.0)
+    grey = _luma(img)
+    return QualityMeasures(
+        width=int(width),
+        height=int(height),
+        sharpness=laplacian_variance(grey),
+        brightness=float(grey.mean()),
+        dark_fraction=float((grey <= DARK_LEVEL).mean()),
+        clipped_fraction=float((grey >= CLIP_LEVEL).mean()),
+    )
+
+
+def issues_from_measures(
+    measures: QualityMeasures, thresholds: Mapping[str, float]
+) -> list[QualityIssue]:
+    """The issues ``thresholds`` find in already-taken measures (empty list = usable).
+
+    Sharpness is not judged on a photo that is too dark or overexposed: the Laplacian of an
+    underexposed or blown-out photo is small whatever its focus, and "retake it in better
+    light" is the advice that helps.
+    """
+    codes: list[str] = []
+    if "min_side" in thresholds and measures.min_side < thresholds["min_side"]:
+        codes.append("too_small")
+    exposure_bad = False
+    if "min_brightness" in thresholds and measures.brightness < thresholds["min_brightness"]:
+        codes.append("too_dark")
+        exposure_bad = True
+    too_bright = (
+        "max_brightness" in thresholds and measures.brightness > thresholds["max_brightness"]
+    )
+    clipped = (
+        "max_clipped_fraction" in thresholds
+        and measures.clipped_fraction > thresholds["max_clipped_fraction"]
+    )
+    if too_bright or clipped:
+        codes.append("overexposed")
+        exposure_bad = True
+    if (
+        not exposure_bad
+        and "min_sharpness" in thresholds
+        and measures.sharpness < thresholds["min_sharpness"]
+    ):
+        codes.insert(1 if codes and codes[0] == "too_small" else 0, "too_blurry")
+    return [QualityIssue(code, *_TEXTS[code]) for code in codes]
+
+
+def assess_quality(img: Image.Image, thresholds: Mapping[str, float]) -> list[QualityIssue]:
+    """Check one photo against ``thresholds``; empty list = usable.
+
+    Keys are those of ``THRESHOLD_KEYS``; a missing key switches its check off and other keys
+    are ignored.
+    """
+    return issues_from_measures(measure_quality(img), thresholds)

@@ -1,0 +1,125 @@
+"""The photo-quality gate on real lesion photos and degraded copies of them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from model_training.preprocessing import load_image_file
+from model_training.quality import (
+    ISSUE_CODES,
+    THRESHOLD_KEYS,
+    assess_quality,
+    laplacian_variance,
+    measure_quality,
+)
+
+IMAGES = Path(__file__).parent / "fixtures" / "images"
+LESIONS = sorted(IMAGES.glob("*.jpg"))
+PHONE = IMAGES / "pad-ufes-20_nev_PAT_1107_427_352.jpg"
+# Of the order `python -m model_training.gates` chooses on the real sets (see gates.json).
+REASONABLE = {
+    "min_side": 96.0,
+    "min_sharpness": 2.0,
+    "min_brightness": 70.0,
+    "max_brightness": 225.0,
+    "max_clipped_fraction": 0.1,
+}
+
+
+def scaled(img: Image.Image, factor: float) -> Image.Image:
+    arr = np.asarray(img, dtype=np.float32) * factor
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+
+
+def codes(img: Image.Image, thresholds: dict[str, float] = REASONABLE) -> list[str]:
+    return [issue.code for issue in assess_quality(img, thresholds)]
+
+
+@pytest.fixture(scope="module")
+def phone() -> Image.Image:
+    return load_image_file(PHONE)
+
+
+@pytest.mark.parametrize("path", LESIONS, ids=[p.stem for p in LESIONS])
+def test_real_lesion_photos_pass(path: Path) -> None:
+    assert codes(load_image_file(path)) == []
+
+
+def test_sharp_image_measures_sharper_than_its_blurred_copy(phone: Image.Image) -> None:
+    sharp = measure_quality(phone).sharpness
+    blurred = measure_quality(phone.filter(ImageFilter.GaussianBlur(4))).sharpness
+    assert sharp > 2 * blurred > 0
+
+
+def test_sharpness_does_not_depend_on_resolution(phone: Image.Image) -> None:
+    big = phone.resize((phone.width * 3, phone.height * 3), Image.Resampling.LANCZOS)
+    a, b = measure_quality(phone).sharpness, measure_quality(big).sharpness
+    assert abs(a - b) / a < 0.25
+
+
+def test_blurred_copy_is_flagged(phone: Image.Image) -> None:
+    found = codes(phone.filter(ImageFilter.GaussianBlur(0.03 * min(phone.size))))
+    assert found == ["too_blurry"]
+
+
+def test_dark_copy_is_flagged_too_dark(phone: Image.Image) -> None:
+    dark = scaled(phone, 0.2)
+    m = measure_quality(dark)
+    assert m.brightness < measure_quality(phone).brightness * 0.3
+    assert m.dark_fraction > measure_quality(phone).dark_fraction
+    assert codes(dark) == ["too_dark"]  # blur is not judged in a photo this dark
+
+
+def test_overexposed_copy_is_flagged(phone: Image.Image) -> None:
+    bright = scaled(phone, 2.5)
+    assert measure_quality(bright).clipped_fraction > 0.5
+    assert codes(bright) == ["overexposed"]
+
+
+def test_overexposure_by_clipping_alone(phone: Image.Image) -> None:
+    only_clip = {"max_clipped_fraction": 0.1}
+    assert codes(phone, only_clip) == []
+    assert codes(scaled(phone, 2.5), only_clip) == ["overexposed"]
+
+
+def test_tiny_copy_is_flagged_too_small(phone: Image.Image) -> None:
+    tiny = phone.resize((40, 40), Image.Resampling.BILINEAR)
+    m = measure_quality(tiny)
+    assert (m.width, m.height, m.min_side) == (40, 40, 40)
+    assert "too_small" in codes(tiny)
+    assert codes(tiny, {"min_side": 32}) == []
+
+
+def test_issues_explain_themselves(phone: Image.Image) -> None:
+    issues = assess_quality(scaled(phone.resize((30, 30)), 0.1), REASONABLE)
+    assert [i.code for i in issues] == ["too_small", "too_dark"]
+    for issue in issues:
+        assert issue.code in ISSUE_CODES
+        assert len(issue.message) > 20 and len(issue.advice) > 20
+
+
+def test_missing_keys_switch_checks_off(phone: Image.Image) -> None:
+    awful = scaled(phone.resize((10, 10)), 0.05)
+    assert assess_quality(awful, {}) == []
+    assert [i.code for i in assess_quality(awful, {"min_side": 64})] == ["too_small"]
+    assert set(THRESHOLD_KEYS) == set(REASONABLE)
+
+
+def test_odd_modes_and_sizes_are_measured() -> None:
+    grey = Image.new("L", (300, 200), 128)
+    m = measure_quality(grey)
+    assert m.sharpness == 0.0 and m.brightness == pytest.approx(128)
+    assert measure_quality(Image.new("RGB", (1, 1))).min_side == 1
+    white = measure_quality(Image.new("RGB", (64, 64), (255, 255, 255)))
+    assert white.clipped_fraction == 1.0 and white.dark_fraction == 0.0
+
+
+def test_laplacian_of_a_flat_image_is_zero() -> None:
+    assert laplacian_variance(np.full((10, 10), 7.0)) == 0.0
+    assert laplacian_variance(np.zeros((2, 2))) == 0.0
+    checker = np.indices((16, 16)).sum(axis=0) % 2 * 255.0
+    assert laplacian_variance(checker) > 1e4
