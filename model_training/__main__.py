@@ -143,6 +143,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         target_sensitivity=args.target_sensitivity,
         tta=args.tta,
         update_metadata=not args.no_update,
+        reuse_predictions=args.reuse_predictions,
     )
     return 0
 
@@ -198,17 +199,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-sensitivity", type=float, default=0.90)
     p.add_argument("--tta", action="store_true", help="also measure flip test-time augmentation")
     p.add_argument("--no-update", action="store_true", help="do not rewrite metadata.json")
+    p.add_argument(
+        "--reuse-predictions", action="store_true",
+        help="re-use validation_predictions.csv from an earlier run of this artifact",
+    )  # fmt: skip
     p.set_defaults(func=cmd_evaluate)
+
+    # Listed for --help; parsed by model_training.gates (see main()).
+    sub.add_parser("fit-gates", help="fit the quality and out-of-distribution gates")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fit-gates"]:  # the gates' own parser (model_training.gates)
+        from model_training.gates import main as gates_main
+
+        code: int = gates_main(argv[1:])
+        return code
     args = build_parser().parse_args(argv)
     if args.command in ("train", "sweep"):
         args.out.mkdir(parents=True, exist_ok=True)
-    code: int = args.func(args)
-    return code
+    result: int = args.func(args)
+    return result
 
 
 if __name__ == "__main__":

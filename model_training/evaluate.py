@@ -60,6 +60,36 @@ def predict_artifact(
     return np.concatenate(logits), np.concatenate(embeddings), infer_seconds / max(1, len(paths))
 
 
+def choose_domain_threshold(
+    df: pd.DataFrame, y: np.ndarray, p: np.ndarray, target_sensitivity: float
+) -> tuple[float, str]:
+    """The threshold that reaches the target sensitivity in *every* domain.
+
+    Pooled validation is mostly dermoscopy, but lay users send phone photos: a pooled
+    threshold would miss more cancers in exactly the photos the product receives. So take the
+    per-domain thresholds (dermoscopy, phone) and keep the lowest, i.e. the safest.
+    """
+    choices = {}
+    for domain in sorted(df["domain"].unique()):
+        mask = (df["domain"] == domain).to_numpy()
+        if y[mask].sum() > 0:
+            choices[str(domain)] = cal.choose_threshold(y[mask], p[mask], target_sensitivity)
+    domain, (threshold, _) = min(choices.items(), key=lambda item: item[1][0])
+    pred = p >= threshold
+    parts = []
+    for name in choices:
+        mask = (df["domain"] == name).to_numpy()
+        sens = float(np.mean(pred[mask & (y == 1)]))
+        spec = float(np.mean(~pred[mask & (y == 0)]))
+        parts.append(f"{name}: sensitivity {sens:.3f}, specificity {spec:.3f}")
+    rule = (
+        f"label malignant when calibrated p >= {threshold:.4f}: the lowest of the per-domain "
+        f"thresholds that each reach validation sensitivity >= {target_sensitivity:.2f} "
+        f"(set by {domain}); " + "; ".join(parts)
+    )
+    return threshold, rule
+
+
 def _domain_sets(df: pd.DataFrame) -> dict[str, np.ndarray]:
     """Row masks: each data set, each domain (dermoscopy / phone) and everything pooled."""
     sets: dict[str, np.ndarray] = {}
@@ -125,16 +155,33 @@ def evaluate_artifact(
     target_sensitivity: float = 0.90,
     tta: bool = False,
     update_metadata: bool = True,
+    reuse_predictions: bool = False,
 ) -> dict[str, Any]:
-    """Validate, calibrate, choose threshold and tiers, write metrics.json, plots, model card."""
+    """Validate, calibrate, choose threshold and tiers, write metrics.json, plots, model card.
+
+    ``reuse_predictions`` re-reads the logits this artifact's SavedModel produced in an earlier
+    run (``validation_predictions.csv``) instead of scoring again, e.g. after changing a
+    selection rule; an earlier TTA measurement is kept.
+    """
     df = read_datasets(data_dir, sets)
     df = df[df["split"] == "valid"].reset_index(drop=True)
     y = df["label"].to_numpy().astype(int)
-    logits, _, sec_per_image = predict_artifact(artifact, df["path"].tolist())
+    previous: dict[str, Any] = {}
+    if (artifact / "metrics.json").exists():
+        previous = json.loads((artifact / "metrics.json").read_text())
+    cached = artifact / PREDICTIONS_FILE
+    if reuse_predictions and cached.exists():
+        old = pd.read_csv(cached, dtype={"image_id": str})
+        if old["image_id"].tolist() != df["image_id"].tolist():
+            raise ValueError(f"{cached} does not match the validation images; score again")
+        logits = old["logit"].to_numpy()
+        sec_per_image = float(previous.get("inference_seconds_per_image", float("nan")))
+    else:
+        logits, _, sec_per_image = predict_artifact(artifact, df["path"].tolist())
 
     temperature = cal.fit_temperature(logits, y)
     p = cal.sigmoid(logits / temperature)
-    threshold, rule = cal.choose_threshold(y, p, target_sensitivity)
+    threshold, rule = choose_domain_threshold(df, y, p, target_sensitivity)
     tiers = cal.choose_risk_tiers(y, p, threshold)
     result = summarise(df, logits, temperature, threshold)
     result["calibration"]["temperature"] = temperature
@@ -165,6 +212,9 @@ def evaluate_artifact(
             "cost_ratio": tta_sec / sec_per_image,
             "seconds_per_image": tta_sec,
         }
+
+    elif "tta" in previous:
+        result["tta"] = previous["tta"]
 
     plots_dir = artifact / "plots"
     plots_dir.mkdir(exist_ok=True)

@@ -34,7 +34,7 @@ def _split_model(model: keras.Model, feature_layer: str) -> tuple[keras.Model, k
 
 
 def export_savedmodel(model: keras.Model, dest: Path, feature_layer: str = "mixed10") -> None:
-    """Write ``dest`` as a SavedModel with ``serve`` and ``explain`` endpoints (docs/ARTIFACT.md)."""
+    """Write ``dest`` as a SavedModel with ``serve`` and ``explain`` endpoints (see ARTIFACT.md)."""
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError("SavedModel export needs KERAS_BACKEND=tensorflow")
     import tensorflow as tf

@@ -131,7 +131,8 @@ done
 wc -l /tmp/data/*/labels.csv
 echo "setup took $(( $(date +%s) - T0 ))s"
 python3 -m model_training {command} --data-dir /tmp/data --sets {sets} \\
-    --init-weights .gpu/imagenet_int8.npz --out /tmp/run --workers 12 {train_args} ${{TRAIN_EXTRA:-}} \\
+    --init-weights .gpu/imagenet_int8.npz --out /tmp/run --workers 12 \\
+    {train_args} ${{TRAIN_EXTRA:-}} \\
     2>&1 | tee "$OUT/train.log"
 cp /tmp/run/weights/*.npz /tmp/run/history.json /tmp/run/run.json "$OUT/"
 if [ -e /tmp/run/sweep.json ]; then cp /tmp/run/sweep.json "$OUT/"; fi
@@ -148,7 +149,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
     quantize_int8(imagenet_weights(), out / "imagenet_int8.npz")
     fetch_wheels(out / "wheels")
     (out / "remote.sh").write_text(
-        REMOTE.format(command=args.command_remote, sets=",".join(args.sets), train_args=args.train_args)
+        REMOTE.format(
+            command=args.command_remote, sets=",".join(args.sets), train_args=args.train_args
+        )
     )
     fixed = tree_size(Path.cwd()) + sum(
         f.stat().st_size + PER_FILE_OVERHEAD for f in out.rglob("*") if f.is_file()
@@ -200,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model_training.gpu_job")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pack")
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SHARED_DATA_DIR", "../shared/data")))
+    p.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("SHARED_DATA_DIR", "../shared/data"))
+    )
     p.add_argument("--sets", type=lambda v: v.split(","), default=list(DEFAULT_SETS))
     p.add_argument("--out", type=Path, default=Path(".gpu"))
     p.add_argument("--seed", type=int, default=1234)

@@ -7,6 +7,7 @@ client that sends raw 0..255 RGB gets the same answer as the server.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -45,11 +46,11 @@ def decode_image(data: bytes) -> Image.Image:
         raise ImageDecodeError(f"the image is larger than {MAX_PIXELS:,} pixels") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError("the file is not a decodable image") from exc
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # a corrupt EXIF block must not lose an otherwise good image
-        pass
-    return to_rgb(img)
+    upright: Image.Image = img
+    # A corrupt EXIF block must not lose an otherwise good image.
+    with contextlib.suppress(Exception):
+        upright = ImageOps.exif_transpose(img)
+    return to_rgb(upright)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

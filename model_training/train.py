@@ -243,7 +243,7 @@ class EpochTimer(keras.callbacks.Callback):  # type: ignore[misc]
         self.times.append(time.perf_counter() - self._start)
 
 
-def _merge(history: dict[str, list[float]], new: dict[str, list[Any]], phase: str) -> None:
+def _merge(history: dict[str, list[Any]], new: dict[str, list[Any]], phase: str) -> None:
     for key, values in new.items():
         history.setdefault(key, []).extend(float(v) for v in values)
     history.setdefault("phase", []).extend([phase] * len(next(iter(new.values()), [])))

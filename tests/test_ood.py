@@ -133,3 +133,39 @@ def test_default_threshold_flags_nothing_and_bad_input_is_refused(cluster: np.nd
         OODDetector.fit(cluster, groups=["a"])
     with pytest.raises(ValueError):  # a group of one cannot have its own covariance
         OODDetector.fit(cluster[:3], groups=["a", "a", "b"])
+
+
+def test_operating_threshold_bounds_each_domains_false_rejection() -> None:
+    from model_training.gates import frr_threshold
+
+    rng = np.random.default_rng(5)
+    scores = {"dermoscopy": rng.gamma(5, 10, 1500), "phone": rng.gamma(5, 20, 125)}
+    t = frr_threshold(scores, 0.02)
+    assert all(np.mean(s > t) <= 0.02 for s in scores.values())
+    assert np.mean(scores["phone"] > t * 0.999) > 0  # the smallest such threshold
+
+
+def test_views_of_one_photo_stay_on_one_side_of_the_split() -> None:
+    from PIL import Image
+
+    from model_training.gates import photo_views, split_photos
+
+    photos = [(f"src{i % 2}/p{i}", Image.new("RGB", (120, 90), (i, 0, 0))) for i in range(7)]
+    views = photo_views(photos, n_crops=4, seed=0)
+    assert len(views) == 7 * 5
+    assert all(img.size[0] == img.size[1] for _, v, img in views if v != "full")
+    parts = split_photos(name for name, _, _ in views)
+    assert set(parts) == {name for name, _ in photos}
+    assert set(parts.values()) == {"choice", "held_out"}
+    assert photo_views(photos, 4, 0)[3][2].tobytes() == views[3][2].tobytes()  # seeded
+
+
+def test_non_lesion_photos_are_found_when_installed() -> None:
+    from model_training.gates import find_non_lesion_photos
+
+    photos, missing = find_non_lesion_photos()
+    if not photos:
+        pytest.skip(f"no non-lesion photo source installed: {missing}")
+    names = [name for name, _ in photos]
+    assert len(names) == len(set(names))
+    assert all(img.mode == "RGB" and min(img.size) >= 64 for _, img in photos)

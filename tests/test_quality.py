@@ -123,3 +123,33 @@ def test_laplacian_of_a_flat_image_is_zero() -> None:
     assert laplacian_variance(np.zeros((2, 2))) == 0.0
     checker = np.indices((16, 16)).sum(axis=0) % 2 * 255.0
     assert laplacian_variance(checker) > 1e4
+
+
+def test_threshold_rule_keeps_real_images_and_rejects_degraded_copies(phone: Image.Image) -> None:
+    from model_training.gates import choose_quality_threshold, degrade
+
+    rng = np.random.default_rng(0)
+    real = {"a": rng.uniform(100, 200, 1000), "b": rng.uniform(90, 180, 100)}
+    degraded = rng.uniform(10, 60, 500)
+    picked = choose_quality_threshold(
+        real, degraded, keep=0.99, direction="min", scale="arithmetic"
+    )
+    t = picked["threshold"]
+    assert all(np.mean(v < t) <= 0.01 for v in real.values())
+    assert np.mean(degraded < t) == 1.0
+    assert picked["edge"] < t < picked["strict"]  # in the gap, not on either side's edge
+    high = choose_quality_threshold(
+        {k: -v for k, v in real.items()}, -degraded, 0.99, direction="max", scale="arithmetic"
+    )
+    assert high["threshold"] == pytest.approx(-t)
+
+    # The degradations do what their names say, as the gate measures them.
+    base = measure_quality(phone)
+    for kind, check in {
+        "tiny": lambda m: m.min_side <= 48,
+        "blurred": lambda m: m.sharpness < base.sharpness / 2,
+        "dark": lambda m: m.brightness < base.brightness * 0.31,
+        "overexposed": lambda m: m.clipped_fraction > base.clipped_fraction + 0.2,
+    }.items():
+        copy, _ = degrade(phone, kind, np.random.default_rng(1))
+        assert check(measure_quality(copy)), kind

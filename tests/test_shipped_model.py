@@ -1,0 +1,155 @@
+"""The shipped model ``models/default``: its metadata is complete, consistent and reproducible.
+
+Re-scores the validation splits through the exported SavedModel exactly as
+``model_training.evaluate.predict_artifact`` does (shared preprocessing, batches of 16,
+``serve``), independently of that code, and checks the headline metrics stored in
+``metadata.json``. HAM10000 (1444 images) is skipped to save time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "models" / "default"
+DATA_DIR = Path(os.environ.get("SHARED_DATA_DIR") or REPO.parent / "shared" / "data")
+OPTIONAL_KEYS = {"ood", "quality"}  # "may be absent" per docs/ARTIFACT.md
+TOLERANCE = 1e-3
+# A case whose probability is within this of the threshold may fall either side of it after
+# a last-bit difference in the arithmetic: the threshold *is* one validation probability.
+TIE_BAND = 1e-5
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.data,
+    pytest.mark.skipif(
+        not (SHIPPED / "metadata.json").is_file(),
+        reason=f"no shipped model yet: {SHIPPED / 'metadata.json'} does not exist",
+    ),
+]
+needs_data = pytest.mark.skipif(
+    not (DATA_DIR / "isic2017" / "labels.csv").is_file(),
+    reason=f"the real data sets are not at {DATA_DIR} (set SHARED_DATA_DIR)",
+)
+
+
+@pytest.fixture(scope="module")
+def artifact() -> Path:
+    """The shipped artifact folder."""
+    return SHIPPED
+
+
+@pytest.fixture(scope="module")
+def metadata(artifact: Path) -> dict[str, Any]:
+    """Its metadata.json."""
+    data: dict[str, Any] = json.loads((artifact / "metadata.json").read_text())
+    return data
+
+
+def documented_metadata_keys() -> set[str]:
+    """Top-level keys of the metadata.json example in docs/ARTIFACT.md."""
+    text = (REPO / "docs" / "ARTIFACT.md").read_text()
+    block = text.split("## metadata.json", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    keys = set(re.findall(r'^  "([a-z_]+)":', block, flags=re.MULTILINE))
+    assert {"schema_version", "threshold", "risk_tiers"} <= keys  # the parse itself worked
+    return keys
+
+
+def test_metadata_has_every_documented_key(artifact: Path, metadata: dict[str, Any]) -> None:
+    """Every key of docs/ARTIFACT.md (ood/quality only where present) and the listed files."""
+    missing = documented_metadata_keys() - OPTIONAL_KEYS - set(metadata)
+    assert not missing, f"metadata.json lacks {sorted(missing)}"
+    assert metadata["schema_version"] == 1
+    assert (artifact / "saved_model" / "saved_model.pb").is_file()
+    assert (artifact / "metrics.json").is_file()
+    assert (artifact / "MODEL_CARD.md").is_file()
+    if "ood" in metadata:
+        assert (artifact / metadata["ood"]["file"]).is_file()
+        assert math.isfinite(float(metadata["ood"]["threshold"]))
+    inp = metadata["input"]
+    assert (inp["height"], inp["width"], inp["channels"]) == (299, 299, 3)
+    assert metadata["architecture"] == "InceptionV3"
+    validation = metadata["metrics"]["validation"]
+    for name in ("isic2017", "pad-ufes-20", "pooled"):
+        assert {"n", "n_positive", "roc_auc", "sensitivity", "specificity"} <= set(
+            validation[name]
+        ), name
+
+
+def test_threshold_and_risk_tiers_are_consistent(metadata: dict[str, Any]) -> None:
+    """Tiers cover [0, 1] without gaps or overlaps; the high tier starts at the threshold."""
+    threshold = float(metadata["threshold"])
+    assert 0.0 < threshold < 1.0
+    assert float(metadata["temperature"]) > 0.0
+    tiers = metadata["risk_tiers"]
+    assert len(tiers) >= 2
+    assert tiers[0]["lower"] == 0.0
+    assert tiers[-1]["upper"] == 1.0
+    for below, above in itertools.pairwise(tiers):
+        assert below["upper"] == above["lower"], (below["name"], above["name"])
+    for tier in tiers:
+        assert tier["lower"] <= tier["upper"], tier["name"]
+        assert tier["name"] and isinstance(tier["name"], str)
+    assert tiers[-1]["lower"] == pytest.approx(threshold, abs=1e-12)
+    assert all(t["upper"] <= threshold + 1e-12 for t in tiers[:-1])
+    assert len({t["name"] for t in tiers}) == len(tiers)
+
+
+def rescore(artifact: Path, paths: Sequence[str], batch_size: int = 16) -> np.ndarray:
+    """Logits of the SavedModel's ``serve`` as predict_artifact computes them (identity view)."""
+    import tensorflow as tf
+
+    from model_training.preprocessing import image_to_input
+
+    meta = json.loads((artifact / "metadata.json").read_text())
+    size = (meta["input"]["height"], meta["input"]["width"])
+    model = tf.saved_model.load(str(artifact / "saved_model"))
+    logits = []
+    for start in range(0, len(paths), batch_size):
+        batch = np.stack([image_to_input(p, size) for p in paths[start : start + batch_size]])
+        logits.append(model.serve(tf.constant(batch))["logit"].numpy())
+    return np.concatenate(logits).astype(np.float64)
+
+
+def _rate_bounds(p: np.ndarray, threshold: float, positive: bool) -> tuple[float, float]:
+    """(lowest, highest) rate of ``p >= threshold`` (or ``<``) when ties may go either way."""
+    above_surely = p >= threshold + TIE_BAND
+    above_maybe = p >= threshold - TIE_BAND
+    if positive:
+        return float(above_surely.mean()), float(above_maybe.mean())
+    return float((~above_maybe).mean()), float((~above_surely).mean())
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["isic2017", "pad-ufes-20"])
+def test_validation_metrics_reproduce(artifact: Path, metadata: dict[str, Any], name: str) -> None:
+    """ROC-AUC, sensitivity and specificity at the shipped threshold match metadata.json."""
+    from model_training.data import read_dataset
+
+    df = read_dataset(DATA_DIR / name, name)
+    df = df[df["split"] == "valid"].reset_index(drop=True)
+    y = df["label"].to_numpy().astype(int)
+    logits = rescore(artifact, df["path"].tolist())
+    p = 1.0 / (1.0 + np.exp(-logits / float(metadata["temperature"])))
+    threshold = float(metadata["threshold"])
+    stored = metadata["metrics"]["validation"][name]
+
+    assert stored["n"] == len(df)
+    assert stored["n_positive"] == int(y.sum())
+    assert roc_auc_score(y, p) == pytest.approx(stored["roc_auc"], abs=TOLERANCE)
+    ties = int(np.sum(np.abs(p - threshold) < TIE_BAND))
+    assert ties <= 2, f"{ties} validation cases sit on the threshold"
+    for key, positive in (("sensitivity", True), ("specificity", False)):
+        low, high = _rate_bounds(p[y == (1 if positive else 0)], threshold, positive)
+        assert low - TOLERANCE <= stored[key] <= high + TOLERANCE, (key, low, high, stored[key])
