@@ -60,6 +60,7 @@ class ModelMetadata:
     input_width: int
     endpoints: Mapping[str, tuple[str, ...]]
     temperature: float
+    logit_bias: float
     threshold: float
     risk_tiers: tuple[RiskTier, ...]
     tta_flips: tuple[str, ...]
@@ -130,6 +131,7 @@ class ModelMetadata:
         temperature = _finite(raw.get("temperature", 1.0), "temperature", fail)
         if temperature <= 0:
             raise fail(f"temperature must be > 0, got {temperature}")
+        logit_bias = _finite(raw.get("logit_bias", 0.0), "logit_bias", fail)
         threshold = _finite(raw.get("threshold"), "threshold", fail)
         if not 0.0 < threshold < 1.0:
             raise fail(f"threshold must be in (0, 1), got {threshold}")
@@ -166,6 +168,7 @@ class ModelMetadata:
             input_width=width,
             endpoints=endpoints,
             temperature=temperature,
+            logit_bias=logit_bias,
             threshold=threshold,
             risk_tiers=risk_tiers,
             tta_flips=flips,
@@ -309,8 +312,9 @@ class TriageModel:
         return {key: np.asarray(value) for key, value in outputs.items()}
 
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
-        """Calibrated probability of the positive label: sigmoid(logit / temperature)."""
-        z = np.clip(np.asarray(logits, dtype=np.float64) / self.metadata.temperature, -60, 60)
+        """Calibrated probability: sigmoid((logit + logit_bias) / temperature)."""
+        shifted = np.asarray(logits, dtype=np.float64) + self.metadata.logit_bias
+        z = np.clip(shifted / self.metadata.temperature, -60, 60)
         return np.asarray(1.0 / (1.0 + np.exp(-z)))
 
     def infer(self, batch: np.ndarray) -> Inference:

@@ -104,7 +104,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Rebuild the classifier here (TensorFlow), load a run's weights, export the artifact."""
-    from model_training.export import base_metadata, export_artifact
+    from model_training.export import base_metadata, export_artifact, prior_correction
     from model_training.model import build_classifier
     from model_training.train import load_weight_shards
 
@@ -113,9 +113,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = build_classifier(tuple(config["input_size"]), config["dropout"])
     load_weight_shards(model, args.run / "weights")
     history = json.loads((args.run / "history.json").read_text())
+    bias = prior_correction(run["data"], config.get("domain_repeat", {}))
     metadata = base_metadata(
         model,
         version=args.version,
+        logit_bias=bias,
+        logit_bias_rule=(
+            "log(pi / (1 - pi)) with pi the malignant share of the training epoch: undoes the "
+            "class-balanced loss weights (derived from training data, not validation)"
+        ),
         training={
             "command": run["command"],
             "export_command": "python -m model_training " + shlex.join(sys.argv[1:]),

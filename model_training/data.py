@@ -38,8 +38,8 @@ def group_key(row: pd.Series) -> str:
     """The unit that must never straddle train and validation: patient > lesion > image."""
     for column in ("patient_id", "lesion_id"):
         value = row.get(column)
-        if isinstance(value, str) and value:
-            return f"{column}:{value}"
+        if value is not None and not pd.isna(value) and str(value).strip():
+            return f"{column}:{str(value).strip()}"
     return f"image_id:{row['image_id']}"
 
 
@@ -57,7 +57,8 @@ def read_dataset(root: Path, name: str | None = None, valid_percent: int = 15) -
     csv = root / LABELS_FILE
     if not csv.exists():
         raise DataError(f"{csv} not found: a data set needs a labels.csv")
-    df = pd.read_csv(csv, dtype={"image_id": str})
+    # Identifiers stay strings: numeric patient ids must still group (and not become floats).
+    df = pd.read_csv(csv, dtype={"image_id": str, "patient_id": str, "lesion_id": str})
     missing = {"image_id", "label"} - set(df.columns)
     if missing:
         raise DataError(f"{csv} lacks required column(s): {', '.join(sorted(missing))}")

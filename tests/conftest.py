@@ -166,3 +166,51 @@ def artifact_copy(artifact_dir: Path, tmp_path: Path) -> Callable[..., Path]:
         return dest
 
     return make
+
+
+# --- Real-browser tests: Debian's Chromium driven by Playwright, and their screenshots. ---
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """One headless Chromium for the session: Debian's (CHROMIUM_PATH, or `chromium` on PATH).
+
+    Playwright only drives it; it never downloads a browser. Skipped where there is none.
+    """
+    sync_api = pytest.importorskip("playwright.sync_api")
+    executable = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium")
+    if not executable:
+        pytest.skip("no Chromium on this machine (set CHROMIUM_PATH)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="session")
+def screenshot_dir() -> Path:
+    """Where browser tests save screenshots: ``<artifacts>/screenshots``.
+
+    ``<artifacts>`` is ``$TEST_ARTIFACTS_DIR`` if set, else ``test-artifacts/`` at the repo root
+    (git-ignored).
+    """
+    root = Path(os.environ.get("TEST_ARTIFACTS_DIR") or REPO_ROOT / "test-artifacts")
+    path = root / "screenshots"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def screenshot(screenshot_dir: Path) -> Callable[[object, str], Path]:
+    """``screenshot(page, "name.png")`` saves a full-page PNG and returns its path."""
+
+    def take(page: object, name: str) -> Path:
+        path = screenshot_dir / name
+        page.screenshot(path=str(path), full_page=True)  # type: ignore[attr-defined]
+        return path
+
+    return take

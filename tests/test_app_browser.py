@@ -1,14 +1,15 @@
 """The upload page in a real headless Chromium, with and without JavaScript.
 
-Uses Debian's Chromium (CHROMIUM_PATH, or `chromium` on PATH); skipped where there is none.
+Uses Debian's Chromium (CHROMIUM_PATH, or `chromium` on PATH; the session-wide ``browser``
+fixture in conftest.py); skipped where there is none. Every meaningful step is saved as a
+full-page screenshot under ``test-artifacts/screenshots/`` (or ``$TEST_ARTIFACTS_DIR``), to be
+looked at, not just asserted on.
 """
 
 from __future__ import annotations
 
 import base64
-import os
-import shutil
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +19,24 @@ pytestmark = pytest.mark.browser
 
 IMAGE = Path(__file__).parent / "fixtures" / "images" / "pad-ufes-20_nev_PAT_1107_427_352.jpg"
 PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1280, "height": 900}
+NOT_AN_IMAGE = "could not be read as a photo"
 
+Shot = Callable[[Any, str], Path]
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    executable = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium")
-    if not executable:
-        pytest.skip("no Chromium on this machine (set CHROMIUM_PATH)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            b.close()
+DROP_FILE_JS = """([b64, name, type]) => {
+    const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+    const dt = new DataTransfer();
+    dt.items.add(new File([bytes], name, {type}));
+    document.getElementById("dropzone").dispatchEvent(
+        new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+}"""
+
+# How the focused element is named in the keyboard test: its id, else its tag and text.
+FOCUSED_JS = """() => {
+    const el = document.activeElement;
+    return el.id || (el.tagName.toLowerCase() + ":" + el.textContent.trim());
+}"""
 
 
 def _watch_requests(page: Any, base_url: str) -> list[str]:
@@ -46,16 +51,38 @@ def _watch_requests(page: Any, base_url: str) -> list[str]:
     return foreign
 
 
-def test_js_upload_renders_the_result_in_place(browser: Any, server: Any) -> None:
+def _drop_file(page: Any, data: bytes, name: str, mime: str) -> None:
+    """Drop a file on the drop zone, as a user dragging it from the desktop would."""
+    page.evaluate(DROP_FILE_JS, [base64.b64encode(data).decode(), name, mime])
+
+
+def _no_sideways_scroll(page: Any, width: int) -> bool:
+    """True when the page fits the viewport's width (no horizontal scrolling)."""
+    return bool(page.evaluate("document.documentElement.scrollWidth") <= width)
+
+
+def _assert_heat_over_photo(page: Any) -> None:
+    """The heat map is shown exactly on top of the photo (same box), not beside it."""
+    photo = page.locator(".photo-stack .photo").bounding_box()
+    heat = page.locator(".photo-stack .heat").bounding_box()
+    assert photo and heat and photo["width"] > 100
+    for key in ("x", "y", "width", "height"):
+        assert abs(photo[key] - heat[key]) <= 1.0, (key, photo, heat)
+
+
+def test_js_upload_renders_the_result_in_place(browser: Any, server: Any, screenshot: Shot) -> None:
+    """Phone, JavaScript on: preview, in-place result, focus on the headline, heat toggle."""
     page = browser.new_page(viewport=PHONE)
     foreign = _watch_requests(page, server.base_url)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(server.base_url + "/")
-    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    assert _no_sideways_scroll(page, PHONE["width"])
 
     page.set_input_files("#file-input", str(IMAGE))
     assert page.is_visible("#preview-img")
+    page.wait_for_function("document.getElementById('preview-img').naturalWidth > 0")
+    screenshot(page, "phone-js-upload.png")
     with page.expect_response(lambda r: "/predict?explain=true" in r.url) as answer:
         page.click("#submit-button")
     assert answer.value.status == 200
@@ -66,58 +93,50 @@ def test_js_upload_renders_the_result_in_place(browser: Any, server: Any) -> Non
     assert "Asymmetry" in card.inner_text()
     assert page.evaluate("document.activeElement.id") == "result-headline"
     assert page.locator("#result[aria-live=polite] .result-card").count() == 1
+    screenshot(page, "phone-js-result.png")
 
     heat = page.locator(".photo-stack .heat")
     assert not heat.is_visible()
     page.click(".heat-toggle-label")
     assert heat.is_visible()
+    _assert_heat_over_photo(page)
+    page.locator(".photo-block").scroll_into_view_if_needed()
+    screenshot(page, "phone-js-heatmap.png")
     page.click(".heat-toggle-label")
     assert not heat.is_visible()
-    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    assert _no_sideways_scroll(page, PHONE["width"])
     assert foreign == [] and errors == []
     page.close()
 
 
-def test_js_drag_and_drop_and_errors(browser: Any, server: Any) -> None:
+def test_js_drag_and_drop_and_errors(browser: Any, server: Any, screenshot: Shot) -> None:
+    """Phone, JavaScript on: no photo chosen, a dropped text file, then a dropped photo."""
     page = browser.new_page(viewport=PHONE)
     page.goto(server.base_url + "/")
     page.click("#submit-button")  # nothing chosen yet
     assert "choose or take a photo" in page.locator("#result .error-box").inner_text()
+    screenshot(page, "error-no-photo.png")
 
     # Drop a text file: the server refuses it and the page says so in plain words.
-    page.evaluate(
-        """(b64) => {
-            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
-            const dt = new DataTransfer();
-            dt.items.add(new File([bytes], "notes.txt", {type: "text/plain"}));
-            document.getElementById("dropzone").dispatchEvent(
-                new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
-        }""",
-        base64.b64encode(b"not a photo").decode(),
-    )
+    _drop_file(page, b"not a photo", "notes.txt", "text/plain")
     page.click("#submit-button")
     page.wait_for_selector("#result .error-box")
-    assert "could not be read as a photo" in page.locator("#result .error-box").inner_text()
+    assert NOT_AN_IMAGE in page.locator("#result .error-box").inner_text()
+    assert page.locator(".result-card").count() == 0
+    screenshot(page, "error-not-an-image.png")
 
     # Drop the real photo: assessed.
-    page.evaluate(
-        """(b64) => {
-            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
-            const dt = new DataTransfer();
-            dt.items.add(new File([bytes], "mole.jpg", {type: "image/jpeg"}));
-            document.getElementById("dropzone").dispatchEvent(
-                new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
-        }""",
-        base64.b64encode(IMAGE.read_bytes()).decode(),
-    )
+    _drop_file(page, IMAGE.read_bytes(), "mole.jpg", "image/jpeg")
     page.click("#submit-button")
     page.wait_for_selector(".result-card")
+    assert page.locator("#result .error-box").count() == 0
     page.close()
 
 
 def test_without_javascript_the_form_posts_and_renders_server_side(
-    browser: Any, server: Any
+    browser: Any, server: Any, screenshot: Shot
 ) -> None:
+    """Phone, JavaScript off: the plain form posts to /assess; the heat toggle is CSS only."""
     context = browser.new_context(java_script_enabled=False, viewport=PHONE)
     page = context.new_page()
     foreign = _watch_requests(page, server.base_url)
@@ -128,9 +147,92 @@ def test_without_javascript_the_form_posts_and_renders_server_side(
     assert page.url == server.base_url + "/assess"
     assert page.locator(".result-card").count() == 1
     assert "What to do next" in page.locator(".result-card").inner_text()
+    assert page.locator(".disclaimer").is_visible()
+    assert _no_sideways_scroll(page, PHONE["width"])
+    screenshot(page, "phone-nojs-result.png")
     heat = page.locator(".photo-stack .heat")
     assert not heat.is_visible()
     page.click(".heat-toggle-label")  # CSS-only toggle
     assert heat.is_visible()
+    _assert_heat_over_photo(page)
+    screenshot(page, "phone-nojs-heatmap.png")
+
+    # A file that is not a photo: the server-rendered page explains, with no result card.
+    page.goto(server.base_url + "/")
+    page.set_input_files(
+        "#file-input", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hi"}]
+    )
+    with page.expect_navigation() as nav:
+        page.click("#submit-button")
+    assert nav.value is not None and nav.value.status == 415
+    assert NOT_AN_IMAGE in page.locator(".error-box").inner_text()
+    assert page.locator(".result-card").count() == 0
+    screenshot(page, "error-not-an-image-nojs.png")
     assert foreign == []
     context.close()
+
+
+def test_desktop_upload_and_result(browser: Any, server: Any, screenshot: Shot) -> None:
+    """Desktop (1280x900): the page stays a readable column; result and heat map in place."""
+    page = browser.new_page(viewport=DESKTOP)
+    page.goto(server.base_url + "/")
+    assert _no_sideways_scroll(page, DESKTOP["width"])
+    main = page.locator("main").bounding_box()
+    assert main and main["width"] <= 800  # a readable column, centred, not full width
+    assert abs((main["x"] + main["width"] / 2) - DESKTOP["width"] / 2) <= 2
+    button = page.locator("#submit-button").bounding_box()
+    assert button and button["width"] < main["width"] / 2  # not a full-width phone button
+    screenshot(page, "desktop-upload.png")
+
+    page.set_input_files("#file-input", str(IMAGE))
+    page.click("#submit-button")
+    page.wait_for_selector(".result-card")
+    assert "Risk level" in page.locator(".result-card").inner_text()
+    assert page.evaluate("document.activeElement.id") == "result-headline"
+    screenshot(page, "desktop-result.png")
+    page.click(".heat-toggle-label")
+    assert page.locator(".photo-stack .heat").is_visible()
+    _assert_heat_over_photo(page)
+    screenshot(page, "desktop-heatmap.png")
+    assert _no_sideways_scroll(page, DESKTOP["width"])
+    page.close()
+
+
+def test_keyboard_only(browser: Any, server: Any, screenshot: Shot) -> None:
+    """Tab reaches the pickers, then the button; the result headline then takes focus."""
+    page = browser.new_page(viewport=PHONE)
+    page.goto(server.base_url + "/")
+    order: list[str] = []
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate(FOCUSED_JS))
+        if order[-1] == "submit-button":
+            break
+    assert order[0] == "a:Skip to main content", order
+    wanted = ["camera-input", "file-input", "submit-button"]
+    assert [name for name in order if name in wanted] == wanted, order
+    assert order.index("submit-button") == order.index("file-input") + 1, order  # nothing between
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineWidth")
+    assert float(outline.removesuffix("px")) >= 2, f"no visible focus ring: {outline}"
+
+    # Back to the file picker; Space opens the chooser, as it would for a keyboard user.
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate(FOCUSED_JS) == "file-input"
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Space")
+    chooser.value.set_files(str(IMAGE))
+    assert page.is_visible("#preview-img")
+    page.keyboard.press("Tab")
+    assert page.evaluate(FOCUSED_JS) == "submit-button"
+    screenshot(page, "keyboard-submit-focused.png")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".result-card")
+    assert page.evaluate("document.activeElement.id") == "result-headline"
+
+    # The next Tab stop is the heat-map switch; Space turns it on.
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.className") == "heat-toggle"
+    page.keyboard.press("Space")
+    assert page.locator(".photo-stack .heat").is_visible()
+    screenshot(page, "keyboard-heatmap.png")
+    page.close()

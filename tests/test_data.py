@@ -162,11 +162,6 @@ def test_empty_split_column_is_regrouped(tmp_path: Path) -> None:
     assert set(df["split"]) == {"train", "valid"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="data.group_key only accepts str ids; a numeric patient_id/lesion_id column "
-    "(read by pandas as int) falls back to image_id grouping, so the split leaks patients",
-)
 def test_numeric_patient_ids_are_grouped(tmp_path: Path) -> None:
     """Patient ids that happen to be numbers must still group the split."""
     rows = [

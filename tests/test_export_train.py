@@ -305,8 +305,9 @@ def test_epoch_index_repeats_phone_rows() -> None:
 # -- the CLI end to end on real data --------------------------------------------------------
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+def _cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    (tmp / "tmpdir").mkdir(exist_ok=True)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TMPDIR": str(tmp / "tmpdir")}
     result = subprocess.run(
         [sys.executable, "-m", "model_training", *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
@@ -322,6 +323,7 @@ def test_cli_train_head_export_serve(tmp_path: Path) -> None:
     """train --mode head on 24 real images, export, reload the SavedModel and serve."""
     run, art = tmp_path / "run", tmp_path / "art"
     _cli(
+        tmp_path,
         "train", "--data-dir", str(DATA_DIR), "--mode", "head", "--limit", "24", "--epochs",
         "2", "--batch-size", "8", "--workers", "2", "--out", str(run),
     )  # fmt: skip
@@ -335,7 +337,7 @@ def test_cli_train_head_export_serve(tmp_path: Path) -> None:
     with np.load(run / "embeddings-train.npz") as cached:
         assert cached["embeddings"].shape == (24, 2048)
 
-    _cli("export", "--run", str(run), "--out", str(art))
+    _cli(tmp_path, "export", "--run", str(run), "--out", str(art))
     meta = read_metadata(art)
     assert meta["training"]["recipe"] == "head"
     assert meta["architecture"] == "InceptionV3"

@@ -255,11 +255,6 @@ def test_giant_image_is_refused_before_decoding() -> None:
         decode_image(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="preprocessing.py sets Image.MAX_IMAGE_PIXELS = MAX_PIXELS (50 MP) but Pillow only "
-    "raises DecompressionBombError above 2x that; 50-100 MP images are decoded with a warning",
-)
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_image_over_max_pixels_is_refused() -> None:
     """MAX_PIXELS is documented as the refusal limit: 60 MP must be refused."""

@@ -1,0 +1,202 @@
+"""The shipped model ``models/default`` behind the real page, in a real headless Chromium.
+
+A real uvicorn (conftest's ``server_factory``) serves the shipped artifact on a loopback port;
+Debian's Chromium, driven by Playwright, uploads a real dermoscopy photo, a photo of a cat and
+a far too dark copy of the lesion, on a phone viewport with and without JavaScript. Each step
+is saved as a screenshot under ``test-artifacts/screenshots/`` (or ``$TEST_ARTIFACTS_DIR``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from app.texts import DISCLAIMER, HEADLINES, OOD_MESSAGE
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "models" / "default"
+LESION = Path(__file__).parent / "fixtures" / "images" / "isic2017_nevus_ISIC_0000000.jpg"
+PHONE = {"width": 390, "height": 844}
+TIMEOUT_MS = 120_000  # the full InceptionV3 plus its heat map on a couple of CPU cores
+PERCENT = re.compile(r"(less than 1%|more than 99%|\b\d{1,2}%)")
+TOO_DARK = "The photo is too dark to see the colours of the spot."
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not (SHIPPED / "metadata.json").is_file(),
+        reason=f"no shipped model yet: {SHIPPED / 'metadata.json'} does not exist",
+    ),
+]
+
+Shot = Callable[[Any, str], Path]
+
+
+@pytest.fixture(scope="module")
+def metadata() -> dict[str, Any]:
+    """The shipped model's metadata.json."""
+    data: dict[str, Any] = json.loads((SHIPPED / "metadata.json").read_text())
+    return data
+
+
+@pytest.fixture(scope="module")
+def shipped(server_factory: Callable[..., AbstractContextManager[Any]]) -> Iterator[Any]:
+    """A real uvicorn serving models/default with the default settings (nothing stored)."""
+    with server_factory(model_dir=SHIPPED, store_uploads_dir=None) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The lesion's far too dark copy (pixels x 0.1), as a JPEG."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("browser-photos")
+    pixels = np.asarray(Image.open(LESION).convert("RGB"), dtype=np.float64)
+    dark = folder / "dark-mole.jpg"
+    Image.fromarray((pixels * 0.1).round().astype(np.uint8)).save(dark, quality=95)
+    return {"dark": dark}
+
+
+@pytest.fixture(scope="module")
+def cat_photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-image's photo of Chelsea the cat, as a JPEG (skipped without scikit-image)."""
+    skdata = pytest.importorskip("skimage.data", reason="scikit-image is not installed")
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("browser-cat") / "cat.jpg"
+    Image.fromarray(skdata.chelsea()).convert("RGB").save(path, quality=92)
+    return path
+
+
+@pytest.fixture
+def phone(browser: Any) -> Iterator[Any]:
+    """A page in a phone-sized, touch-enabled context with JavaScript on."""
+    context = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert errors == [], errors
+
+
+def _upload(page: Any, base_url: str, photo: Path) -> Any:
+    """Open the page, choose the photo, press the button and wait for the result card."""
+    page.goto(base_url + "/")
+    page.set_input_files("#file-input", str(photo))
+    page.click("#submit-button")
+    card = page.locator(".result-card")
+    card.wait_for()
+    return card
+
+
+def _assert_fits_phone(page: Any) -> None:
+    """No sideways scrolling on the phone."""
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+
+
+def _assert_assessed(page: Any, metadata: dict[str, Any]) -> None:
+    """An assessed result: a probability, the bar, a risk level of this model, the disclaimer."""
+    card = page.locator(".result-card")
+    assert "status-ok" in (card.get_attribute("class") or "")
+    headline = page.locator("#result-headline").inner_text()
+    assert headline in (HEADLINES["positive"], HEADLINES["negative"])
+    assert PERCENT.search(page.locator(".prob-text").inner_text())
+    assert page.locator(".prob-bar").is_visible()
+    tier = page.locator(".tier-name strong").inner_text()
+    assert tier in {t["name"] for t in metadata["risk_tiers"]}
+    assert DISCLAIMER in page.locator(".disclaimer").inner_text()
+
+
+def _assert_heat_map_toggles(page: Any) -> None:
+    """The heat map is hidden, then shown exactly over the photo once the switch is on."""
+    heat = page.locator(".photo-stack .heat")
+    assert not heat.is_visible()
+    page.click(".heat-toggle-label")
+    assert heat.is_visible()
+    photo_box = page.locator(".photo-stack .photo").bounding_box()
+    heat_box = heat.bounding_box()
+    assert photo_box and heat_box and photo_box["width"] > 100
+    for key in ("x", "y", "width", "height"):
+        assert abs(photo_box[key] - heat_box[key]) <= 1.0, (key, photo_box, heat_box)
+
+
+def _assert_not_assessed(page: Any, headline: str, reason: str) -> None:
+    """A refused photo: the given headline and reason, and no probability, bar or heat map."""
+    assert page.locator("#result-headline").inner_text() == headline
+    assert reason in page.locator(".result-card .reasons").inner_text()
+    assert page.locator(".result-card .prob-text, .result-card .prob-bar").count() == 0
+    assert "Risk level" not in page.locator(".result-card").inner_text()
+    assert page.locator(".result-card .heat").count() == 0
+    assert DISCLAIMER in page.locator(".disclaimer").inner_text()
+
+
+def test_real_lesion_with_javascript(
+    phone: Any, shipped: Any, metadata: dict[str, Any], screenshot: Shot
+) -> None:
+    """A real dermoscopy photo: probability, risk level and a heat map over the photo."""
+    _upload(phone, shipped.base_url, LESION)
+    assert phone.url == shipped.base_url + "/"
+    _assert_assessed(phone, metadata)
+    assert phone.evaluate("document.activeElement.id") == "result-headline"
+    _assert_fits_phone(phone)
+    screenshot(phone, "real-lesion-result.png")
+    _assert_heat_map_toggles(phone)
+    phone.locator(".photo-block").scroll_into_view_if_needed()
+    screenshot(phone, "real-lesion-heatmap.png")
+
+
+def test_real_non_lesion_photo(
+    phone: Any, shipped: Any, metadata: dict[str, Any], cat_photo: Path, screenshot: Shot
+) -> None:
+    """A photo of a cat is refused as not a skin-spot close-up, with no probability."""
+    assert "ood" in metadata, "the shipped model has no out-of-distribution gate"
+    _upload(phone, shipped.base_url, cat_photo)
+    assert "status-not_a_lesion" in (phone.locator(".result-card").get_attribute("class") or "")
+    _assert_not_assessed(phone, HEADLINES["not_a_lesion"], OOD_MESSAGE)
+    _assert_fits_phone(phone)
+    screenshot(phone, "real-non-lesion.png")
+
+
+def test_real_too_dark_photo(
+    phone: Any, shipped: Any, metadata: dict[str, Any], photos: dict[str, Path], screenshot: Shot
+) -> None:
+    """The lesion photo at a tenth of its brightness: unable to assess, because too dark."""
+    assert "quality" in metadata, "the shipped model has no photo-quality gate"
+    _upload(phone, shipped.base_url, photos["dark"])
+    assert "status-unable_to_assess" in (phone.locator(".result-card").get_attribute("class") or "")
+    _assert_not_assessed(phone, HEADLINES["unable_to_assess"], TOO_DARK)
+    _assert_fits_phone(phone)
+    screenshot(phone, "real-too-dark.png")
+
+
+def test_real_lesion_without_javascript(
+    browser: Any, shipped: Any, metadata: dict[str, Any], screenshot: Shot
+) -> None:
+    """JavaScript off: the form posts to /assess and the server renders the same result."""
+    context = browser.new_context(java_script_enabled=False, viewport=PHONE, is_mobile=True)
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    page.goto(shipped.base_url + "/")
+    page.set_input_files("#file-input", str(LESION))
+    with page.expect_navigation() as nav:
+        page.click("#submit-button")
+    assert nav.value is not None and nav.value.status == 200
+    assert page.url == shipped.base_url + "/assess"
+    _assert_assessed(page, metadata)
+    _assert_fits_phone(page)
+    screenshot(page, "real-nojs-result.png")
+    _assert_heat_map_toggles(page)
+    page.locator(".photo-block").scroll_into_view_if_needed()
+    screenshot(page, "real-nojs-heatmap.png")
+    context.close()
