@@ -8,6 +8,8 @@ is saved as a screenshot under ``test-artifacts/screenshots/`` (or ``$TEST_ARTIF
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -22,7 +24,9 @@ from app.texts import DISCLAIMER, HEADLINES, OOD_MESSAGE
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models" / "default"
-LESION = Path(__file__).parent / "fixtures" / "images" / "isic2017_nevus_ISIC_0000000.jpg"
+IMAGES = Path(__file__).parent / "fixtures" / "images"
+LESION = IMAGES / "isic2017_nevus_ISIC_0000000.jpg"
+MELANOMA = IMAGES / "isic2017_melanoma_ISIC_0000002.jpg"
 PHONE = {"width": 390, "height": 844}
 TIMEOUT_MS = 120_000  # the full InceptionV3 plus its heat map on a couple of CPU cores
 PERCENT = re.compile(r"(less than 1%|more than 99%|\b\d{1,2}%)")
@@ -131,6 +135,24 @@ def _assert_heat_map_toggles(page: Any) -> None:
         assert abs(photo_box[key] - heat_box[key]) <= 1.0, (key, photo_box, heat_box)
 
 
+def _heat_map_opacity(page: Any) -> int:
+    """The most opaque pixel of the heat-map overlay (0 = it shows nothing at all)."""
+    from PIL import Image
+
+    src = page.locator(".photo-stack .heat").get_attribute("src") or ""
+    assert src.startswith("data:image/png;base64,"), src[:40]
+    png = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    return int(np.asarray(png.convert("RGBA"))[..., 3].max())
+
+
+def _shown(page: Any) -> str:
+    """The result card's headline and, if any, its probability sentence (for messages)."""
+    text = page.locator("#result-headline").inner_text()
+    if page.locator(".prob-text").count():
+        text += " / " + page.locator(".prob-text").inner_text()
+    return repr(text)
+
+
 def _assert_not_assessed(page: Any, headline: str, reason: str) -> None:
     """A refused photo: the given headline and reason, and no probability, bar or heat map."""
     assert page.locator("#result-headline").inner_text() == headline
@@ -156,16 +178,30 @@ def test_real_lesion_with_javascript(
     screenshot(phone, "real-lesion-heatmap.png")
 
 
+def test_real_melanoma_heat_map_is_visible(
+    phone: Any, shipped: Any, metadata: dict[str, Any], screenshot: Shot
+) -> None:
+    """A real melanoma photo: the heat map switched on really colours part of the photo."""
+    _upload(phone, shipped.base_url, MELANOMA)
+    _assert_assessed(phone, metadata)
+    _assert_heat_map_toggles(phone)
+    assert _heat_map_opacity(phone) > 0, "the heat map is switched on but fully transparent"
+    phone.locator(".photo-block").scroll_into_view_if_needed()
+    screenshot(phone, "real-melanoma-heatmap.png")
+
+
 def test_real_non_lesion_photo(
     phone: Any, shipped: Any, metadata: dict[str, Any], cat_photo: Path, screenshot: Shot
 ) -> None:
     """A photo of a cat is refused as not a skin-spot close-up, with no probability."""
     assert "ood" in metadata, "the shipped model has no out-of-distribution gate"
-    _upload(phone, shipped.base_url, cat_photo)
-    assert "status-not_a_lesion" in (phone.locator(".result-card").get_attribute("class") or "")
+    card = _upload(phone, shipped.base_url, cat_photo)
+    screenshot(phone, "real-non-lesion.png")  # first: what a user sees, whatever the verdict
+    assert "status-not_a_lesion" in (card.get_attribute("class") or ""), (
+        "a photo of a cat was assessed as a skin spot: " + _shown(phone)
+    )
     _assert_not_assessed(phone, HEADLINES["not_a_lesion"], OOD_MESSAGE)
     _assert_fits_phone(phone)
-    screenshot(phone, "real-non-lesion.png")
 
 
 def test_real_too_dark_photo(
@@ -173,11 +209,13 @@ def test_real_too_dark_photo(
 ) -> None:
     """The lesion photo at a tenth of its brightness: unable to assess, because too dark."""
     assert "quality" in metadata, "the shipped model has no photo-quality gate"
-    _upload(phone, shipped.base_url, photos["dark"])
-    assert "status-unable_to_assess" in (phone.locator(".result-card").get_attribute("class") or "")
+    card = _upload(phone, shipped.base_url, photos["dark"])
+    screenshot(phone, "real-too-dark.png")
+    assert "status-unable_to_assess" in (card.get_attribute("class") or ""), (
+        "a photo far too dark to judge was assessed: " + _shown(phone)
+    )
     _assert_not_assessed(phone, HEADLINES["unable_to_assess"], TOO_DARK)
     _assert_fits_phone(phone)
-    screenshot(phone, "real-too-dark.png")
 
 
 def test_real_lesion_without_javascript(
