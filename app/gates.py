@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from app.model import ModelLoadError, ModelMetadata
+from app.model import DEFAULT_OOD_OUTPUT, ModelLoadError, ModelMetadata
 from app.texts import OOD_ADVICE, OOD_MESSAGE
 
 logger = logging.getLogger("app.gates")
@@ -68,10 +68,15 @@ class QualityGate:
 
 
 class OODGate:
-    """Flags embeddings far from the training distribution (not a skin-lesion close-up)."""
+    """Flags embeddings far from the training distribution (not a skin-lesion close-up).
 
-    def __init__(self, detector: OODDetectorLike) -> None:
+    ``output`` is the serve output it scores (metadata ``ood.embedding_output``); the model
+    hands exactly that output over as ``Inference.embeddings``.
+    """
+
+    def __init__(self, detector: OODDetectorLike, output: str = DEFAULT_OOD_OUTPUT) -> None:
         self._detector = detector
+        self.output = output
 
     def check(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(is_outlier [n] bool, score [n] float)."""
@@ -125,7 +130,13 @@ def build_gates(metadata: ModelMetadata, model_dir: Path) -> Gates:
             detector = module.OODDetector.load(path, float(metadata.ood["threshold"]))
         except Exception as exc:  # a corrupt .npz must stop startup with a clear message
             raise ModelLoadError(f"cannot load OOD statistics {path}: {exc}") from exc
-        ood = OODGate(detector)
+        dim = getattr(detector, "dim", None)
+        output = metadata.ood_embedding_output
+        logger.info(
+            "OOD gate scores serve output",
+            extra={"fields": {"ood_embedding_output": output, "ood_dim": dim}},
+        )
+        ood = OODGate(detector, output)
 
     logger.info(
         "gates configured",

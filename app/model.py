@@ -29,6 +29,9 @@ REQUIRED_OUTPUTS: dict[str, tuple[str, ...]] = {
     "serve": ("logit",),
     "explain": ("logit", "heatmap"),
 }
+# The serve output the OOD gate scores when metadata's ``ood`` does not name one (artifacts
+# older than ``ood.embedding_output``).
+DEFAULT_OOD_OUTPUT = "embedding"
 # TTA flips the server knows how to apply; metadata picks among them.
 KNOWN_FLIPS = ("horizontal", "vertical")
 
@@ -71,6 +74,13 @@ class ModelMetadata:
     def negative_label(self) -> str:
         """The label that is not ``positive_label``."""
         return self.labels[0] if self.labels[1] == self.positive_label else self.labels[1]
+
+    @property
+    def ood_embedding_output(self) -> str:
+        """The serve output the OOD gate scores (``ood.embedding_output``, default embedding)."""
+        if self.ood is None:
+            return DEFAULT_OOD_OUTPUT
+        return str(self.ood.get("embedding_output", DEFAULT_OOD_OUTPUT))
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -155,8 +165,14 @@ class ModelMetadata:
         if ood is not None:
             if not isinstance(ood, Mapping) or "file" not in ood or "threshold" not in ood:
                 raise fail("ood must be an object with file and threshold")
-            if "embedding" not in endpoints["serve"]:
-                raise fail("ood is configured but endpoints.serve has no embedding output")
+            output = ood.get("embedding_output", DEFAULT_OOD_OUTPUT)
+            if not isinstance(output, str) or not output:
+                raise fail(f"ood.embedding_output must name a serve output, got {output!r}")
+            if output not in endpoints["serve"]:
+                raise fail(
+                    f"ood.embedding_output {output!r} is not an output of endpoints.serve "
+                    f"{list(endpoints['serve'])}"
+                )
 
         return cls(
             raw=raw,
@@ -215,7 +231,9 @@ class Inference:
 
     logits: np.ndarray  # [n] uncalibrated, averaged over TTA views when enabled
     probabilities: np.ndarray  # [n] calibrated
-    embeddings: np.ndarray | None  # [n, d] of the un-flipped view (what OOD stats were fit on)
+    # [n, d] serve output metadata's ood.embedding_output names (what the OOD statistics were
+    # fitted on), of the un-flipped view
+    embeddings: np.ndarray | None
 
 
 @dataclass
@@ -297,8 +315,9 @@ class TriageModel:
             logit = outputs["logit"]
             if logit.shape != (1,) or not np.all(np.isfinite(logit)):
                 raise ModelLoadError(f"{endpoint}.logit must be a finite [batch] vector")
-        if "embedding" in served and served["embedding"].ndim != 2:
-            raise ModelLoadError("serve.embedding must be [batch, features]")
+        for name in dict.fromkeys(("embedding", self.metadata.ood_embedding_output)):
+            if name in served and served[name].ndim != 2:
+                raise ModelLoadError(f"serve.{name} must be [batch, features]")
         if explained["heatmap"].ndim != 3 or explained["heatmap"].shape[0] != 1:
             raise ModelLoadError("explain.heatmap must be [batch, h, w]")
         self.report.warmup_seconds = time.perf_counter() - started
@@ -326,17 +345,38 @@ class TriageModel:
         n = batch.shape[0]
         # Average logits (not probabilities) over the views, as the contract states.
         logits = outputs["logit"].reshape(len(views), n).mean(axis=0)
-        embedding = outputs.get("embedding")
+        # The output the OOD statistics were fitted on (metadata ood.embedding_output).
+        embedding = outputs.get(self.metadata.ood_embedding_output)
         return Inference(
             logits=logits,
             probabilities=self.calibrate(logits),
             embeddings=None if embedding is None else embedding[:n],
         )
 
-    def explain(self, batch: np.ndarray) -> np.ndarray:
-        """Grad-CAM maps [n, h, w] in 0..1 for the un-flipped images."""
-        heat = self._call("explain", np.ascontiguousarray(batch))["heatmap"]
-        return np.clip(np.nan_to_num(heat.astype(np.float32)), 0.0, 1.0)
+    def explain(
+        self, batch: np.ndarray, against: Sequence[bool] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Grad-CAM maps [n, h, w] in 0..1 for the un-flipped images, and which rows got the
+        map of evidence *against* the positive label ([n] bool).
+
+        ``heatmap`` is the evidence for the positive label; for a clearly negative photo it is
+        all zero after the ReLU, so a negative answer asks (``against[i]``) for
+        ``heatmap_benign``, the same Grad-CAM with the sign flipped. Artifacts whose
+        ``endpoints.explain`` lacks it fall back to ``heatmap`` (the returned flags say so).
+        """
+        outputs = self._call("explain", np.ascontiguousarray(batch))
+        heat = outputs["heatmap"]
+        wanted = np.zeros(heat.shape[0], dtype=bool)
+        if against is not None:
+            wanted = np.asarray(against, dtype=bool).reshape(heat.shape[0])
+        benign = None
+        if "heatmap_benign" in self.metadata.endpoints["explain"]:
+            benign = outputs.get("heatmap_benign")
+        if benign is None or benign.shape != heat.shape:
+            wanted = np.zeros_like(wanted)
+        else:
+            heat = np.where(wanted[:, None, None], benign, heat)
+        return np.clip(np.nan_to_num(heat.astype(np.float32)), 0.0, 1.0), wanted
 
     # -- interpretation --------------------------------------------------------------------
     def label_for(self, probability: float) -> str:

@@ -141,7 +141,15 @@ class PredictionResult(BaseModel):
         default=None,
         description="Only with explain=true and status ok: Grad-CAM overlay, an RGBA PNG with "
         "the photo's aspect ratio (longer side capped), transparent where the model did not "
-        "look; draw it over the photo.",
+        "look; draw it over the photo. Which evidence it shows: see heatmap_evidence.",
+    )
+    heatmap_evidence: Literal["for", "against", "none"] | None = Field(
+        default=None,
+        description="Only with heatmap_png_base64. for: areas that raised the probability of "
+        "the positive label (shown for a positive label, and for a negative one when the "
+        "artifact has no heatmap_benign); against: areas that lowered it (shown for a negative "
+        "label); none: no area stood out (the overlay is fully transparent).",
+        examples=["against"],
     )
     preview_jpeg_base64: str | None = Field(
         default=None,
@@ -153,7 +161,7 @@ class PredictionResult(BaseModel):
     def public_dict(self) -> dict[str, Any]:
         """JSON-ready dict without the image fields that were not asked for."""
         data = self.model_dump(mode="json")
-        for key in ("heatmap_png_base64", "preview_jpeg_base64"):
+        for key in ("heatmap_png_base64", "heatmap_evidence", "preview_jpeg_base64"):
             if data.get(key) is None:
                 data.pop(key, None)
         return data

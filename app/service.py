@@ -85,6 +85,10 @@ def _reduced(img: Image.Image, max_side: int) -> Image.Image:
     return img.resize(fit_within(*img.size, max_side), Image.Resampling.BILINEAR)
 
 
+# A heat map whose peak is below this draws (next to) nothing: "no area stood out".
+_EMPTY_HEAT = 0.02
+
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 2)
 
@@ -116,7 +120,7 @@ class TriageService:
         inference_ms = explain_ms = 0.0
         probabilities: dict[int, float] = {}
         outliers: set[int] = set()
-        heatmaps: dict[int, np.ndarray] = {}
+        heatmaps: dict[int, tuple[np.ndarray, bool]] = {}  # map, shows evidence against
         if runnable:
             batch = np.stack([it.model_input for it in runnable if it.model_input is not None])
             t0 = time.perf_counter()
@@ -130,11 +134,18 @@ class TriageService:
                 probabilities[it.index] = float(p)
             to_explain = [i for i, it in enumerate(runnable) if it.index not in outliers]
             if options.explain and to_explain:
+                # A negative answer shows the evidence against the positive label: the map of
+                # evidence for it is blank (all zero after Grad-CAM's ReLU) on a clear case.
+                positive = self.model.metadata.positive_label
+                against = [
+                    self.model.label_for(probabilities[runnable[i].index]) != positive
+                    for i in to_explain
+                ]
                 t0 = time.perf_counter()
-                maps = self.model.explain(batch[to_explain])
+                maps, got_against = self.model.explain(batch[to_explain], against)
                 explain_ms = _ms(time.perf_counter() - t0)
                 for row, i in enumerate(to_explain):
-                    heatmaps[runnable[i].index] = maps[row]
+                    heatmaps[runnable[i].index] = (maps[row], bool(got_against[row]))
 
         results: list[PredictionResult | BatchItemError] = []
         for it in items:
@@ -217,7 +228,11 @@ class TriageService:
         }
 
     def _assessed(
-        self, p: float, heat: np.ndarray | None, info: ImageInfo, request_id: str
+        self,
+        p: float,
+        heat: tuple[np.ndarray, bool] | None,
+        info: ImageInfo,
+        request_id: str,
     ) -> PredictionResult:
         model = self.model
         label = model.label_for(p)
@@ -225,9 +240,16 @@ class TriageService:
         advice = tier.advice or TIER_ADVICE[model.tier_position(tier)]
         positive = label == model.metadata.positive_label
         heatmap_b64 = None
+        evidence: Literal["for", "against", "none"] | None = None
         if heat is not None:
+            cam, against = heat
             size = fit_within(info.width, info.height, self.settings.heatmap_max_side)
-            heatmap_b64 = b64(heatmap_overlay_png(heat, size))
+            heatmap_b64 = b64(heatmap_overlay_png(cam, size))
+            # Maps are scaled to a peak of 1 per image, so a lower peak means an empty map.
+            if float(np.max(cam, initial=0.0)) < _EMPTY_HEAT:
+                evidence = "none"
+            else:
+                evidence = "against" if against else "for"
         return PredictionResult(
             status="ok",
             label=label,
@@ -238,6 +260,7 @@ class TriageService:
             headline=HEADLINES["positive" if positive else "negative"],
             advice=advice,
             heatmap_png_base64=heatmap_b64,
+            heatmap_evidence=evidence,
             **self._base(request_id, info),
         )
 

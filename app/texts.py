@@ -60,6 +60,39 @@ OOD_ADVICE = (
 
 UNABLE_ADVICE_FALLBACK = "Please take a new photo and try again."
 
+# The heat-map switch, its picture's alt text and its caption, by what the map shows (see
+# PredictionResult.heatmap_evidence and app.routers.pages.heatmap_view): "concern" for a
+# positive answer, "looked" (evidence against) for a negative one, "raised" for a negative
+# answer from an artifact without the evidence-against map, "none" when the map is empty.
+NOT_A_DISEASE_MAP = "The colours are not a map of disease and do not show where a problem is."
+HEATMAP_TEXTS: dict[str, dict[str, str]] = {
+    "concern": {
+        "toggle": "Show the areas that raised concern (heat map)",
+        "alt": "Heat map over the photo: coloured areas raised the model's concern the most",
+        "hint": "Coloured areas are the parts of the photo that raised the model's estimate "
+        "the most (red the most, blue the least; no colour: little or no effect). "
+        + NOT_A_DISEASE_MAP,
+    },
+    "looked": {
+        "toggle": "Show where the model looked most (heat map)",
+        "alt": "Heat map over the photo: coloured areas are where the model looked most",
+        "hint": "Coloured areas are the parts of the photo the model relied on most for its "
+        "lower estimate (red the most, blue the least). They do not mean those areas are "
+        "healthy. " + NOT_A_DISEASE_MAP,
+    },
+    "raised": {
+        "toggle": "Show the areas that raised the estimate (heat map)",
+        "alt": "Heat map over the photo: coloured areas raised the model's estimate a little",
+        "hint": "Coloured areas are the parts of the photo that raised the model's estimate "
+        "a little, though not enough to flag the spot (red the most). " + NOT_A_DISEASE_MAP,
+    },
+    "none": {
+        "toggle": "",
+        "alt": "",
+        "hint": "No area of the photo stood out to the model, so there is no heat map to show.",
+    },
+}
+
 PHOTO_TIPS: tuple[str, ...] = (
     "Hold the camera about 10 cm from the skin; tap the screen to focus.",
     "Use good, even daylight; avoid the flash (its glare hides detail).",
@@ -75,4 +108,15 @@ def percent(p: float) -> str:
         return "less than 1%"
     if p > 0.99:
         return "more than 99%"
+    return f"{round(p * 100)}%"
+
+
+def bound_percent(p: float) -> str:
+    """A tier or scale boundary as a percentage: exact ends, one decimal below 1% or above 99%."""
+    if p <= 0.0:
+        return "0%"
+    if p >= 1.0:
+        return "100%"
+    if p < 0.01 or p > 0.99:
+        return f"{p * 100:.1f}%"
     return f"{round(p * 100)}%"

@@ -265,6 +265,8 @@ def evaluate_artifact(
 
     elif "tta" in previous:
         result["tta"] = previous["tta"]
+    if "shortcut_checks" in previous:  # written by model_training.artefacts
+        result["shortcut_checks"] = previous["shortcut_checks"]
 
     plots_dir = artifact / "plots"
     plots_dir.mkdir(exist_ok=True)

@@ -13,20 +13,26 @@
    that the copies the gate refuses are ones whose answer does change.
 2. Out-of-distribution (``model_training.ood``). A seeded sample of training images (at most
    ``--train-cap``, equal per set) is embedded with the artifact's own ``serve`` endpoint and
-   an ``OODDetector`` is fitted on it. Non-lesion photos (Debian's darknet package,
-   scikit-image's data module: people, animals, objects, documents, textures) and random crops
-   of them are split by photo, never by view, into a "choice" half, used only to pick the
-   detector variant (one Gaussian, tied or separate per-domain covariances, eigen-directions
-   kept), and a held-out half on which the rejection rate is reported. The threshold is chosen
-   on validation lesions alone: a per-domain quantile rule, with the quantile the largest
-   whose cross-fitted false rejection (threshold chosen on half the lesion groups, counted on
-   the other half) stays <= ``--target-frr`` in each domain (dermoscopy, phone).
+   an ``OODDetector`` is fitted on it. The embedding is the ``serve`` output named by
+   ``--ood-output`` (default: ``ood_embedding``, the mid-level mixed5 features, when
+   ``endpoints.serve`` lists it, else the last-block ``embedding``); it is recorded as
+   ``ood.embedding_output`` and the server feeds the detector that output. Non-lesion
+   photos (Debian's darknet package, scikit-image's data module: people, animals, objects,
+   documents, textures) and random crops of them are split by photo, never by view, into a
+   "choice" half, used only to pick the detector variant (one pooled Gaussian, tied or
+   separate per-domain covariances, every eigen-direction (the full-dimensional Ledoit–Wolf
+   estimate) or fewer; each judged at its own operating threshold from the rule below), and
+   a held-out half on which the rejection rate is reported. The threshold is chosen on
+   validation lesions alone: a per-domain quantile rule, with the quantile the largest whose
+   cross-fitted false rejection (threshold chosen on half the lesion groups, counted on the
+   other half) stays <= ``--target-frr`` in each domain (dermoscopy, phone).
 3. ``ood.npz``, ``gates.json`` (all figures) and ``metadata.json`` (``quality``: the numeric
    thresholds the server reads; ``quality_report``: rule and rates; ``ood``) are written into
    the artifact.
 
 Embeddings are cached outside the repository (``--cache-dir``, default
-``~/.cache/skin-lesion-triage/gates``), keyed by the SavedModel's weights and the image list.
+``~/.cache/skin-lesion-triage/gates``), keyed by the SavedModel's weights, the ``serve`` output
+and the image list.
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ logger = logging.getLogger("model_training.gates")
 GATES_FILE = "gates.json"
 SAVED_MODEL_DIR = "saved_model"  # as model_training.export (which imports Keras: kept lazy)
 OOD_FILE = "ood.npz"
+# serve outputs the OOD gate can score, preferred first (docs/ARTIFACT.md).
+OOD_OUTPUT_PREFERENCE = ("ood_embedding", "embedding")
 DEFAULT_CACHE = (
     Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "skin-lesion-triage" / "gates"
 )
@@ -105,7 +113,8 @@ ROUNDING = {
     "max_brightness": 1,
     "max_clipped_fraction": 4,
 }
-# Detector variants compared on the "choice" non-lesion photos: (group by, tied, components).
+# Detector variants compared on the "choice" non-lesion photos: (group by, tied, components);
+# components None = every direction the data span (the full-dimensional Ledoit–Wolf estimate).
 OOD_VARIANTS: tuple[tuple[str | None, bool, int | None], ...] = (
     (None, True, None),
     ("domain", True, None),
@@ -271,15 +280,36 @@ def artifact_fingerprint(artifact: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-class Embedder:
-    """The artifact's ``serve`` endpoint on PIL images, through the shared preprocessing."""
+def choose_ood_output(serve_outputs: Sequence[str], requested: str | None = None) -> str:
+    """The ``serve`` output the OOD gate scores: ``requested``, else the first of
+    OOD_OUTPUT_PREFERENCE that the endpoint lists."""
+    outputs = list(serve_outputs)
+    if requested is not None:
+        if requested not in outputs:
+            raise ValueError(f"serve has no output {requested!r} (it lists {outputs})")
+        return requested
+    for name in OOD_OUTPUT_PREFERENCE:
+        if name in outputs:
+            return name
+    raise ValueError(f"serve lists none of {list(OOD_OUTPUT_PREFERENCE)} (it lists {outputs})")
 
-    def __init__(self, artifact: Path, batch_size: int = 16) -> None:
+
+class Embedder:
+    """The artifact's ``serve`` endpoint on PIL images, through the shared preprocessing.
+
+    Returns the logit and the ``output`` serve output (the embedding the OOD gate scores).
+    """
+
+    def __init__(self, artifact: Path, batch_size: int = 16, output: str = "embedding") -> None:
         import tensorflow as tf
 
         from model_training.export import read_metadata
 
         meta = read_metadata(artifact)
+        serve_outputs = list(meta.get("endpoints", {}).get("serve", []))
+        if output not in serve_outputs:
+            raise ValueError(f"endpoints.serve lists {serve_outputs}, not {output!r}")
+        self.output = output
         self.size = (int(meta["input"]["height"]), int(meta["input"]["width"]))
         self.batch_size = batch_size
         self._tf = tf
@@ -290,7 +320,7 @@ class Embedder:
     def __call__(
         self, images: Iterable[Image.Image], total: int, desc: str
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(logits [n], embeddings [n, d]) for ``images`` (an iterable read lazily)."""
+        """(logits [n], ``output`` [n, d]) for ``images`` (an iterable read lazily)."""
         from tqdm import tqdm
 
         logits: list[np.ndarray] = []
@@ -301,7 +331,7 @@ class Embedder:
         def flush() -> None:
             out = self._model.serve(self._tf.constant(np.stack(batch)))
             logits.append(out["logit"].numpy().reshape(-1))
-            embeddings.append(out["embedding"].numpy())
+            embeddings.append(out[self.output].numpy())
             batch.clear()
 
         with tqdm(total=total, desc=desc, unit="img", file=sys.stderr) as bar:
@@ -323,11 +353,12 @@ class Embedder:
 
 @dataclass
 class EmbeddingCache:
-    """Embeddings on disk, one .npz per (artifact weights, purpose, exact item list)."""
+    """Embeddings on disk, one .npz per (artifact weights, serve output, purpose, item list)."""
 
     folder: Path
     fingerprint: str
     enabled: bool = True
+    output: str = "embedding"  # the serve output cached: part of the key
 
     def get(
         self,
@@ -337,7 +368,7 @@ class EmbeddingCache:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Cached (logits, embeddings) for ``keys``; computed and stored on a miss."""
         digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
-        path = self.folder / self.fingerprint / f"{tag}-{digest}.npz"
+        path = self.folder / self.fingerprint / f"{tag}-{self.output}-{digest}.npz"
         if self.enabled and path.exists():
             with np.load(path, allow_pickle=False) as data:
                 logger.info("embeddings from cache: %s", path)
@@ -568,8 +599,13 @@ def quality_sensitivity(
     temperature: float,
     decision_threshold: float,
     seed: int,
+    logit_bias: float = 0.0,
 ) -> dict[str, Any]:
-    """How the model's answer changes on degraded copies, by whether the gate rejects them."""
+    """How the model's answer changes on degraded copies, by whether the gate rejects them.
+
+    Answers are calibrated probabilities, sigmoid((logit + logit_bias) / temperature), as the
+    server computes them, against the calibrated ``decision_threshold``.
+    """
     rng = np.random.default_rng(seed)
     picks: list[int] = []
     for _, part in val.groupby("dataset"):
@@ -584,7 +620,7 @@ def quality_sensitivity(
     deg_logits, _ = embed((c for _, _, c in copies), len(copies), "degraded copies")
 
     def prob(x: np.ndarray) -> np.ndarray:
-        return np.asarray(1.0 / (1.0 + np.exp(-x / temperature)))
+        return np.asarray(1.0 / (1.0 + np.exp(-(x + logit_bias) / temperature)))
 
     out: dict[str, Any] = {"images": len(picks), "per_set": per_set}
     kinds = np.asarray([k for _, k, _ in copies])
@@ -717,6 +753,7 @@ def fit_ood(
 ) -> tuple[OODDetector, dict[str, Any]]:
     """Pick the variant on choice photos; threshold on validation lesions; report held-out."""
     domains = val["domain"].to_numpy()
+    lesion_groups = val["group"].astype(str).tolist()
     choice = (views["part"] == "choice").to_numpy()
     held = ~choice
     variants: list[dict[str, Any]] = []
@@ -725,7 +762,14 @@ def fit_ood(
         groups = train[group_by].to_numpy() if group_by else None
         det = OODDetector.fit(train_emb, groups=groups, n_components=k, tied=tied)
         val_scores = det.score(val_emb)
-        thr = frr_threshold({d: val_scores[domains == d] for d in np.unique(domains)}, target_frr)
+        nominal_thr = frr_threshold(
+            {d: val_scores[domains == d] for d in np.unique(domains)}, target_frr
+        )
+        # Each variant is judged at the threshold it would ship with: its own operating
+        # point from the lesion-only rule (a heavy validation tail costs it rejections).
+        thr, variant_target, _ = choose_operating_point(
+            val_scores, domains, lesion_groups, target_frr
+        )
         choice_scores = det.score(view_emb[choice])
         rate = _rate(choice_scores > thr)
         margin = float(np.median(np.log(choice_scores / thr)))
@@ -734,8 +778,11 @@ def fit_ood(
             "tied": det.tied,
             "n_components": det.describe()["n_components"],
             "threshold": thr,
+            "quantile_target": variant_target,
             "choice_rejection": rate,
             "choice_median_log_margin": margin,
+            "nominal_threshold": nominal_thr,
+            "choice_rejection_at_nominal_threshold": _rate(choice_scores > nominal_thr),
             "choice_auroc": auroc(val_scores, choice_scores),
         }
         variants.append(entry)
@@ -747,7 +794,6 @@ def fit_ood(
 
     val_scores = det.score(val_emb)
     by_domain = {str(d): val_scores[domains == d] for d in np.unique(domains)}
-    lesion_groups = val["group"].astype(str).tolist()
     threshold, used_target, table = choose_operating_point(
         val_scores, domains, lesion_groups, target_frr
     )
@@ -782,7 +828,8 @@ def fit_ood(
         "detector": det.describe(),
         "variant_choice": {
             "rule": "highest rejection of the choice non-lesion views at each variant's own "
-            "validation threshold; ties broken by the median log(score / threshold)",
+            "operating threshold (the lesion-only rule below, applied to that variant's "
+            "validation scores); ties broken by the median log(score / threshold)",
             "variants": variants,
             "picked": picked,
         },
@@ -884,8 +931,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     logger.info("quality thresholds: %s", thresholds)
 
-    embed = Embedder(artifact, args.batch_size)
-    cache = EmbeddingCache(args.cache_dir, artifact_fingerprint(artifact), not args.no_cache)
+    ood_output = choose_ood_output(meta.get("endpoints", {}).get("serve", []), args.ood_output)
+    logger.info("OOD gate scores serve output %r", ood_output)
+    embed = Embedder(artifact, args.batch_size, ood_output)
+    cache = EmbeddingCache(
+        args.cache_dir, artifact_fingerprint(artifact), not args.no_cache, ood_output
+    )
     val_paths = val["path"].tolist()
     train_paths = train["path"].tolist()
     val_logits, val_emb = cache.get(
@@ -904,6 +955,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         float(meta.get("temperature", 1.0)),
         float(meta["threshold"]),
         args.seed,
+        float(meta.get("logit_bias", 0.0)),
     )
 
     photos, missing = find_non_lesion_photos(args.non_lesion_dir)
@@ -953,6 +1005,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         str(d): _rate((val_ood | val_quality)[(val["domain"] == d).to_numpy()])
         for d in sorted(val["domain"].unique())
     }
+    ood_report["embedding_output"] = ood_output
+    ood_report["embedding_dim"] = detector.dim
     ood_report["fitted_on"] = {
         "images": len(train),
         "by_set": {str(k): int(v) for k, v in train["dataset"].value_counts().sort_index().items()},
@@ -960,7 +1014,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{args.train_cap} in all, equal per set, distinct lesion groups first",
     }
 
-    detector.save(artifact / OOD_FILE)
+    ood_report["file_bytes"] = detector.save(artifact / OOD_FILE).stat().st_size
     report = {
         "command": "python -m model_training.gates " + shlex.join(sys.argv[1:]),
         "artifact_fingerprint": artifact_fingerprint(artifact),
@@ -971,6 +1025,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     (artifact / GATES_FILE).write_text(json.dumps(_jsonable(report), indent=2) + "\n")
 
+    # Read again: the fit takes minutes, and only this command's keys are to change.
+    meta = read_metadata(artifact)
     meta["quality"] = {k: thresholds[k] for k in THRESHOLD_KEYS if k in thresholds}
     meta["quality_report"] = {
         "rule": quality_report["rule"],
@@ -984,6 +1040,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meta["ood"] = {
         "file": OOD_FILE,
         "method": METHOD,
+        "embedding_output": ood_output,
         "threshold": ood_report["threshold"],
         "rule": ood_report["rule"],
         "groups": ood_report["detector"]["groups"],
@@ -1037,7 +1094,9 @@ def summary(report: Mapping[str, Any]) -> str:
                 if isinstance(v, dict)
             }
         ),
-        f"ood: Gaussians {o['detector']['groups']} (tied: {o['detector']['tied']}), "
+        f"ood: serve output {o.get('embedding_output', 'embedding')!r} "
+        f"({o['detector']['dim']}-d), Gaussians {o['detector']['groups']} "
+        f"(tied: {o['detector']['tied']}), "
         f"components {o['detector']['n_components']}, threshold {o['threshold']:.1f}",
         "  validation false rejection: " + _fmt(o["false_rejection"]),
         "  cross-fitted false rejection: " + _fmt(o["false_rejection_crossfit"]),
@@ -1067,6 +1126,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sets", type=lambda s: [x for x in s.split(",") if x], default=list(DEFAULT_SETS)
     )
     p.add_argument("--train-cap", type=int, default=1200, help="training images embedded")
+    p.add_argument(
+        "--ood-output",
+        default=None,
+        help="serve output the OOD gate scores (default: ood_embedding if serve lists it, "
+        "else embedding)",
+    )
     p.add_argument("--target-frr", type=float, default=0.02, help="OOD false rejection per domain")
     p.add_argument("--keep", type=float, default=0.99, help="real images kept by the quality gate")
     p.add_argument("--crops", type=int, default=4, help="random crops per non-lesion photo")

@@ -1,6 +1,8 @@
 """Out-of-distribution gate on the model's own embedding: is this a skin-lesion photo at all?
 
-Method: squared Mahalanobis distance of the 2048-d embedding to the training lesions, each
+Method: squared Mahalanobis distance of an embedding (the ``serve`` output that metadata's
+``ood.embedding_output`` names: the 768-d mid-level ``ood_embedding`` in current artifacts,
+the 2048-d last-block ``embedding`` in older ones) to the training lesions, each
 covariance estimated with Ledoit–Wolf shrinkage. With ``groups`` (e.g. the domain of each
 training image: dermoscopy vs. phone) there is one Gaussian per group and the score is the
 distance to the nearest one; each group has its own covariance by default (``tied=False``) or
@@ -8,10 +10,10 @@ all share the pooled within-group one (``tied=True``, Lee et al., NeurIPS 2018).
 
 Why these choices:
 
-* Shrinkage rather than a plain inverse: with hundreds of training embeddings in 2048
-  dimensions the sample covariance is singular. Ledoit–Wolf shrinks it towards a multiple of
-  the identity with an intensity computed from the data (Ledoit & Wolf, J. Multivar. Anal.
-  2004), so no ridge constant is picked by hand.
+* Shrinkage rather than a plain inverse: with hundreds of training embeddings in hundreds
+  or thousands of dimensions the sample covariance is singular or nearly so. Ledoit–Wolf
+  shrinks it towards a multiple of the identity with an intensity computed from the data
+  (Ledoit & Wolf, J. Multivar. Anal. 2004), so no ridge constant is picked by hand.
 * Shrinkage rather than PCA truncation: keeping only the top principal components discards
   exactly the directions in which training lesions hardly vary, which are where photos of
   other things tend to differ (Kamoi & Kobayashi 2020, "Why is the Mahalanobis distance
@@ -237,6 +239,12 @@ class OODDetector:
             z = x - mean
             proj = z @ self.components[rows].T  # [n, k]
             in_span = (proj**2 / self.variances[rows]).sum(axis=1)
+            if len(rows) >= self.dim:
+                # Every direction has its own variance: nothing lies outside the span, and
+                # the difference below would only be float32 rounding of the components
+                # divided by the (tiny) floor variance.
+                out[:, g] = in_span
+                continue
             outside = np.maximum((z**2).sum(axis=1) - (proj**2).sum(axis=1), 0.0)
             out[:, g] = in_span + outside / self.residual_variances[g]
         return out

@@ -457,9 +457,13 @@ def _section_calibration(metadata: Mapping[str, Any], metrics: Mapping[str, Any]
     temperature = metadata.get("temperature")
     if isinstance(calib, Mapping):
         temperature = calib.get("temperature", temperature)
+    bias = metadata.get("logit_bias", 0.0)
     lines.append(
-        f"Temperature scaling: calibrated p = sigmoid(logit / T), T = "
-        f"{_fmt(temperature, 4) if temperature is not None else NOT_MEASURED}."
+        f"Temperature scaling after a prior correction: calibrated p = "
+        f"sigmoid((logit + b) / T), b = {_fmt(bias, 4)} (undoes the class-balanced training "
+        f"loss; from the training data's class shares), T = "
+        f"{_fmt(temperature, 4) if temperature is not None else NOT_MEASURED} (fitted on "
+        f'validation by negative log-likelihood). "Before" below is the raw sigmoid(logit).'
     )
     lines.append("")
     if not isinstance(calib, Mapping):
@@ -688,6 +692,9 @@ def write_model_card(
     lines += _section_threshold(metadata, metrics)
     lines += _section_subgroups(metrics)
     lines += _section_isic(metrics)
+    lines += _section_tta(metrics)
+    lines += _section_shortcuts(metrics)
+    lines += _section_gates(metadata)
     lines += _section_limits(domains)
     lines += _section_plots(metrics, out.parent)
     lines += _section_reproduce(metadata)
@@ -695,6 +702,77 @@ def write_model_card(
     text = "\n".join(lines).rstrip() + "\n"
     out.write_text(text, encoding="utf-8")
     return out
+
+
+def _section_tta(metrics: Mapping[str, Any]) -> list[str]:
+    """Test-time augmentation: measured gain and cost, and whether it is served."""
+    tta = metrics.get("tta")
+    lines = ["## Test-time augmentation", ""]
+    if not isinstance(tta, Mapping):
+        return [*lines, f"Not measured ({NOT_MEASURED}).", ""]
+    lines.append(
+        f"Views: {', '.join(tta.get('views', []))}; cost {_fmt(tta.get('cost_ratio'), 2)}x "
+        "the inference time of one view. ROC-AUC on validation:"
+    )
+    lines += ["", "| Set | one view | averaged views |", "|---|---|---|"]
+    for name, entry in tta.get("auc", {}).items():
+        lines.append(
+            f"| {name} | {_fmt(entry.get('roc_auc'))} | {_fmt(entry.get('roc_auc_tta'))} |"
+        )
+    served = "yes" if tta.get("served") else "no (the gain does not pay for the cost)"
+    lines += ["", f"Served with TTA: {served}.", ""]
+    return lines
+
+
+def _section_shortcuts(metrics: Mapping[str, Any]) -> list[str]:
+    """Shortcut checks (model_training.artefacts): does a drawn ink ring move the answer?"""
+    checks = metrics.get("shortcut_checks", {}).get("ink_marker_ring")
+    lines = ["## Shortcut check: surgical-marker ink", ""]
+    if not isinstance(checks, Mapping):
+        return [*lines, f"Not measured ({NOT_MEASURED}).", ""]
+    lines += [str(checks.get("method", "")), ""]
+    lines += [
+        "| ink colour | set | n | mean change in p | benign → malignant | malignant → benign |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, per_set in checks.items():
+        if not key.startswith("ink_rgb_") or not isinstance(per_set, Mapping):
+            continue
+        colour = key.removeprefix("ink_rgb_").replace("_", ",")
+        for name, entry in per_set.items():
+            lines.append(
+                f"| rgb({colour}) | {name} | {entry.get('n')} | "
+                f"{_fmt(entry.get('mean_probability_change'), 4)} | "
+                f"{_fmt(entry.get('benign_to_malignant'))} | "
+                f"{_fmt(entry.get('malignant_to_benign'))} |"
+            )
+    return [*lines, ""]
+
+
+def _section_gates(metadata: Mapping[str, Any]) -> list[str]:
+    """Quality and out-of-distribution gates: thresholds and measured rates."""
+    lines = ["## Input gates", ""]
+    quality = metadata.get("quality")
+    report = metadata.get("quality_report")
+    if isinstance(quality, Mapping):
+        pairs = ", ".join(f"{k} {_fmt(v, 3)}" for k, v in quality.items())
+        lines.append(f"- **Quality gate** (unable to assess instead of a guess): {pairs}.")
+        if isinstance(report, Mapping) and report.get("rule"):
+            lines.append(f"  Rule: {report['rule']}")
+    else:
+        lines.append("- **Quality gate**: off.")
+    ood = metadata.get("ood")
+    if isinstance(ood, Mapping):
+        lines.append(
+            f"- **Out-of-distribution gate** ({ood.get('method', 'mahalanobis')} on "
+            f"`{ood.get('embedding_output', 'embedding')}`, threshold "
+            f"{_fmt(ood.get('threshold'), 1)}): false rejection of validation lesions "
+            f"{json.dumps(ood.get('false_rejection'))}; non-lesion photos rejected "
+            f"{json.dumps(ood.get('non_lesion_rejection'))}."
+        )
+    else:
+        lines.append("- **Out-of-distribution gate**: off.")
+    return [*lines, ""]
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@
   var dropzone = document.getElementById("dropzone");
   var preview = document.getElementById("preview");
   var previewImg = document.getElementById("preview-img");
-  var previewCaption = document.getElementById("preview-caption");
+  var previewName = document.getElementById("preview-name");
+  var previewNote = document.getElementById("preview-note");
   var submitButton = document.getElementById("submit-button");
   var working = document.getElementById("working");
   var resultRegion = document.getElementById("result");
@@ -62,10 +63,12 @@
     return Math.round(p * 100) + "%";
   }
 
-  function bound(p, isUpper) {
-    if (!isUpper && p <= 0) return "0%";
-    if (isUpper && p >= 1) return "100%";
-    return percent(p);
+  // A tier or scale boundary, as app.texts.bound_percent writes it.
+  function bound(p) {
+    if (p <= 0) return "0%";
+    if (p >= 1) return "100%";
+    if (p < 0.01 || p > 0.99) return (p * 100).toFixed(1) + "%";
+    return Math.round(p * 100) + "%";
   }
 
   function formatBytes(n) {
@@ -91,13 +94,21 @@
     if (objectUrl) URL.revokeObjectURL(objectUrl);
     objectUrl = URL.createObjectURL(file);
     browserCanShow = true;
+    previewImg.hidden = false;
     previewImg.onerror = function () {
-      browserCanShow = false; // e.g. HEIC: the server will send back a JPEG preview
+      // Not decodable here: hide the image (no broken-image icon). HEIC is a photo most
+      // browsers cannot show, and the server sends back a JPEG preview; anything else is
+      // probably not a photo at all, and the server will say so.
+      browserCanShow = false;
+      previewImg.hidden = true;
       previewImg.removeAttribute("src");
-      previewCaption.textContent = file.name + " (" + formatBytes(file.size) + ") — no preview in this browser";
+      previewNote.textContent = /\.(heic|heif)$/i.test(file.name || "") || /hei[cf]/i.test(file.type || "")
+        ? "This photo can't be previewed here, but it can still be checked."
+        : "This file can't be previewed; it may not be a photo.";
     };
     previewImg.src = objectUrl;
-    previewCaption.textContent = file.name + " (" + formatBytes(file.size) + ")";
+    previewName.textContent = (file.name || "photo") + " (" + formatBytes(file.size) + ")";
+    previewNote.textContent = "";
     preview.hidden = false;
   }
 
@@ -195,65 +206,110 @@
       });
   });
 
-  function tierPosition(tier) {
-    if (!model || !tier) return "";
+  function modelTier(tier) {
+    if (!model || !tier) return null;
     for (var i = 0; i < model.tiers.length; i++) {
-      if (model.tiers[i].name === tier.name) return model.tiers[i].position;
+      if (model.tiers[i].name === tier.name) return model.tiers[i];
     }
-    return "";
+    return null;
+  }
+
+  // Where the estimate p sits on the bar, 0..1, as app.routers.pages.bar_position computes
+  // it: each risk tier gets an equal-width segment and p is placed linearly inside its tier,
+  // clear of the segment's edges, so a small tier (e.g. 0–5%) stays readable on a phone and
+  // the marker never sits on the threshold; tick labels give the real percentages.
+  function barPosition(p) {
+    var tiers = model ? model.tiers : [];
+    var n = tiers.length;
+    var inset = model ? model.bar_inset || 0 : 0;
+    p = Math.min(Math.max(p, 0), 1);
+    if (!n) return p;
+    for (var i = 0; i < n; i++) {
+      var t = tiers[i];
+      if (p < t.upper || i === n - 1) {
+        var inside = Math.min(Math.max((p - t.lower) / (t.upper - t.lower), 0), 1);
+        return (i + inset + inside * (1 - 2 * inset)) / n;
+      }
+    }
+    return 1;
   }
 
   function probabilityBar(r) {
     var p = r.probability_malignant;
+    var tiers = model ? model.tiers : [];
+    var range = bound(r.risk_tier.lower) + "–" + bound(r.risk_tier.upper);
+    // Coordinates in percent of the width (no viewBox: the value label is not stretched).
     var bar = svg("svg", {
       class: "prob-bar",
-      viewBox: "0 0 1000 48",
-      preserveAspectRatio: "none",
       role: "img",
       "aria-label":
-        "Estimate " + percent(p) + " on a scale from 0 to 100 percent; threshold " + percent(r.threshold),
+        "Estimate " + percent(p) + ", in the " + r.risk_tier.name + " risk level (" + range + "). Spots from " +
+        percent(r.threshold) + " are flagged for a doctor's check. Each risk level takes an equal share of the bar.",
     });
-    (model ? model.tiers : []).forEach(function (t) {
-      bar.appendChild(
-        svg("rect", {
-          class: "band band-" + t.position,
-          x: (t.lower * 1000).toFixed(1),
-          y: 0,
-          width: ((t.upper - t.lower) * 1000).toFixed(1),
-          height: 48,
-        })
+    tiers.forEach(function (t) {
+      bar.appendChild(svg("rect", { class: "band level-" + t.level, x: t.x, y: 22, width: t.width, height: 30 }));
+    });
+    bar.appendChild(svg("rect", { class: "frame", x: 0, y: 22, width: "100%", height: 30 }));
+    var position = barPosition(p);
+    var x = (position * 100).toFixed(3) + "%";
+    bar.appendChild(svg("rect", { class: "fill", x: 0, y: 33, width: x, height: 8 }));
+    var t = model && model.threshold_x ? model.threshold_x : (barPosition(r.threshold) * 100).toFixed(3) + "%";
+    bar.appendChild(svg("line", { class: "threshold", x1: t, x2: t, y1: 18, y2: 56 }));
+    ["needle-halo", "needle"].forEach(function (cls) {
+      bar.appendChild(svg("line", { class: cls, x1: x, x2: x, y1: 17, y2: 55 }));
+    });
+    var label = svg("text", {
+      class: "needle-label",
+      x: x,
+      y: 13,
+      "text-anchor": position < 0.1 ? "start" : position > 0.9 ? "end" : "middle",
+    });
+    label.textContent = percent(p);
+    bar.appendChild(label);
+
+    var scale = el("div", { class: "prob-scale", "aria-hidden": "true" });
+    tiers.forEach(function (tier, i) {
+      scale.appendChild(
+        el("span", { class: "seg" }, [
+          el("span", { class: "tick" }, [tier.lower_label]),
+          el("span", { class: "seg-name" }, [tier.name]),
+          i === tiers.length - 1 ? el("span", { class: "tick tick-end" }, [tier.upper_label]) : null,
+        ])
       );
     });
-    bar.appendChild(svg("rect", { class: "fill", x: 0, y: 16, width: (p * 1000).toFixed(1), height: 16 }));
-    var x = (p * 1000).toFixed(1);
-    bar.appendChild(svg("line", { class: "needle", x1: x, x2: x, y1: 6, y2: 42, "vector-effect": "non-scaling-stroke" }));
-    var t = (r.threshold * 1000).toFixed(1);
-    bar.appendChild(svg("line", { class: "threshold", x1: t, x2: t, y1: 0, y2: 48, "vector-effect": "non-scaling-stroke" }));
-
-    var legend = el("ul", { class: "tier-legend" });
-    (model ? model.tiers : []).forEach(function (tier) {
+    var legend = el("ul", { class: "tier-legend", "aria-label": "Risk levels" });
+    tiers.forEach(function (tier) {
       legend.appendChild(
         el("li", {}, [
-          el("span", { class: "swatch band-" + tier.position, "aria-hidden": "true" }),
-          tier.name + ": " + bound(tier.lower, false) + "–" + bound(tier.upper, true),
+          el("span", { class: "swatch level-" + tier.level, "aria-hidden": "true" }),
+          tier.name + ": " + tier.lower_label + "–" + tier.upper_label,
         ])
       );
     });
     return el("figure", { class: "prob" }, [
       bar,
-      el("div", { class: "prob-scale", "aria-hidden": "true" }, [
-        el("span", {}, ["0%"]),
-        el("span", {}, ["50%"]),
-        el("span", {}, ["100%"]),
-      ]),
+      scale,
       el("figcaption", {}, [
-        el("span", { class: "key key-fill", "aria-hidden": "true" }),
-        " this photo: " + percent(p) + " ",
-        el("span", { class: "key key-threshold", "aria-hidden": "true" }),
-        " doctor's-check threshold: " + percent(r.threshold),
+        el("ul", { class: "prob-keys" }, [
+          el("li", {}, [el("span", { class: "key key-fill", "aria-hidden": "true" }), "this photo: " + percent(p)]),
+          el("li", {}, [
+            el("span", { class: "key key-threshold", "aria-hidden": "true" }),
+            "doctor's check from " + percent(r.threshold),
+          ]),
+        ]),
         legend,
       ]),
     ]);
+  }
+
+  // Which heat-map wording fits (as app.routers.pages.heatmap_key): evidence of concern for a
+  // positive label, where the model looked for a negative one, nothing when the map is empty.
+  function heatmapKey(r) {
+    if (!r.heatmap_png_base64) return null;
+    if (r.heatmap_evidence === "none") return "none";
+    if (r.heatmap_evidence === "against") return "looked";
+    var positive = model ? model.positive_label : "malignant";
+    return r.label === positive ? "concern" : "raised";
   }
 
   function photoBlock(r) {
@@ -262,27 +318,29 @@
     var stack = el("div", { class: "photo-stack" }, [
       el("img", { class: "photo", src: src, alt: "Your photo, as it was analysed" }),
     ]);
+    var key = heatmapKey(r);
+    var words = key && texts.heatmap ? texts.heatmap[key] : null;
     var children = [];
-    if (r.heatmap_png_base64) {
+    var hintId = "heat-hint-" + r.request_id;
+    if (key && key !== "none" && words) {
       var id = "heat-toggle-" + r.request_id;
-      children.push(el("input", { type: "checkbox", id: id, class: "heat-toggle" }));
-      children.push(el("label", { for: id, class: "heat-toggle-label" }, ["Show where the model looked (heat map)"]));
+      children.push(el("input", { type: "checkbox", id: id, class: "heat-toggle", "aria-describedby": hintId }));
+      children.push(el("label", { for: id, class: "heat-toggle-label" }, [words.toggle]));
       stack.appendChild(
-        el("img", {
-          class: "heat",
-          src: "data:image/png;base64," + r.heatmap_png_base64,
-          alt: "Heat map over the photo: coloured areas influenced the model most",
-        })
+        el("img", { class: "heat", src: "data:image/png;base64," + r.heatmap_png_base64, alt: words.alt })
       );
     }
     children.push(stack);
-    if (r.heatmap_png_base64) {
+    if (key && key !== "none" && words) {
       children.push(
-        el("p", { class: "hint" }, [
-          "Coloured areas show which parts of the photo influenced the model most (red the most). They are not a map of disease.",
+        el("p", { class: "heat-key", "aria-hidden": "true" }, [
+          el("span", {}, ["less"]),
+          el("span", { class: "heat-ramp" }),
+          el("span", {}, ["more"]),
         ])
       );
     }
+    if (words) children.push(el("p", { class: "hint heat-hint", id: hintId }, [words.hint]));
     return el("div", { class: "photo-block" }, children);
   }
 
@@ -302,7 +360,8 @@
   function renderResult(r) {
     clearResult();
     var classes = "result-card status-" + r.status;
-    if (r.risk_tier) classes += " tier-" + tierPosition(r.risk_tier);
+    var tier = modelTier(r.risk_tier);
+    if (tier) classes += " tier-" + tier.position + " tier-level-" + tier.level;
     var heading = el("h2", { id: "result-headline", tabindex: "-1" }, [r.headline]);
     var children = [heading];
     if (r.status === "ok") {

@@ -39,6 +39,29 @@ FOCUSED_JS = """() => {
 }"""
 
 
+# The probability bar as drawn: each band's fill, each legend entry's height, the card's
+# border colour and the legend's line height.
+BAR_JS = """() => {
+    const card = document.querySelector(".result-card");
+    const q = (sel) => [...card.querySelectorAll(sel)];
+    return {
+        fills: q(".prob-bar .band").map(b => getComputedStyle(b).fill),
+        entries: q(".prob-keys li, .tier-legend li").map(li => li.getBoundingClientRect().height),
+        border: getComputedStyle(card).borderLeftColor,
+        lineHeight: parseFloat(getComputedStyle(card.querySelector(".prob figcaption")).lineHeight),
+        levels: JSON.parse(document.getElementById("model-meta").textContent).tiers.length,
+    };
+}"""
+
+
+def _assert_bar_by_tier(page: Any) -> None:
+    """One distinct colour per risk tier; no legend entry wraps inside; a tier-coloured card."""
+    bar = page.evaluate(BAR_JS)
+    assert len(bar["fills"]) == bar["levels"] == len(set(bar["fills"])), bar
+    assert max(bar["entries"]) < 1.5 * bar["lineHeight"], bar  # each entry on one line
+    assert bar["border"] != "rgb(138, 138, 150)", bar  # not the neutral border
+
+
 def _watch_requests(page: Any, base_url: str) -> list[str]:
     """Collect every request the page makes to anywhere but the service itself."""
     foreign: list[str] = []
@@ -93,6 +116,7 @@ def test_js_upload_renders_the_result_in_place(browser: Any, server: Any, screen
     assert "Asymmetry" in card.inner_text()
     assert page.evaluate("document.activeElement.id") == "result-headline"
     assert page.locator("#result[aria-live=polite] .result-card").count() == 1
+    _assert_bar_by_tier(page)
     screenshot(page, "phone-js-result.png")
 
     heat = page.locator(".photo-stack .heat")
@@ -117,16 +141,26 @@ def test_js_drag_and_drop_and_errors(browser: Any, server: Any, screenshot: Shot
     assert "choose or take a photo" in page.locator("#result .error-box").inner_text()
     screenshot(page, "error-no-photo.png")
 
-    # Drop a text file: the server refuses it and the page says so in plain words.
+    # Drop a text file: no broken-image preview, a plain note, then the server refuses it.
     _drop_file(page, b"not a photo", "notes.txt", "text/plain")
+    page.wait_for_selector("#preview-img", state="hidden")
+    caption = page.locator("#preview-caption").inner_text()
+    assert "notes.txt" in caption and "it may not be a photo" in caption, caption
+    assert "browser" not in caption  # the browser is not to blame
+    style = "getComputedStyle(document.getElementById('preview-caption')).wordBreak"
+    assert page.evaluate(style) != "break-all"  # words are not split mid-word
+    screenshot(page, "phone-js-preview-not-an-image.png")
     page.click("#submit-button")
     page.wait_for_selector("#result .error-box")
     assert NOT_AN_IMAGE in page.locator("#result .error-box").inner_text()
     assert page.locator(".result-card").count() == 0
     screenshot(page, "error-not-an-image.png")
 
-    # Drop the real photo: assessed.
+    # Drop the real photo: previewed again, then assessed.
     _drop_file(page, IMAGE.read_bytes(), "mole.jpg", "image/jpeg")
+    page.wait_for_function("document.getElementById('preview-img').naturalWidth > 0")
+    assert page.is_visible("#preview-img")
+    assert page.locator("#preview-note").inner_text() == ""
     page.click("#submit-button")
     page.wait_for_selector(".result-card")
     assert page.locator("#result .error-box").count() == 0
@@ -142,6 +176,9 @@ def test_without_javascript_the_form_posts_and_renders_server_side(
     foreign = _watch_requests(page, server.base_url)
     page.goto(server.base_url + "/")
     page.set_input_files("#file-input", str(IMAGE))
+    chosen = page.locator("#file-input").bounding_box()
+    assert chosen and chosen["width"] > 100  # without JS the input shows the chosen file
+    screenshot(page, "phone-nojs-upload.png")
     page.click("#submit-button")
     page.wait_for_load_state()
     assert page.url == server.base_url + "/assess"
@@ -182,6 +219,20 @@ def test_desktop_upload_and_result(browser: Any, server: Any, screenshot: Shot) 
     assert abs((main["x"] + main["width"] / 2) - DESKTOP["width"] / 2) <= 2
     button = page.locator("#submit-button").bounding_box()
     assert button and button["width"] < main["width"] / 2  # not a full-width phone button
+    # Two distinct, labelled buttons, not two identical native "Choose File" buttons.
+    labels = page.locator(".picker label")
+    assert labels.all_inner_texts() == [
+        "Take a photo with your camera",
+        "Choose a photo from your device",
+    ]
+    for i in range(2):
+        box = labels.nth(i).bounding_box()
+        assert box and box["height"] >= 44 and box["width"] > 150
+    looks = "(l) => getComputedStyle(l).backgroundColor + getComputedStyle(l).borderStyle"
+    assert labels.nth(0).evaluate(looks) != labels.nth(1).evaluate(looks)
+    for native in ("#camera-input", "#file-input"):
+        box = page.locator(native).bounding_box()
+        assert box is None or box["width"] <= 1, native  # visually hidden, still focusable
     screenshot(page, "desktop-upload.png")
 
     page.set_input_files("#file-input", str(IMAGE))
@@ -189,6 +240,7 @@ def test_desktop_upload_and_result(browser: Any, server: Any, screenshot: Shot) 
     page.wait_for_selector(".result-card")
     assert "Risk level" in page.locator(".result-card").inner_text()
     assert page.evaluate("document.activeElement.id") == "result-headline"
+    _assert_bar_by_tier(page)
     screenshot(page, "desktop-result.png")
     page.click(".heat-toggle-label")
     assert page.locator(".photo-stack .heat").is_visible()
@@ -203,15 +255,22 @@ def test_keyboard_only(browser: Any, server: Any, screenshot: Shot) -> None:
     page = browser.new_page(viewport=PHONE)
     page.goto(server.base_url + "/")
     order: list[str] = []
+    label_rings: list[float] = []
     for _ in range(12):
         page.keyboard.press("Tab")
         order.append(page.evaluate(FOCUSED_JS))
+        if order[-1] in ("camera-input", "file-input"):
+            # The input is visually hidden: its button-like label shows the focus ring.
+            label = page.locator(f"label[for={order[-1]}]")
+            ring = label.evaluate("(l) => getComputedStyle(l).outlineWidth")
+            label_rings.append(float(ring.removesuffix("px")))
         if order[-1] == "submit-button":
             break
     assert order[0] == "a:Skip to main content", order
     wanted = ["camera-input", "file-input", "submit-button"]
     assert [name for name in order if name in wanted] == wanted, order
     assert order.index("submit-button") == order.index("file-input") + 1, order  # nothing between
+    assert label_rings and min(label_rings) >= 2, f"no focus ring on a picker: {label_rings}"
     outline = page.evaluate("getComputedStyle(document.activeElement).outlineWidth")
     assert float(outline.removesuffix("px")) >= 2, f"no visible focus ring: {outline}"
 
@@ -221,7 +280,8 @@ def test_keyboard_only(browser: Any, server: Any, screenshot: Shot) -> None:
     with page.expect_file_chooser() as chooser:
         page.keyboard.press("Space")
     chooser.value.set_files(str(IMAGE))
-    assert page.is_visible("#preview-img")
+    # The change event (and so the preview) may come a moment after the chooser closes.
+    page.wait_for_selector("#preview-img", state="visible", timeout=10_000)
     page.keyboard.press("Tab")
     assert page.evaluate(FOCUSED_JS) == "submit-button"
     screenshot(page, "keyboard-submit-focused.png")
@@ -236,3 +296,36 @@ def test_keyboard_only(browser: Any, server: Any, screenshot: Shot) -> None:
     assert page.locator(".photo-stack .heat").is_visible()
     screenshot(page, "keyboard-heatmap.png")
     page.close()
+
+
+def test_moderate_and_high_tiers_look_different(
+    browser: Any, server: Any, server_factory: Any, artifact_copy: Any, screenshot: Shot
+) -> None:
+    """Tiers like the shipped model's (the threshold is the moderate tier's lower bound): a
+    result just above the threshold is drawn inside the moderate colour, clear of the line,
+    and its card border differs from a high result's."""
+    tiers = [
+        {"name": "low", "lower": 0.0, "upper": 0.45},
+        {"name": "moderate", "lower": 0.45, "upper": 0.9},
+        {"name": "high", "lower": 0.9, "upper": 1.0},
+    ]
+    model_dir = artifact_copy("shipped-like", threshold=0.45, risk_tiers=tiers)
+    borders: dict[str, str] = {}
+    with server_factory(model_dir=model_dir) as live:
+        for name, base_url in (("moderate", live.base_url), ("high", server.base_url)):
+            page = browser.new_page(viewport=PHONE)
+            page.goto(base_url + "/")
+            page.set_input_files("#file-input", str(IMAGE))
+            page.click("#submit-button")
+            page.wait_for_selector(".result-card")
+            assert page.locator(".tier-name strong").inner_text() == name
+            _assert_bar_by_tier(page)
+            borders[name] = page.evaluate(BAR_JS)["border"]
+            if name == "moderate":
+                needle = page.locator(".prob-bar .needle").bounding_box()
+                line = page.locator(".prob-bar .threshold").bounding_box()
+                assert needle and line and needle["x"] - line["x"] >= 12  # clear of the line
+                page.locator(".prob").scroll_into_view_if_needed()
+                screenshot(page, "phone-js-moderate.png")
+            page.close()
+    assert borders["moderate"] != borders["high"], borders

@@ -133,32 +133,74 @@ def test_quality_gate_on_the_result_page(quality_server: Any) -> None:
     assert "We could not assess this photo" in r.text
 
 
+@pytest.mark.parametrize("output", [None, "ood_embedding"])
 def test_ood_gate_is_built_from_the_artifact(
-    artifact_copy: Callable[..., Path],
+    artifact_copy: Callable[..., Path], output: str | None
 ) -> None:
+    """The gate scores the serve output metadata names (none named: ``embedding``)."""
     ood = pytest.importorskip("model_training.ood")
     if not hasattr(ood.OODDetector, "fit"):
         pytest.skip("model_training.ood has no fit() to make statistics with")
+    import tensorflow as tf
+
     from app.gates import build_gates
     from app.model import TriageModel
 
-    model_dir = artifact_copy()
-    model = TriageModel.load(model_dir)
+    block: dict[str, Any] = {"file": "ood.npz", "method": "mahalanobis", "threshold": 1e9}
+    if output is not None:
+        block["embedding_output"] = output
+    model_dir = artifact_copy(ood=block)
+    model = TriageModel.load(model_dir)  # the statistics file is only read by build_gates
+    assert model.metadata.ood_embedding_output == (output or "embedding")
     rng = np.random.default_rng(0)
     batch = rng.uniform(0, 255, (32, 64, 64, 3)).astype(np.float32)
     embeddings = model.infer(batch).embeddings
     assert embeddings is not None
-    detector = ood.OODDetector.fit(embeddings)
-    detector.save(model_dir / "ood.npz")
-    meta = json.loads((model_dir / "metadata.json").read_text())
-    meta["ood"] = {"file": "ood.npz", "method": "mahalanobis", "threshold": 1e9}
-    (model_dir / "metadata.json").write_text(json.dumps(meta))
-    model = TriageModel.load(model_dir)
+    saved = tf.saved_model.load(str(model_dir / "saved_model"))  # kept: serve needs its variables
+    served = saved.serve(tf.constant(batch))
+    np.testing.assert_allclose(
+        embeddings, served[output or "embedding"].numpy(), rtol=1e-5, atol=1e-6
+    )
+    ood.OODDetector.fit(embeddings).save(model_dir / "ood.npz")
     gates = build_gates(model.metadata, model_dir)
-    assert gates.ood is not None
+    assert gates.ood is not None and gates.ood.output == (output or "embedding")
     outlier, score = gates.ood.check(embeddings)
     assert outlier.shape == (32,) and not outlier.any()  # threshold 1e9: nothing is out
     assert np.all(np.isfinite(score))
+
+
+def test_app_refuses_to_start_when_the_ood_output_is_not_served(
+    artifact_copy: Callable[..., Path],
+) -> None:
+    """ood.embedding_output must be a serve output: in metadata, and in the SavedModel."""
+    ood = pytest.importorskip("model_training.ood")
+    from app.main import load_service
+    from app.metrics import Metrics
+    from app.model import ModelLoadError, TriageModel
+    from app.settings import Settings
+
+    block = {"file": "ood.npz", "threshold": 10.0, "embedding_output": "mixed7_embedding"}
+    model_dir = artifact_copy(ood=block)
+    with pytest.raises(ModelLoadError, match="embedding_output 'mixed7_embedding'"):
+        TriageModel.load(model_dir)
+    with pytest.raises(ModelLoadError, match="mixed7_embedding"):
+        load_service(Settings(model_dir=model_dir), Metrics())
+
+    # Without embedding_output the gate reads `embedding`, which serve must then list.
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    meta["ood"] = {"file": "ood.npz", "threshold": 10.0}
+    meta["endpoints"]["serve"] = ["logit", "ood_embedding"]
+    (model_dir / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match=r"'embedding' is not an output of endpoints\.serve"):
+        TriageModel.load(model_dir)
+
+    # Listed in metadata but not returned by the SavedModel: the warm-up refuses it.
+    ood.OODDetector.fit(np.random.default_rng(0).normal(size=(8, 4))).save(model_dir / "ood.npz")
+    meta["ood"]["embedding_output"] = "mixed7_embedding"
+    meta["endpoints"]["serve"] = ["logit", "embedding", "ood_embedding", "mixed7_embedding"]
+    (model_dir / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match=r"did not return.*mixed7_embedding"):
+        load_service(Settings(model_dir=model_dir), Metrics())
 
 
 def test_client_never_sees_a_500_for_odd_inputs(client: httpx.Client) -> None:
@@ -211,7 +253,13 @@ def ood_server(
 
     model_dir = tmp_path_factory.mktemp("ood") / "artifact"
     shutil.copytree(artifact_dir, model_dir)
-    model = TriageModel.load(model_dir)
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    # As shipped artifacts do: the gate scores serve's mid-level ood_embedding.
+    block = {"file": "ood.npz", "method": "mahalanobis", "embedding_output": "ood_embedding"}
+    meta["ood"] = {**block, "threshold": 0.0}
+    (model_dir / "metadata.json").write_text(json.dumps(meta))
+    model = TriageModel.load(model_dir)  # infer() now returns ood_embedding
+    assert model.metadata.ood_embedding_output == "ood_embedding"
     size = model.metadata.input_size
     photos = [decode_image(p.read_bytes()) for p in sorted(IMAGES.glob("*.jpg"))]
     # Dihedral copies give the fit more than six samples (a lesion has no up or left).
@@ -225,8 +273,7 @@ def ood_server(
     detector = ood.OODDetector.fit(train)
     threshold = float(detector.score(train).max()) * 1.05
     detector.save(model_dir / "ood.npz")
-    meta = json.loads((model_dir / "metadata.json").read_text())
-    meta["ood"] = {"file": "ood.npz", "method": "mahalanobis", "threshold": threshold}
+    meta["ood"] = {**block, "threshold": threshold}
     (model_dir / "metadata.json").write_text(json.dumps(meta))
 
     candidates = _candidates()

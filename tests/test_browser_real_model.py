@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.texts import DISCLAIMER, HEADLINES, OOD_MESSAGE
+from app.texts import DISCLAIMER, HEADLINES, HEATMAP_TEXTS, OOD_MESSAGE
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models" / "default"
@@ -145,6 +145,27 @@ def _heat_map_opacity(page: Any) -> int:
     return int(np.asarray(png.convert("RGBA"))[..., 3].max())
 
 
+def _assert_readable_bar(page: Any, metadata: dict[str, Any]) -> None:
+    """One colour per risk tier, and the estimate's marker well clear of the threshold line."""
+    fills = page.locator(".result-card .prob-bar .band").evaluate_all(
+        "(bands) => bands.map((b) => getComputedStyle(b).fill)"
+    )
+    assert len(fills) == len(metadata["risk_tiers"]) == len(set(fills)), fills
+    needle = page.locator(".result-card .prob-bar .needle").bounding_box()
+    threshold = page.locator(".result-card .prob-bar .threshold").bounding_box()
+    assert needle and threshold
+    gap = abs((needle["x"] + needle["width"] / 2) - (threshold["x"] + threshold["width"] / 2))
+    assert gap >= 24, f"the marker is {gap:.0f} px from the threshold line"
+
+
+def _assert_heat_wording(page: Any) -> None:
+    """The switch says what the colours mean: concern for a positive answer, where the model
+    looked for a negative one."""
+    negative = page.locator("#result-headline").inner_text() == HEADLINES["negative"]
+    key = "looked" if negative else "concern"
+    assert page.locator(".heat-toggle-label").inner_text() == HEATMAP_TEXTS[key]["toggle"]
+
+
 def _shown(page: Any) -> str:
     """The result card's headline and, if any, its probability sentence (for messages)."""
     text = page.locator("#result-headline").inner_text()
@@ -172,8 +193,12 @@ def test_real_lesion_with_javascript(
     _assert_assessed(phone, metadata)
     assert phone.evaluate("document.activeElement.id") == "result-headline"
     _assert_fits_phone(phone)
+    _assert_readable_bar(phone, metadata)
     screenshot(phone, "real-lesion-result.png")
     _assert_heat_map_toggles(phone)
+    _assert_heat_wording(phone)
+    # A benign answer shows the evidence against malignant: not a blank overlay.
+    assert _heat_map_opacity(phone) > 0, "the heat map is switched on but fully transparent"
     phone.locator(".photo-block").scroll_into_view_if_needed()
     screenshot(phone, "real-lesion-heatmap.png")
 
@@ -184,7 +209,10 @@ def test_real_melanoma_heat_map_is_visible(
     """A real melanoma photo: the heat map switched on really colours part of the photo."""
     _upload(phone, shipped.base_url, MELANOMA)
     _assert_assessed(phone, metadata)
+    _assert_readable_bar(phone, metadata)
+    screenshot(phone, "real-melanoma-result.png")
     _assert_heat_map_toggles(phone)
+    _assert_heat_wording(phone)
     assert _heat_map_opacity(phone) > 0, "the heat map is switched on but fully transparent"
     phone.locator(".photo-block").scroll_into_view_if_needed()
     screenshot(phone, "real-melanoma-heatmap.png")
@@ -233,8 +261,11 @@ def test_real_lesion_without_javascript(
     assert page.url == shipped.base_url + "/assess"
     _assert_assessed(page, metadata)
     _assert_fits_phone(page)
+    _assert_readable_bar(page, metadata)
     screenshot(page, "real-nojs-result.png")
     _assert_heat_map_toggles(page)
+    _assert_heat_wording(page)
+    assert _heat_map_opacity(page) > 0, "the heat map is switched on but fully transparent"
     page.locator(".photo-block").scroll_into_view_if_needed()
     screenshot(page, "real-nojs-heatmap.png")
     context.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +170,75 @@ def test_non_lesion_photos_are_found_when_installed() -> None:
     names = [name for name, _ in photos]
     assert len(names) == len(set(names))
     assert all(img.mode == "RGB" and min(img.size) >= 64 for _, img in photos)
+
+
+def test_full_rank_matches_scikit_learn_after_a_float32_round_trip(
+    cluster: np.ndarray, tmp_path: Path
+) -> None:
+    """More points than dimensions: every direction kept, as the 768-d gate on real data.
+
+    The components are stored as float32; with all directions kept nothing lies outside
+    their span, so rounding must not leak in through the floor variance of the rest.
+    """
+    covariance = pytest.importorskip("sklearn.covariance")
+    lw = covariance.LedoitWolf().fit(cluster)  # 300 points in 64 dimensions
+    det = OODDetector.fit(cluster)
+    assert det.describe()["n_components"] == [64]
+    back = OODDetector.load(det.save(tmp_path / "ood.npz"), threshold=1.0)
+    probe = np.vstack([cluster[:5], np.random.default_rng(6).normal(size=(5, 64)) * 3])
+    np.testing.assert_allclose(back.score(probe), lw.mahalanobis(probe), rtol=1e-4)
+
+
+def test_ood_output_prefers_the_mid_level_embedding() -> None:
+    from model_training.gates import choose_ood_output
+
+    assert choose_ood_output(["logit", "embedding", "ood_embedding"]) == "ood_embedding"
+    assert choose_ood_output(["logit", "embedding"]) == "embedding"  # older artifacts
+    assert choose_ood_output(["logit", "embedding", "ood_embedding"], "embedding") == "embedding"
+    with pytest.raises(ValueError, match="ood_embedding"):
+        choose_ood_output(["logit", "embedding"], "ood_embedding")
+    with pytest.raises(ValueError):
+        choose_ood_output(["logit"])
+
+
+def test_embedding_cache_keys_on_the_serve_output(tmp_path: Path) -> None:
+    from model_training.gates import EmbeddingCache
+
+    calls: list[int] = []
+
+    def compute(dim: int) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+        def run() -> tuple[np.ndarray, np.ndarray]:
+            calls.append(dim)
+            return np.zeros(2, np.float32), np.ones((2, dim), np.float32)
+
+        return run
+
+    keys = ["a.jpg", "b.jpg"]
+    last = EmbeddingCache(tmp_path, "weights", output="embedding")
+    mid = EmbeddingCache(tmp_path, "weights", output="ood_embedding")
+    assert last.get("valid", keys, compute(2048))[1].shape == (2, 2048)
+    assert mid.get("valid", keys, compute(768))[1].shape == (2, 768)  # not the cached 2048
+    assert last.get("valid", keys, compute(1))[1].shape == (2, 2048)  # both now from cache
+    assert mid.get("valid", keys, compute(1))[1].shape == (2, 768)
+    assert calls == [2048, 768]
+
+
+def test_embedder_returns_the_serve_output_it_was_asked_for(artifact_dir: Path) -> None:
+    tf = pytest.importorskip("tensorflow")
+    from PIL import Image
+
+    from model_training.gates import Embedder
+    from model_training.preprocessing import resize_to_input
+
+    rng = np.random.default_rng(7)
+    images = [Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)) for _ in range(3)]
+    embed = Embedder(artifact_dir, batch_size=2, output="ood_embedding")
+    logits, got = embed(iter(images), len(images), "test")
+    saved = tf.saved_model.load(str(artifact_dir / "saved_model"))
+    batch = np.stack([resize_to_input(img, embed.size) for img in images])
+    out = saved.serve(tf.constant(batch))
+    assert got.shape == tuple(out["ood_embedding"].shape)
+    np.testing.assert_allclose(got, out["ood_embedding"].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logits, out["logit"].numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="not_an_output"):
+        Embedder(artifact_dir, output="not_an_output")

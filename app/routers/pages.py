@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,19 @@ from app.deps import (
     SettingsDep,
     TemplatesDep,
 )
+from app.model import RiskTier
 from app.routers.model import model_info
 from app.schemas import BatchItemError, PredictionResult
 from app.service import Options, TriageService
 from app.settings import Settings
-from app.texts import DISCLAIMER, PHOTO_TIPS, WARNING_SIGNS, percent
+from app.texts import (
+    DISCLAIMER,
+    HEATMAP_TEXTS,
+    PHOTO_TIPS,
+    WARNING_SIGNS,
+    bound_percent,
+    percent,
+)
 from app.uploads import MULTIPART_OVERHEAD, missing_field, read_upload
 
 router = APIRouter(tags=["pages"], include_in_schema=True)
@@ -52,19 +61,75 @@ def render_model_card(text: str) -> str:
     return md.renderer.render(tokens, md.options, {})
 
 
+# Tier colours: static/style.css defines .level-0 (lowest concern) to .level-4 (highest). The
+# lowest tier gets 0, the highest 4 and the others are spread evenly between (three tiers:
+# 0, 2, 4), so every tier of any artifact has its own colour without knowing its name.
+COLOUR_LEVELS = 5
+# The estimate's marker keeps this share of its tier's segment clear of either edge, so it
+# never sits on a tier boundary (where the threshold usually is).
+BAR_INSET = 0.08
+
+
+def tier_level(index: int, count: int) -> int:
+    """Colour level (0..COLOUR_LEVELS-1) of the ``index``-th of ``count`` ascending tiers."""
+    if count < 2:
+        return 0
+    return round(index * (COLOUR_LEVELS - 1) / (count - 1))
+
+
+def bar_position(p: float, tiers: tuple[RiskTier, ...]) -> float:
+    """Where the estimate ``p`` sits on the probability bar, 0..1 (static/app.js mirrors it).
+
+    Scale choice: each risk tier gets an equal-width segment, and ``p`` is placed linearly
+    inside its own tier's segment, kept BAR_INSET of the segment clear of its edges. On a
+    linear 0-100% scale the shipped model's low tier (0-4.8%) was about 15 px wide on a
+    phone, so a 3% and a 6% estimate both sat on the threshold line; with equal segments the
+    marker is always inside its tier's colour, clear of the boundaries, and a 3% estimate is
+    some 40 px from the threshold on a phone. The bar is therefore not linear in percent:
+    the tick labels under each segment boundary give the real percentages, the marker
+    carries its value, and the bar's text alternative says how it is drawn.
+    """
+    p = min(max(p, 0.0), 1.0)
+    n = len(tiers)
+    for i, t in enumerate(tiers):
+        if p < t.upper or i == n - 1:
+            inside = min(max((p - t.lower) / (t.upper - t.lower), 0.0), 1.0)
+            return (i + BAR_INSET + inside * (1 - 2 * BAR_INSET)) / n
+    return 1.0  # pragma: no cover - the last tier always returns
+
+
+def threshold_position(threshold: float, tiers: tuple[RiskTier, ...]) -> float:
+    """The threshold line on the bar: exactly on a tier boundary when it is one (usual)."""
+    for i, t in enumerate(tiers):
+        if math.isclose(threshold, t.lower, abs_tol=1e-9):
+            return i / len(tiers)
+    return bar_position(threshold, tiers)
+
+
+def _svg_percent(fraction: float) -> str:
+    """An SVG length as a percentage of the bar's width (no viewBox: text is not stretched)."""
+    return f"{100 * fraction:.3f}%"
+
+
 def _model_context(service: TriageService | None) -> dict[str, Any]:
     """What every page shows about the model (if loaded)."""
     if service is None:
         return {"model": None}
     meta = service.model.metadata
+    n = len(meta.risk_tiers)
     tiers = [
         {
             "name": t.name,
             "lower": t.lower,
             "upper": t.upper,
             "position": service.model.tier_position(t),
+            "level": tier_level(i, n),
+            "x": _svg_percent(i / n),
+            "width": _svg_percent(1 / n),
+            "lower_label": bound_percent(t.lower),
+            "upper_label": bound_percent(t.upper),
         }
-        for t in meta.risk_tiers
+        for i, t in enumerate(meta.risk_tiers)
     ]
     return {
         "model": {
@@ -74,6 +139,8 @@ def _model_context(service: TriageService | None) -> dict[str, Any]:
             "positive_label": meta.positive_label,
             "labels": list(meta.labels),
             "tiers": tiers,
+            "threshold_x": _svg_percent(threshold_position(meta.threshold, meta.risk_tiers)),
+            "bar_inset": BAR_INSET,
         }
     }
 
@@ -86,6 +153,8 @@ def _common(settings: Settings) -> dict[str, Any]:
         "max_upload_mb": round(settings.max_upload_bytes / (1024 * 1024), 1),
         "stores_uploads": settings.store_uploads_dir is not None,
         "percent": percent,
+        "bound_percent": bound_percent,
+        "heatmap_texts": HEATMAP_TEXTS,
     }
 
 
@@ -169,14 +238,38 @@ def _error_message(exc: HTTPException, max_bytes: int) -> str:
     return str(exc.detail)
 
 
+def heatmap_key(result: PredictionResult, positive_label: str) -> str | None:
+    """Which HEATMAP_TEXTS wording fits the result's heat map (None: there is none).
+
+    static/app.js mirrors this.
+    """
+    if not result.heatmap_png_base64:
+        return None
+    if result.heatmap_evidence == "none":
+        return "none"
+    if result.heatmap_evidence == "against":
+        return "looked"
+    return "concern" if result.label == positive_label else "raised"
+
+
 def _result_view(result: PredictionResult, service: TriageService) -> dict[str, Any]:
     """The result plus display helpers the template needs."""
     view = result.model_dump()
+    meta = service.model.metadata
     view["tier_position"] = ""
-    for tier in service.model.metadata.risk_tiers:
+    view["tier_level"] = None
+    for i, tier in enumerate(meta.risk_tiers):
         if result.risk_tier is not None and tier.name == result.risk_tier.name:
             view["tier_position"] = service.model.tier_position(tier)
-    if result.heatmap_png_base64:
+            view["tier_level"] = tier_level(i, len(meta.risk_tiers))
+            view["tier_range"] = f"{bound_percent(tier.lower)}–{bound_percent(tier.upper)}"
+    if result.probability_malignant is not None:
+        position = bar_position(result.probability_malignant, meta.risk_tiers)
+        view["bar_x"] = _svg_percent(position)
+        # The value label above the marker: centred, or anchored inwards near an end.
+        view["bar_anchor"] = "start" if position < 0.1 else "end" if position > 0.9 else "middle"
+    view["heat_key"] = heatmap_key(result, meta.positive_label)
+    if result.heatmap_png_base64 and view["heat_key"] != "none":
         view["heatmap_src"] = "data:image/png;base64," + result.heatmap_png_base64
     if result.preview_jpeg_base64:
         view["photo_src"] = "data:image/jpeg;base64," + result.preview_jpeg_base64
