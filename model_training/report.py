@@ -735,17 +735,29 @@ def _section_shortcuts(metrics: Mapping[str, Any]) -> list[str]:
         "| ink colour | set | n | mean change in p | benign → malignant | malignant → benign |",
         "|---|---|---|---|---|---|",
     ]
+    changes: list[float] = []
+    lost: list[float] = []
     for key, per_set in checks.items():
         if not key.startswith("ink_rgb_") or not isinstance(per_set, Mapping):
             continue
         colour = key.removeprefix("ink_rgb_").replace("_", ",")
         for name, entry in per_set.items():
+            changes.append(float(entry.get("mean_probability_change") or 0.0))
+            lost.append(float(entry.get("malignant_to_benign") or 0.0))
             lines.append(
                 f"| rgb({colour}) | {name} | {entry.get('n')} | "
                 f"{_fmt(entry.get('mean_probability_change'), 4)} | "
                 f"{_fmt(entry.get('benign_to_malignant'))} | "
                 f"{_fmt(entry.get('malignant_to_benign'))} |"
             )
+    if changes and max(changes) < 0:
+        lines += [
+            "",
+            'Reading: the model did **not** learn "ink means malignant". A drawn ring instead '
+            f"*lowers* its estimate and turns up to {max(lost):.0%} of malignant answers "
+            "benign, so photos with pen marks may be under-called: ask users not to draw on "
+            "the skin, and add synthetic marker rings to training augmentation (not done yet).",
+        ]
     return [*lines, ""]
 
 
