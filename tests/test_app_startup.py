@@ -9,9 +9,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -22,6 +23,13 @@ from app.model import ModelLoadError, TriageModel
 from app.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run in a fresh thread: the session's Playwright browser keeps a loop running."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def test_not_ready_until_the_lifespan_has_loaded_the_model(artifact_dir: Path) -> None:
@@ -40,7 +48,7 @@ def test_not_ready_until_the_lifespan_has_loaded_the_model(artifact_dir: Path) -
                 "page": await c.get("/"),
             }
 
-    answers = asyncio.run(probe())
+    answers = run_async(probe())
     assert answers["live"].status_code == 200
     for name in ("ready", "predict", "model"):
         assert answers[name].status_code == 503, name
@@ -61,7 +69,7 @@ def test_ready_flips_with_the_lifespan(artifact_dir: Path) -> None:
             after = (await c.get("/health/ready")).status_code
         return before, during, after
 
-    assert asyncio.run(run()) == (503, 200, 503)
+    assert run_async(run()) == (503, 200, 503)
 
 
 def _run_app(env: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess[str]:

@@ -285,6 +285,7 @@ def test_probes_hit_the_same_path_and_it_is_a_route_of_the_app(
     compose_api: dict[str, Any], dockerfile: list[Instruction]
 ) -> None:
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
@@ -304,7 +305,9 @@ def test_probes_hit_the_same_path_and_it_is_a_route_of_the_app(
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return (await client.get(path)).status_code
 
-    assert asyncio.run(get()) == 503, "the probe must fail until the model is ready"
+    with ThreadPoolExecutor(max_workers=1) as pool:  # a session browser may own the loop
+        status = pool.submit(asyncio.run, get()).result()
+    assert status == 503, "the probe must fail until the model is ready"
 
 
 def run_probe(argv: list[str], port: int) -> subprocess.CompletedProcess[str]:

@@ -75,7 +75,10 @@ def test_tiny_artifact_has_saved_model_and_documented_metadata(artifact_dir: Pat
     assert not missing, f"metadata.json lacks documented keys {sorted(missing)}"
     assert meta["schema_version"] == 1
     assert meta["labels"] == ["benign", "malignant"] and meta["positive_label"] == "malignant"
-    assert meta["endpoints"] == {"serve": ["logit", "embedding"], "explain": ["logit", "heatmap"]}
+    assert meta["endpoints"] == {
+        "serve": ["logit", "embedding", "ood_embedding"],
+        "explain": ["logit", "heatmap", "heatmap_benign"],
+    }
     inp = meta["input"]
     assert {
         "height",
