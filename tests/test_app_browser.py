@@ -329,3 +329,16 @@ def test_moderate_and_high_tiers_look_different(
                 screenshot(page, "phone-js-moderate.png")
             page.close()
     assert borders["moderate"] != borders["high"], borders
+
+
+def test_api_docs_render_offline(browser: Any, server: Any) -> None:
+    """Swagger UI (served by the app itself) renders the OpenAPI 3.1 document."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    foreign = _watch_requests(page, server.base_url)
+    page.goto(server.base_url + "/docs")
+    page.wait_for_selector(".opblock-summary-path", timeout=15_000)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    assert "/predict" in paths and "/predict/batch" in paths
+    assert "Unable to render" not in page.content()
+    assert foreign == []
+    page.close()
