@@ -139,6 +139,11 @@ def _domain_sets(df: pd.DataFrame) -> dict[str, np.ndarray]:
 
 def _subgroup_columns(part: pd.DataFrame) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
+    # Per diagnosis: the sensitivity of each malignant kind and the specificity of each benign
+    # kind (which benign lesions get flagged); per confirmation method where recorded.
+    for column in ("diagnosis", "dx_type"):
+        if column in part and part[column].notna().any():
+            groups[column] = part[column].fillna("unknown").astype(str).tolist()
     if "sex" in part and part["sex"].notna().any():
         groups["sex"] = part["sex"].fillna("unknown").astype(str).tolist()
     if "age" in part and part["age"].notna().any():

@@ -37,6 +37,7 @@ SUBGROUP_TITLES: dict[str, str] = {
     "fitzpatrick": "Fitzpatrick skin type",
     "domain": "Domain",
     "dx_type": "How the diagnosis was confirmed",
+    "diagnosis": "Diagnosis (sensitivity of each malignant kind, specificity of each benign kind)",
 }
 STANDARD_SUBGROUPS: tuple[str, ...] = ("sex", "age_band", "site", "fitzpatrick")
 
@@ -552,7 +553,8 @@ def _section_subgroups(metrics: Mapping[str, Any]) -> list[str]:
     for set_name in _ordered(list(sets), DOMAIN_ORDER, last=("pooled",)):
         columns = sets[set_name]
         lines += [f"### {set_name}", ""]
-        for column in _ordered(list(columns), ("sex", "age_band", "age", "site", "fitzpatrick")):
+        preferred = ("diagnosis", "dx_type", "sex", "age_band", "age", "site", "fitzpatrick")
+        for column in _ordered(list(columns), preferred):
             values = columns[column]
             if not isinstance(values, Mapping):
                 continue
