@@ -40,28 +40,13 @@ def draw_ink_ring(img: Image.Image, colour: tuple[int, int, int], seed: int) -> 
     return out
 
 
-def logits_of(artifact: Path, images: Sequence[Image.Image], batch_size: int = 16) -> np.ndarray:
-    """Raw logits of the artifact's ``serve`` for PIL images (the shared preprocessing path)."""
-    import tensorflow as tf
-
-    from model_training.export import SAVED_MODEL_DIR, read_metadata
-    from model_training.preprocessing import resize_to_input
-
-    meta = read_metadata(artifact)
-    size = (int(meta["input"]["height"]), int(meta["input"]["width"]))
-    model = tf.saved_model.load(str(artifact / SAVED_MODEL_DIR))
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = np.stack([resize_to_input(im, size) for im in images[start : start + batch_size]])
-        out.append(model.serve(tf.constant(batch))["logit"].numpy().reshape(-1))
-    return np.concatenate(out) if out else np.zeros(0)
-
-
 def ink_shortcut_check(
     artifact: Path, data_dir: Path, sets: Sequence[str] = ("pad-ufes-20", "isic2017")
 ) -> dict[str, Any]:
     """Answers with vs. without a drawn marker ring, per validation set."""
+    from model_training.calibration import calibrate
     from model_training.export import read_metadata
+    from model_training.gates import Embedder
     from model_training.preprocessing import load_image_file
 
     meta = read_metadata(artifact)
@@ -70,13 +55,14 @@ def ink_shortcut_check(
     df = read_datasets(data_dir, sets)
     df = df[df["split"] == "valid"].reset_index(drop=True)
     originals = [load_image_file(p) for p in df["path"]]
-    base = logits_of(artifact, originals)
+    embed = Embedder(artifact)  # the SavedModel is loaded once for every pass below
+    base, _ = embed(originals, len(originals), "without ink")
+    p0 = calibrate(base, bias, temperature)
     result: dict[str, Any] = {"method": __doc__.split("\n\n")[1].replace("\n", " ")}
     for colour in INK_COLOURS:
         marked = [draw_ink_ring(im, colour, i) for i, im in enumerate(originals)]
-        inked = logits_of(artifact, marked)
-        p0 = 1 / (1 + np.exp(-(base + bias) / temperature))
-        p1 = 1 / (1 + np.exp(-(inked + bias) / temperature))
+        inked, _ = embed(marked, len(marked), f"ink rgb{colour}")
+        p1 = calibrate(inked, bias, temperature)
         per_set = {}
         for name in sorted(df["dataset"].unique()):
             m = (df["dataset"] == name).to_numpy()

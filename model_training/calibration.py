@@ -43,6 +43,13 @@ def sigmoid(x: npt.ArrayLike) -> npt.NDArray[np.float64]:
     return np.exp(-np.logaddexp(0.0, -z))
 
 
+def calibrate(
+    logits: npt.ArrayLike, logit_bias: float = 0.0, temperature: float = 1.0
+) -> npt.NDArray[np.float64]:
+    """The artifact's calibrated probability: sigmoid((logit + logit_bias) / temperature)."""
+    return sigmoid((np.asarray(logits, dtype=np.float64) + logit_bias) / temperature)
+
+
 def _nll(logits: npt.NDArray[np.float64], y: npt.NDArray[np.int64], temperature: float) -> float:
     z = logits / temperature
     # -[y log s(z) + (1 - y) log(1 - s(z))] = softplus(z) - y z

@@ -103,9 +103,9 @@ def choose_tiers(
 
     "Low" is exactly what the decision rule calls benign, so the tier never contradicts the
     label. "High" starts where validation specificity reaches ``high_specificity``: there
-    most cases are malignant. Advice texts come from :func:`calibration.choose_risk_tiers`.
+    most cases are malignant. Advice texts are the lay wordings in :mod:`calibration`.
     """
-    advice = {t["name"]: t["advice"] for t in cal.choose_risk_tiers(y, p, threshold)}
+    advice = {"low": cal.LOW_ADVICE, "moderate": cal.MODERATE_ADVICE, "high": cal.HIGH_ADVICE}
     negatives = np.sort(p[y == 0])
     k = min(len(negatives) - 1, int(np.ceil(high_specificity * len(negatives))) - 1)
     high = float(np.nextafter(negatives[max(k, 0)], 1.0))
@@ -170,7 +170,7 @@ def summarise(
     """
     y = df["label"].to_numpy().astype(int)
     p_raw = cal.sigmoid(logits)
-    p = cal.sigmoid((logits + bias) / temperature)
+    p = cal.calibrate(logits, bias, temperature)
     domains: dict[str, Any] = {}
     calib: dict[str, Any] = {}
     subgroups: dict[str, Any] = {}
@@ -230,7 +230,7 @@ def evaluate_artifact(
     meta = read_metadata(artifact)
     bias = float(meta.get("logit_bias", 0.0))
     temperature = cal.fit_temperature(logits + bias, y)
-    p = cal.sigmoid((logits + bias) / temperature)
+    p = cal.calibrate(logits, bias, temperature)
     threshold, rule = choose_domain_threshold(df, y, p, target_sensitivity)
     tiers = choose_tiers(y, p, threshold)
     result = summarise(df, logits, temperature, threshold, bias)
@@ -255,7 +255,7 @@ def evaluate_artifact(
     if tta:
         tta_logits, _, tta_sec = predict_artifact(artifact, df["path"].tolist(), views=TTA_VIEWS)
         tta_t = cal.fit_temperature(tta_logits + bias, y)
-        tta_p = cal.sigmoid((tta_logits + bias) / tta_t)
+        tta_p = cal.calibrate(tta_logits, bias, tta_t)
         gains = {}
         for name, mask in _domain_sets(df).items():
             base = mt.binary_metrics(y[mask], p[mask], threshold)["roc_auc"]

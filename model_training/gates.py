@@ -55,6 +55,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 
+from model_training.calibration import calibrate
 from model_training.data import DEFAULT_SETS, read_datasets
 from model_training.ood import METHOD, OODDetector
 from model_training.preprocessing import load_image_file, resize_to_input, to_rgb
@@ -620,7 +621,7 @@ def quality_sensitivity(
     deg_logits, _ = embed((c for _, _, c in copies), len(copies), "degraded copies")
 
     def prob(x: np.ndarray) -> np.ndarray:
-        return np.asarray(1.0 / (1.0 + np.exp(-(x + logit_bias) / temperature)))
+        return calibrate(x, logit_bias, temperature)
 
     out: dict[str, Any] = {"images": len(picks), "per_set": per_set}
     kinds = np.asarray([k for _, k, _ in copies])
