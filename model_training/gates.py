@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
+from sklearn.metrics import roc_auc_score
 
 from model_training.calibration import calibrate
 from model_training.data import DEFAULT_SETS, read_datasets
@@ -653,22 +654,11 @@ def frr_threshold(scores_by_domain: Mapping[str, np.ndarray], target: float) -> 
 
 
 def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
-    """P(positive score > negative score), ties counted half (Mann-Whitney)."""
+    """P(positive score > negative score), ties counted half; NaN when a side is empty."""
     if not len(negatives) or not len(positives):
         return float("nan")
-    values = np.concatenate([negatives, positives])
-    order = values.argsort(kind="mergesort")
-    ranks = np.empty(len(values))
-    sorted_vals = values[order]
-    ranks[order] = np.arange(1, len(values) + 1)
-    # average ranks for ties
-    _, first, counts = np.unique(sorted_vals, return_index=True, return_counts=True)
-    for f, c in zip(first, counts, strict=True):
-        if c > 1:
-            ranks[order[f : f + c]] = f + (c + 1) / 2.0
-    n_pos = len(positives)
-    u = ranks[len(negatives) :].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * len(negatives)))
+    labels = np.r_[np.zeros(len(negatives)), np.ones(len(positives))]
+    return float(roc_auc_score(labels, np.r_[negatives, positives]))
 
 
 CROSSFIT_REPEATS = 20

@@ -55,11 +55,6 @@ def build_tiny_classifier(input_size: tuple[int, int] = (64, 64), seed: int = 0)
     return keras.Model(image, add_head(x, 0.0), name="tiny_classifier")
 
 
-def feature_layer_name(model: keras.Model) -> str:
-    """The last convolutional block (Grad-CAM target)."""
-    return LAST_BLOCK if any(layer.name == LAST_BLOCK for layer in model.layers) else ""
-
-
 def set_trunk_trainable(model: keras.Model, trainable: bool, freeze_bn: bool = True) -> None:
     """Freeze or unfreeze the trunk; batch norm stays frozen (inference mode) when asked."""
     for layer in model.layers:

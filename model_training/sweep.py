@@ -23,19 +23,10 @@ from model_training.model import build_classifier
 
 
 def roc_auc(y: np.ndarray, score: np.ndarray) -> float | None:
-    """Rank-based ROC-AUC (Mann-Whitney U); None for a single class."""
-    pos, neg = score[y == 1], score[y == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        return None
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    ranks = np.empty(len(order))
-    ranks[order] = np.arange(1, len(order) + 1)
-    # Average ranks over ties.
-    allv = np.concatenate([pos, neg])
-    _, inverse, counts = np.unique(allv, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    ranks = (sums / counts)[inverse]
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+    """ROC-AUC, None for a single class (scikit-learn is on the GPU image too)."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, score)) if 0 < int(np.sum(y)) < len(y) else None
 
 
 def score_valid(
