@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.deps import MetricsDep, RequestIdDep, ServiceDep, SettingsDep
 from app.schemas import PREDICT_ERRORS, BatchItemError, BatchResponse, PredictionResult
-from app.service import Options
+from app.service import Options, TriageService
 from app.uploads import MULTIPART_OVERHEAD, ParsedForm, missing_field, read_upload, truthy
 
 router = APIRouter(tags=["prediction"])
@@ -105,6 +105,28 @@ def _outcome(results: Sequence[PredictionResult | BatchItemError]) -> str:
     return ",".join(parts)
 
 
+async def _assess(
+    request: Request,
+    service: TriageService,
+    form: ParsedForm,
+    field: str,
+    options: Options,
+    request_id: str,
+    started: float,
+) -> list[PredictionResult | BatchItemError]:
+    """Shared by /predict and /predict/batch: refuse a form without ``field``, assess its
+    files off the event loop, record the request's outcome for the access log."""
+    read_ms = round((time.perf_counter() - started) * 1000.0, 2)
+    if not form.files:
+        request.state.outcome = f"rejected:missing_{field}"
+        raise missing_field(field)
+    results = await run_in_threadpool(
+        service.assess, form.files, options, request_id, started, read_ms
+    )
+    request.state.outcome = _outcome(results)
+    return results
+
+
 @router.post(
     "/predict",
     response_model=PredictionResult,
@@ -140,19 +162,9 @@ async def predict(
             status_code=422, detail="send one file in `file`; use /predict/batch for several"
         ),
     )
-    read_ms = round((time.perf_counter() - started) * 1000.0, 2)
-    if not form.files:
-        request.state.outcome = "rejected:missing_file"
-        raise missing_field("file")
-    [result] = await run_in_threadpool(
-        service.assess,
-        form.files,
-        _options(form, explain, preview),
-        request_id,
-        started,
-        read_ms,
+    [result] = await _assess(
+        request, service, form, "file", _options(form, explain, preview), request_id, started
     )
-    request.state.outcome = _outcome([result])
     if isinstance(result, BatchItemError):
         raise HTTPException(status_code=result.status_code, detail=result.detail)
     return JSONResponse(result.public_dict(), headers=NO_STORE)
@@ -199,19 +211,9 @@ async def predict_batch(
             status_code=413, detail=f"at most {settings.max_batch_files} files per batch"
         ),
     )
-    read_ms = round((time.perf_counter() - started) * 1000.0, 2)
-    if not form.files:
-        request.state.outcome = "rejected:missing_files"
-        raise missing_field("files")
-    results = await run_in_threadpool(
-        service.assess,
-        form.files,
-        _options(form, explain, preview),
-        request_id,
-        started,
-        read_ms,
+    results = await _assess(
+        request, service, form, "files", _options(form, explain, preview), request_id, started
     )
-    request.state.outcome = _outcome(results)
     body = {
         "request_id": request_id,
         "model_version": service.model.metadata.version,
