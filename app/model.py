@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from model_training.preprocessing import TTA_VIEWS, tta_view
+
 logger = logging.getLogger("app.model")
 
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -33,7 +35,7 @@ REQUIRED_OUTPUTS: dict[str, tuple[str, ...]] = {
 # older than ``ood.embedding_output``).
 DEFAULT_OOD_OUTPUT = "embedding"
 # TTA flips the server knows how to apply; metadata picks among them.
-KNOWN_FLIPS = ("horizontal", "vertical")
+KNOWN_FLIPS = TTA_VIEWS  # the views model_training.evaluate measures
 
 
 class ModelLoadError(RuntimeError):
@@ -338,9 +340,7 @@ class TriageModel:
 
     def infer(self, batch: np.ndarray) -> Inference:
         """Run ``serve`` on a [n, H, W, 3] float32 0..255 batch, with TTA if metadata asks."""
-        views = [batch]
-        for flip in self.metadata.tta_flips:
-            views.append(batch[:, :, ::-1, :] if flip == "horizontal" else batch[:, ::-1, :, :])
+        views = [batch, *(tta_view(batch, flip) for flip in self.metadata.tta_flips)]
         outputs = self._call("serve", np.ascontiguousarray(np.concatenate(views, axis=0)))
         n = batch.shape[0]
         # Average logits (not probabilities) over the views, as the contract states.

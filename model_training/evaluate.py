@@ -21,21 +21,11 @@ from model_training import metrics as mt
 from model_training import report
 from model_training.data import read_datasets
 from model_training.export import SAVED_MODEL_DIR, read_metadata, write_metadata
-from model_training.preprocessing import image_to_input
+from model_training.preprocessing import TTA_VIEWS as PREPROCESSING_TTA_VIEWS
+from model_training.preprocessing import image_to_input, tta_view
 
 PREDICTIONS_FILE = "validation_predictions.csv"
-TTA_VIEWS = ("identity", "flip_lr", "flip_ud", "transpose")
-
-
-def tta_views(batch: np.ndarray, views: Sequence[str]) -> list[np.ndarray]:
-    """Dihedral views of a batch [N, H, W, 3] (a lesion has no up or left)."""
-    ops = {
-        "identity": lambda b: b,
-        "flip_lr": lambda b: b[:, :, ::-1],
-        "flip_ud": lambda b: b[:, ::-1],
-        "transpose": lambda b: b.transpose(0, 2, 1, 3),
-    }
-    return [np.ascontiguousarray(ops[v](batch)) for v in views]
+TTA_VIEWS = ("identity", *PREPROCESSING_TTA_VIEWS)
 
 
 def predict_artifact(
@@ -53,7 +43,7 @@ def predict_artifact(
     for start in tqdm(range(0, len(paths), batch_size), desc=f"score x{len(views)}", unit="batch"):
         batch = np.stack([image_to_input(p, size) for p in paths[start : start + batch_size]])
         t0 = time.perf_counter()
-        outs = [model.serve(tf.constant(v)) for v in tta_views(batch, views)]
+        outs = [model.serve(tf.constant(tta_view(batch, v))) for v in views]
         infer_seconds += time.perf_counter() - t0
         logits.append(np.mean([o["logit"].numpy() for o in outs], axis=0))
         embeddings.append(outs[0]["embedding"].numpy())

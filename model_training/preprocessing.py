@@ -93,6 +93,27 @@ def resize_to_input(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
+TTA_VIEWS = ("horizontal", "vertical", "transpose")
+
+
+def tta_view(batch: np.ndarray, name: str) -> np.ndarray:
+    """One dihedral view of a batch [N, H, W, 3] for test-time augmentation.
+
+    A lesion has no up or left, so mirrored and transposed photos are equally valid inputs.
+    Shared by the evaluation that measures TTA and the server that would apply it, so what
+    is measured is what is served. ``transpose`` needs a square input.
+    """
+    if name == "identity":
+        return batch
+    if name == "horizontal":
+        return np.ascontiguousarray(batch[:, :, ::-1])
+    if name == "vertical":
+        return np.ascontiguousarray(batch[:, ::-1])
+    if name == "transpose" and batch.shape[1] == batch.shape[2]:
+        return np.ascontiguousarray(batch.transpose(0, 2, 1, 3))
+    raise ValueError(f"unknown test-time view {name!r} for a batch of shape {batch.shape}")
+
+
 def load_image_file(path: str | Path) -> Image.Image:
     """Read an image file through exactly the decoder the server uses for uploads."""
     return decode_image(Path(path).read_bytes())

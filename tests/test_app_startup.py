@@ -250,3 +250,16 @@ def test_tta_averages_logits_over_flips(artifact_copy: Callable[..., Path]) -> N
     np.testing.assert_allclose(out.logits, expected, rtol=1e-5)
     assert out.embeddings is not None and out.embeddings.shape[0] == 2
     assert not math.isclose(float(out.logits[0]), float(_logits(model_dir, batch)[0]), rel_tol=1e-9)
+
+
+def test_tta_serves_every_view_evaluation_measures(artifact_copy: Callable[..., Path]) -> None:
+    """The server accepts exactly the views `model_training.evaluate --tta` measures."""
+    from model_training.evaluate import TTA_VIEWS
+
+    flips = [v for v in TTA_VIEWS if v != "identity"]
+    batch = np.random.default_rng(2).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    model_dir = artifact_copy(tta={"enabled": True, "flips": flips})
+    out = TriageModel.load(model_dir).infer(batch)
+    views = np.concatenate([batch, batch[:, :, ::-1], batch[:, ::-1], batch.transpose(0, 2, 1, 3)])
+    expected = _logits(model_dir, np.ascontiguousarray(views)).reshape(4, 2).mean(axis=0)
+    np.testing.assert_allclose(out.logits, expected, rtol=1e-5)
