@@ -103,7 +103,9 @@ def test_js_upload_renders_the_result_in_place(browser: Any, server: Any, screen
     assert _no_sideways_scroll(page, PHONE["width"])
 
     page.set_input_files("#file-input", str(IMAGE))
-    assert page.is_visible("#preview-img")
+    # The preview appears once the browser has decoded the chosen file: wait for it (a
+    # snapshot right after set_input_files raced it and failed once in CI).
+    page.wait_for_selector("#preview-img", state="visible", timeout=10_000)
     page.wait_for_function("document.getElementById('preview-img').naturalWidth > 0")
     screenshot(page, "phone-js-upload.png")
     with page.expect_response(lambda r: "/predict?explain=true" in r.url) as answer:
