@@ -255,6 +255,11 @@ def test_desktop_upload_and_result(browser: Any, server: Any, screenshot: Shot) 
 def test_keyboard_only(browser: Any, server: Any, screenshot: Shot) -> None:
     """Tab reaches the pickers, then the button; the result headline then takes focus."""
     page = browser.new_page(viewport=PHONE)
+    # Listen for the chooser from the start: Playwright turns interception on asynchronously
+    # when the first listener is added, and a key pressed before that lands opens an
+    # unintercepted chooser (a CI run raced so). Nothing below waits on this set-up.
+    choosers: list[Any] = []
+    page.on("filechooser", lambda chooser: choosers.append(chooser))
     page.goto(server.base_url + "/")
     order: list[str] = []
     label_rings: list[float] = []
@@ -279,9 +284,13 @@ def test_keyboard_only(browser: Any, server: Any, screenshot: Shot) -> None:
     # Back to the file picker; Space opens the chooser, as it would for a keyboard user.
     page.keyboard.press("Shift+Tab")
     assert page.evaluate(FOCUSED_JS) == "file-input"
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Space")
-    chooser.value.set_files(str(IMAGE))
+    page.keyboard.press("Space")
+    for _ in range(100):
+        if choosers:
+            break
+        page.wait_for_timeout(100)
+    assert len(choosers) == 1, "Space on the focused file picker opened no chooser"
+    choosers[0].set_files(str(IMAGE))
     # The change event (and so the preview) may come a moment after the chooser closes.
     page.wait_for_selector("#preview-img", state="visible", timeout=10_000)
     page.keyboard.press("Tab")
