@@ -35,6 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
         workers=args.workers,
         limit=args.limit,
+        aux_diagnosis=args.aux_diagnosis,
     )
     df = read_datasets(args.data_dir, args.sets)
     check_no_leak(df)
@@ -173,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", default="auto")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--limit", type=int, default=0, help="smoke run on N images")
+    p.add_argument(
+        "--aux-diagnosis", type=float, default=0.0,
+        help="weight of an auxiliary diagnosis loss (0: off; the served model is unchanged)",
+    )  # fmt: skip
     p.add_argument("--init-weights", default="", help="ImageNet .npz (default: pinned cache)")
     p.add_argument("--manifest", default="", help="file of image_ids to train on (GPU pack)")
     p.set_defaults(func=cmd_train)

@@ -22,6 +22,20 @@ DOMAINS = {"isic2017": "dermoscopy", "ham10000": "dermoscopy", "pad-ufes-20": "p
 DEFAULT_SETS = ("isic2017", "ham10000", "pad-ufes-20")
 
 
+# Diagnoses of the known sets on one scale, for the optional auxiliary diagnosis head in
+# training. Seborrhoeic keratosis joins HAM10000's benign keratoses (bkl); PAD-UFES-20's
+# actinic keratosis (ACK, benign there) stays apart from HAM10000's akiec (malignant there,
+# it includes Bowen's disease), so no class mixes the two labels.
+DIAGNOSIS_CLASSES = ("mel", "nv", "bkl", "bcc", "akiec", "scc", "ack", "vasc", "df")
+DIAGNOSIS_ALIASES = {
+    "melanoma": "mel",
+    "nevus": "nv",
+    "nev": "nv",
+    "seborrheic_keratosis": "bkl",
+    "sek": "bkl",
+}
+
+
 class DataError(ValueError):
     """A data set is missing or malformed."""
 
@@ -121,3 +135,16 @@ def describe(df: pd.DataFrame) -> list[dict[str, object]]:
             }
         )
     return rows
+
+
+def diagnosis_codes(diagnoses: pd.Series) -> np.ndarray:
+    """Index into DIAGNOSIS_CLASSES of each diagnosis (any case; known aliases mapped)."""
+    names = diagnoses.astype(str).str.strip().str.lower().replace(DIAGNOSIS_ALIASES)
+    unknown = sorted(set(names) - set(DIAGNOSIS_CLASSES))
+    if unknown:
+        raise DataError(
+            f"diagnoses {unknown[:5]} are not among {list(DIAGNOSIS_CLASSES)} (or aliases "
+            f"{sorted(DIAGNOSIS_ALIASES)}): train without the auxiliary diagnosis head"
+        )
+    lookup = {name: i for i, name in enumerate(DIAGNOSIS_CLASSES)}
+    return names.map(lookup).to_numpy(dtype=np.int32)

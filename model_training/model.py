@@ -130,9 +130,22 @@ class DermAugment(layers.Layer):
         return config
 
 
+def with_diagnosis_head(classifier: keras.Model, n_classes: int) -> keras.Model:
+    """The classifier plus a diagnosis head on the same (dropped-out) embedding.
+
+    For training only: the extra supervision teaches the trunk what tells, say, a benign
+    keratosis from a melanoma. It shares every layer with ``classifier``, which is what gets
+    saved and exported, so the served model keeps its single malignant logit.
+    """
+    features = classifier.get_layer("dropout").output
+    diagnosis = layers.Dense(n_classes, name="diagnosis", dtype="float32")(features)
+    outputs = {"logit": classifier.output, "diagnosis": diagnosis}
+    return keras.Model(classifier.input, outputs, name="classifier_with_diagnosis")
+
+
 def training_model(classifier: keras.Model, seed: int | None = None) -> keras.Model:
     """Wrap the classifier with augmentation; takes uint8 crops (4x less host→device traffic)."""
     size = classifier.input_shape[1:3]
     crops = keras.Input((*size, 3), dtype="uint8", name="crops")
-    logit = classifier(DermAugment(seed=seed, name="augment")(crops))
-    return keras.Model(crops, logit, name="train_wrapper")
+    outputs = classifier(DermAugment(seed=seed, name="augment")(crops))
+    return keras.Model(crops, outputs, name="train_wrapper")

@@ -20,12 +20,13 @@ import keras
 import numpy as np
 import pandas as pd
 
-from model_training.data import class_weights
+from model_training.data import DIAGNOSIS_CLASSES, class_weights, diagnosis_codes
 from model_training.model import (
     INPUT_SIZE,
     build_classifier,
     set_trunk_trainable,
     training_model,
+    with_diagnosis_head,
 )
 from model_training.preprocessing import load_image_file, resize_to_input
 
@@ -52,6 +53,7 @@ class TrainConfig:
     min_crop_area: float = 0.35  # strong: smallest crop, as a share of the stored image
     ema: bool = False  # exponential moving average of the weights (kept at the end)
     ema_momentum: float = 0.99
+    aux_diagnosis: float = 0.0  # >0: weight of an auxiliary diagnosis loss (training only)
     domain_repeat: dict[str, int] = field(default_factory=lambda: {"phone": 3})
     mixed_precision: str = "auto"  # auto | bfloat16 | float16 | off
     seed: int = 1234
@@ -103,9 +105,11 @@ class CropBatches(keras.utils.PyDataset):  # type: ignore[misc]
         workers: int = 8,
         augment: str = "basic",
         min_crop_area: float = 0.35,
+        diagnoses: np.ndarray | None = None,
     ) -> None:
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=32)
         self.images, self.labels, self.weights = images, labels, weights
+        self.diagnoses = diagnoses
         self.augment = augment
         self.min_crop_area = min_crop_area
         self.base_index = index
@@ -117,7 +121,7 @@ class CropBatches(keras.utils.PyDataset):  # type: ignore[misc]
     def __len__(self) -> int:
         return len(self.base_index) // self.batch_size  # drop the ragged last batch
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray, Any, np.ndarray]:
         idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
         ch, cw = self.crop
         h, w = self.images.shape[1:3]
@@ -131,7 +135,11 @@ class CropBatches(keras.utils.PyDataset):  # type: ignore[misc]
                 batch[j] = self._rotate_and_crop(self.images[k], rng)
             else:
                 batch[j] = self.images[k, oy[j] : oy[j] + ch, ox[j] : ox[j] + cw]
-        return batch, self.labels[idx].astype("float32"), self.weights[idx].astype("float32")
+        labels = self.labels[idx].astype("float32")
+        weights = self.weights[idx].astype("float32")
+        if self.diagnoses is None:
+            return batch, labels, weights
+        return batch, {"logit": labels, "diagnosis": self.diagnoses[idx]}, weights
 
     def _rotate_and_crop(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Any-angle rotation, then a random-resized crop (Inception-style scale and aspect).
@@ -217,14 +225,27 @@ def load_weight_shards(model: keras.Model, src: Path) -> None:
 
 
 def compile_model(
-    model: keras.Model, optimizer: keras.optimizers.Optimizer, smoothing: float
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    smoothing: float,
+    aux_diagnosis: float = 0.0,
 ) -> None:
-    """Weighted binary cross-entropy on the logit, with a running AUC."""
+    """Weighted binary cross-entropy on the logit, with a running AUC; with ``aux_diagnosis``
+    > 0 the model also has a ``diagnosis`` output, trained by cross-entropy at that weight."""
+    bce = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=smoothing)
+    auc = keras.metrics.AUC(from_logits=True, name="auc")
+    if aux_diagnosis <= 0:
+        model.compile(optimizer=optimizer, loss=bce, weighted_metrics=[], metrics=[auc])
+        return
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=smoothing),
-        weighted_metrics=[],
-        metrics=[keras.metrics.AUC(from_logits=True, name="auc")],
+        loss={
+            "logit": bce,
+            "diagnosis": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        },
+        loss_weights={"logit": 1.0, "diagnosis": aux_diagnosis},
+        weighted_metrics={"logit": [], "diagnosis": []},
+        metrics={"logit": [auc], "diagnosis": []},
     )
 
 
@@ -257,6 +278,7 @@ class TrainingData:
     labels: np.ndarray
     weights: np.ndarray
     index: np.ndarray
+    diagnoses: np.ndarray | None = None  # DIAGNOSIS_CLASSES codes (auxiliary head only)
 
 
 def prepare_training_data(
@@ -271,7 +293,15 @@ def prepare_training_data(
     cw = class_weights(labels)
     weights = np.where(labels == 1, cw[1], cw[0])
     index = epoch_index(train["domain"].to_numpy(), config.domain_repeat)
-    return TrainingData(images, labels, weights, index)
+    # Codes whenever the data has diagnoses: a sweep may try the auxiliary head on one decode.
+    diagnoses = None
+    if config.aux_diagnosis > 0 or "diagnosis" in train:
+        try:
+            diagnoses = diagnosis_codes(train["diagnosis"])
+        except (KeyError, ValueError):
+            if config.aux_diagnosis > 0:
+                raise
+    return TrainingData(images, labels, weights, index, diagnoses)
 
 
 def train_finetune(
@@ -291,7 +321,7 @@ def train_finetune(
 def fit_finetune(
     data: TrainingData,
     config: TrainConfig,
-    imagenet_npz: Path,
+    imagenet_npz: Path | None,
     progress: Callable[[str], None] = log,
 ) -> tuple[keras.Model, dict[str, list[Any]]]:
     """Phase 1: the head on the frozen trunk. Phase 2: the whole network, batch norm frozen."""
@@ -299,13 +329,18 @@ def fit_finetune(
     batches = CropBatches(
         data.images, data.labels, data.weights, data.index, config.input_size,
         config.batch_size, config.seed, config.workers, config.augment, config.min_crop_area,
+        data.diagnoses if config.aux_diagnosis > 0 else None,
     )  # fmt: skip
     classifier = build_classifier(config.input_size, config.dropout, imagenet_npz)
-    model = training_model(classifier, seed=config.seed)
+    trained = classifier
+    if config.aux_diagnosis > 0:
+        trained = with_diagnosis_head(classifier, len(DIAGNOSIS_CLASSES))
+    model = training_model(trained, seed=config.seed)
+    aux = config.aux_diagnosis
     history: dict[str, list[Any]] = {}
 
     set_trunk_trainable(classifier, False)
-    compile_model(model, keras.optimizers.Adam(config.head_lr), config.label_smoothing)
+    compile_model(model, keras.optimizers.Adam(config.head_lr), config.label_smoothing, aux)
     t0 = time.time()
     fit = model.fit(batches, epochs=config.head_epochs, verbose=2)
     _merge(history, fit.history, "head")
@@ -327,7 +362,7 @@ def fit_finetune(
         use_ema=config.ema,
         ema_momentum=config.ema_momentum,
     )
-    compile_model(model, optimizer, config.label_smoothing)
+    compile_model(model, optimizer, config.label_smoothing, aux)
     timer = EpochTimer()
     t0 = time.time()
     fit = model.fit(batches, epochs=config.epochs, verbose=2, callbacks=[timer])

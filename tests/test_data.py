@@ -16,10 +16,12 @@ import pytest
 from PIL import Image
 
 from model_training.data import (
+    DIAGNOSIS_CLASSES,
     DataError,
     check_no_leak,
     class_weights,
     describe,
+    diagnosis_codes,
     read_dataset,
     read_datasets,
 )
@@ -245,3 +247,24 @@ def test_real_sets_do_not_leak(real: pd.DataFrame) -> None:
     assert pad["group"].str.contains("/patient_id:").all()
     assert set(real.loc[real["dataset"] == "pad-ufes-20", "domain"]) == {"phone"}
     assert not real["image_id"].duplicated().any()
+
+
+def test_diagnosis_codes_map_aliases_and_any_case() -> None:
+    """One scale for the three sets: ISIC 2017 and PAD-UFES-20 names map onto HAM10000's."""
+    codes = diagnosis_codes(pd.Series(["melanoma", "NEV", "Seborrheic_Keratosis", "ACK", "akiec"]))
+    assert [DIAGNOSIS_CLASSES[c] for c in codes] == ["mel", "nv", "bkl", "ack", "akiec"]
+
+
+def test_unknown_diagnosis_is_an_error() -> None:
+    with pytest.raises(DataError, match="lentigo"):
+        diagnosis_codes(pd.Series(["nv", "lentigo"]))
+
+
+@pytest.mark.data
+@needs_data
+def test_every_real_diagnosis_has_a_class_of_one_label(real: pd.DataFrame) -> None:
+    """The auxiliary head's classes never mix benign and malignant training labels."""
+    codes = diagnosis_codes(real["diagnosis"])
+    labels_per_class = pd.Series(real["label"].to_numpy()).groupby(codes).nunique()
+    assert (labels_per_class == 1).all()
+    assert len(labels_per_class) == len(DIAGNOSIS_CLASSES)

@@ -395,3 +395,44 @@ def test_choose_images_keeps_all_required_images_within_budget() -> None:
     assert all(used + sizes[i] > budget for i in leftover)  # nothing left out that would fit
     again, _ = choose_images(DATA_DIR, list(SETS), budget, seed=5)
     assert again == chosen
+
+
+# -- auxiliary diagnosis head ----------------------------------------------------------------
+
+
+def test_crop_batches_with_diagnoses_yield_both_targets() -> None:
+    """With diagnosis codes, y is {"logit": labels, "diagnosis": codes} for the same rows."""
+    crop = (40, 32)
+    images = _stored_images(8, (crop[0] + 4, crop[1] + 4))
+    labels = np.array([0, 1] * 4)
+    codes = np.array([1, 0, 2, 3, 1, 4, 8, 0], dtype=np.int32)
+    batches = tr.CropBatches(
+        images, labels, np.ones(8), np.arange(8), crop, 4, seed=2, workers=1, diagnoses=codes
+    )
+    _, y, sw = batches[1]
+    rows = batches.order[4:8]
+    assert set(y) == {"logit", "diagnosis"}
+    np.testing.assert_array_equal(y["logit"], labels[rows].astype(np.float32))
+    np.testing.assert_array_equal(y["diagnosis"], codes[rows])
+    assert sw.shape == (4,)
+
+
+@pytest.mark.slow
+def test_fit_finetune_with_diagnosis_head_returns_the_single_logit_classifier() -> None:
+    """A real (small-input) InceptionV3 trains with the auxiliary head; what comes back, and
+    is saved and exported, is the plain classifier: one logit, no diagnosis weights."""
+    config = tr.TrainConfig(
+        input_size=(75, 75), crop_margin=4, batch_size=4, head_epochs=1, epochs=1,
+        aux_diagnosis=0.5, mixed_precision="off", workers=1, domain_repeat={},
+    )  # fmt: skip
+    images = _stored_images(8, (79, 79))
+    labels = np.array([0, 1] * 4)
+    codes = np.array([1, 0, 2, 3, 1, 4, 8, 0], dtype=np.int32)
+    data = tr.TrainingData(images, labels, np.ones(8), np.arange(8), codes)
+    classifier, history = tr.fit_finetune(data, config, None)
+    assert {"logit_loss", "diagnosis_loss", "logit_auc"} <= set(history)
+    assert all(np.isfinite(history["diagnosis_loss"]))
+    assert classifier.output_shape == (None, 1)
+    assert not any("diagnosis" in w.path for w in classifier.weights)
+    untrained = build_classifier((75, 75), config.dropout)
+    assert len(classifier.weights) == len(untrained.weights)  # shards load into the exporter's
