@@ -218,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed for --help; parsed by model_training.gates (see main()).
     sub.add_parser("fit-gates", help="fit the quality and out-of-distribution gates")
+    sub.add_parser("compare", help="evaluated artifacts on validation, alone and as ensembles")
     return parser
 
 
@@ -228,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         from model_training.gates import main as gates_main
 
         code: int = gates_main(argv[1:])
+        return code
+    if argv[:1] == ["compare"]:  # its own parser (model_training.compare)
+        from model_training.compare import main as compare_main
+
+        code = compare_main(argv[1:])
         return code
     args = build_parser().parse_args(argv)
     if args.command in ("train", "sweep"):
