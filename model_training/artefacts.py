@@ -46,8 +46,8 @@ def ink_shortcut_check(
     """Answers with vs. without a drawn marker ring, per validation set."""
     from model_training.calibration import calibrate
     from model_training.export import read_metadata
-    from model_training.gates import Embedder
     from model_training.preprocessing import load_image_file
+    from model_training.runner import Embedder
 
     meta = read_metadata(artifact)
     bias, temperature = float(meta.get("logit_bias", 0.0)), float(meta.get("temperature", 1.0))

@@ -8,7 +8,6 @@ chosen on validation (never on a test split) and written back into ``metadata.js
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,8 @@ from model_training import calibration as cal
 from model_training import metrics as mt
 from model_training import report
 from model_training.data import read_datasets
-from model_training.export import SAVED_MODEL_DIR, read_metadata, write_metadata
+from model_training.export import read_metadata, write_metadata
 from model_training.preprocessing import TTA_VIEWS as PREPROCESSING_TTA_VIEWS
-from model_training.preprocessing import image_to_input, tta_view
 
 PREDICTIONS_FILE = "validation_predictions.csv"
 TTA_VIEWS = ("identity", *PREPROCESSING_TTA_VIEWS)
@@ -31,23 +29,12 @@ TTA_VIEWS = ("identity", *PREPROCESSING_TTA_VIEWS)
 def predict_artifact(
     artifact: Path, paths: Sequence[str], batch_size: int = 16, views: Sequence[str] = ("identity",)
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Logits (averaged over ``views``), embeddings of the identity view, seconds per image."""
-    import tensorflow as tf
-    from tqdm import tqdm
+    """Logits (averaged over ``views``), embeddings of the first view, model seconds per image."""
+    from model_training.runner import Embedder, lazy_files
 
-    meta = read_metadata(artifact)
-    size = (meta["input"]["height"], meta["input"]["width"])
-    model = tf.saved_model.load(str(artifact / SAVED_MODEL_DIR))
-    logits, embeddings = [], []
-    infer_seconds = 0.0
-    for start in tqdm(range(0, len(paths), batch_size), desc=f"score x{len(views)}", unit="batch"):
-        batch = np.stack([image_to_input(p, size) for p in paths[start : start + batch_size]])
-        t0 = time.perf_counter()
-        outs = [model.serve(tf.constant(tta_view(batch, v))) for v in views]
-        infer_seconds += time.perf_counter() - t0
-        logits.append(np.mean([o["logit"].numpy() for o in outs], axis=0))
-        embeddings.append(outs[0]["embedding"].numpy())
-    return np.concatenate(logits), np.concatenate(embeddings), infer_seconds / max(1, len(paths))
+    embed = Embedder(artifact, batch_size)
+    logits, embeddings = embed(lazy_files(paths), len(paths), f"score x{len(views)}", views)
+    return logits, embeddings, embed.infer_seconds / max(1, len(paths))
 
 
 def choose_domain_threshold(

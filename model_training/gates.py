@@ -45,7 +45,6 @@ import math
 import os
 import shlex
 import sys
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,18 +58,18 @@ from sklearn.metrics import roc_auc_score
 from model_training.calibration import calibrate
 from model_training.data import DEFAULT_SETS, read_datasets
 from model_training.ood import METHOD, OODDetector
-from model_training.preprocessing import load_image_file, resize_to_input, to_rgb
+from model_training.preprocessing import load_image_file, to_rgb
 from model_training.quality import (
     THRESHOLD_KEYS,
     QualityMeasures,
     issues_from_measures,
     measure_quality,
 )
+from model_training.runner import SAVED_MODEL_DIR, Embedder, lazy_files
 
 logger = logging.getLogger("model_training.gates")
 
 GATES_FILE = "gates.json"
-SAVED_MODEL_DIR = "saved_model"  # as model_training.export (which imports Keras: kept lazy)
 OOD_FILE = "ood.npz"
 # serve outputs the OOD gate can score, preferred first (docs/ARTIFACT.md).
 OOD_OUTPUT_PREFERENCE = ("ood_embedding", "embedding")
@@ -296,63 +295,6 @@ def choose_ood_output(serve_outputs: Sequence[str], requested: str | None = None
     raise ValueError(f"serve lists none of {list(OOD_OUTPUT_PREFERENCE)} (it lists {outputs})")
 
 
-class Embedder:
-    """The artifact's ``serve`` endpoint on PIL images, through the shared preprocessing.
-
-    Returns the logit and the ``output`` serve output (the embedding the OOD gate scores).
-    """
-
-    def __init__(self, artifact: Path, batch_size: int = 16, output: str = "embedding") -> None:
-        import tensorflow as tf
-
-        from model_training.export import read_metadata
-
-        meta = read_metadata(artifact)
-        serve_outputs = list(meta.get("endpoints", {}).get("serve", []))
-        if output not in serve_outputs:
-            raise ValueError(f"endpoints.serve lists {serve_outputs}, not {output!r}")
-        self.output = output
-        self.size = (int(meta["input"]["height"]), int(meta["input"]["width"]))
-        self.batch_size = batch_size
-        self._tf = tf
-        self._model = tf.saved_model.load(str(artifact / SAVED_MODEL_DIR))
-        self.images_done = 0
-        self.seconds = 0.0
-
-    def __call__(
-        self, images: Iterable[Image.Image], total: int, desc: str
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(logits [n], ``output`` [n, d]) for ``images`` (an iterable read lazily)."""
-        from tqdm import tqdm
-
-        logits: list[np.ndarray] = []
-        embeddings: list[np.ndarray] = []
-        batch: list[np.ndarray] = []
-        t0 = time.perf_counter()
-
-        def flush() -> None:
-            out = self._model.serve(self._tf.constant(np.stack(batch)))
-            logits.append(out["logit"].numpy().reshape(-1))
-            embeddings.append(out[self.output].numpy())
-            batch.clear()
-
-        with tqdm(total=total, desc=desc, unit="img", file=sys.stderr) as bar:
-            for img in images:
-                batch.append(resize_to_input(img, self.size))
-                if len(batch) == self.batch_size:
-                    flush()
-                    bar.update(self.batch_size)
-            if batch:
-                n = len(batch)
-                flush()
-                bar.update(n)
-        self.seconds += time.perf_counter() - t0
-        self.images_done += total
-        if not logits:
-            return np.zeros(0, np.float32), np.zeros((0, 0), np.float32)
-        return np.concatenate(logits), np.concatenate(embeddings)
-
-
 @dataclass
 class EmbeddingCache:
     """Embeddings on disk, one .npz per (artifact weights, serve output, purpose, item list)."""
@@ -382,10 +324,6 @@ class EmbeddingCache:
             np.savez(tmp, logits=logits, embeddings=embeddings)
             tmp.replace(path)
         return logits, embeddings
-
-
-def _lazy_files(paths: Sequence[str]) -> Iterable[Image.Image]:
-    return (load_image_file(p) for p in paths)
 
 
 # --------------------------------------------------------------------------- quality
@@ -931,10 +869,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     val_paths = val["path"].tolist()
     train_paths = train["path"].tolist()
     val_logits, val_emb = cache.get(
-        "valid", val_paths, lambda: embed(_lazy_files(val_paths), len(val_paths), "validation")
+        "valid", val_paths, lambda: embed(lazy_files(val_paths), len(val_paths), "validation")
     )
     _, train_emb = cache.get(
-        "train", train_paths, lambda: embed(_lazy_files(train_paths), len(train_paths), "training")
+        "train", train_paths, lambda: embed(lazy_files(train_paths), len(train_paths), "training")
     )
 
     quality_report["model_sensitivity"] = quality_sensitivity(

@@ -227,8 +227,8 @@ def test_embedder_returns_the_serve_output_it_was_asked_for(artifact_dir: Path) 
     tf = pytest.importorskip("tensorflow")
     from PIL import Image
 
-    from model_training.gates import Embedder
     from model_training.preprocessing import resize_to_input
+    from model_training.runner import Embedder
 
     rng = np.random.default_rng(7)
     images = [Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)) for _ in range(3)]
