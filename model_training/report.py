@@ -491,6 +491,26 @@ def _section_calibration(metadata: Mapping[str, Any], metrics: Mapping[str, Any]
     return lines
 
 
+def _crossfit_lines(crossfit: Any) -> list[str]:
+    """The out-of-fold check of the threshold and the temperature, when evaluate measured it."""
+    if not isinstance(crossfit, Mapping) or not crossfit.get("sets"):
+        return []
+    lines = [
+        f"Out of fold ({_fmt(crossfit.get('folds'))} folds grouped by "
+        f"{crossfit.get('grouped_by', 'group')}; each fold answered with a temperature and a "
+        "threshold fitted by the same rules on the other folds), so these figures did not see "
+        "their own images:",
+        "",
+    ]
+    sets = crossfit["sets"]
+    rows = [
+        [_cell(name), _fmt(v.get("sensitivity")), _fmt(v.get("specificity")), _fmt(v.get("ece"))]
+        for name in _ordered(list(sets), DOMAIN_ORDER, last=("pooled",))
+        for v in [sets[name]]
+    ]
+    return lines + _table(["Set", "sensitivity", "specificity", "ECE"], rows)
+
+
 def _section_threshold(metadata: Mapping[str, Any], metrics: Mapping[str, Any]) -> list[str]:
     lines = ["## Decision threshold and risk tiers", ""]
     thr = metrics.get("threshold", metadata.get("threshold"))
@@ -501,6 +521,7 @@ def _section_threshold(metadata: Mapping[str, Any], metrics: Mapping[str, Any]) 
     lines.append(f"- **Threshold**: {_fmt(thr, 4) if thr is not None else NOT_MEASURED}")
     lines.append(f"- **Rule**: {_cell(str(rule)) if rule else NOT_MEASURED}")
     lines.append("")
+    lines += _crossfit_lines(metrics.get("crossfit"))
     tiers = metrics.get("risk_tiers") or metadata.get("risk_tiers")
     if not tiers:
         return [*lines, f"Risk tiers: {NOT_MEASURED}.", ""]

@@ -1,0 +1,91 @@
+"""Validation rules of ``evaluate``: the threshold, the tiers and their out-of-fold check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from model_training import calibration as cal
+from model_training.evaluate import (
+    choose_domain_threshold,
+    choose_tiers,
+    crossfit_folds,
+    crossfit_operating_point,
+)
+from model_training.report import write_model_card
+
+
+def _validation(n: int = 600, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Rows of two domains, two images per lesion; the logits are true log-odds times 2."""
+    rng = np.random.default_rng(seed)
+    lesions = np.repeat(np.arange(n // 2), 2)[:n]
+    log_odds = rng.normal(-1.2, 1.5, n)
+    y = (rng.random(n) < cal.sigmoid(log_odds)).astype(int)
+    domain = np.where(lesions % 5 == 0, "phone", "dermoscopy")
+    logits = 2.0 * log_odds
+    df = pd.DataFrame(
+        {
+            "group": [f"lesion:{i}" for i in lesions],
+            "domain": domain,
+            "dataset": np.where(domain == "phone", "pad-ufes-20", "ham10000"),
+        }
+    )
+    return df, y, logits
+
+
+def test_domain_threshold_averages_the_domains_sensitivities() -> None:
+    """Known answer: 4 dermoscopy and 2 phone positives; the mean must reach 0.75."""
+    df = pd.DataFrame({"domain": ["d"] * 6 + ["p"] * 4})
+    y = np.array([1, 1, 1, 1, 0, 0, 1, 1, 0, 0])
+    p = np.array([0.9, 0.8, 0.7, 0.2, 0.1, 0.3, 0.6, 0.4, 0.05, 0.5])
+    threshold, rule = choose_domain_threshold(df, y, p, 0.75)
+    # At 0.6: d 3/4, p 1/2 -> 0.625. At 0.4: d 3/4, p 2/2 -> 0.875 (the highest that reaches).
+    assert threshold == 0.4
+    assert "0.4000" in rule and "d: sensitivity 0.750" in rule
+
+
+def test_tiers_start_low_below_the_threshold_and_cover_zero_to_one() -> None:
+    df, y, logits = _validation()
+    p = cal.sigmoid(logits)
+    threshold, _ = choose_domain_threshold(df, y, p, 0.9)
+    tiers = choose_tiers(y, p, threshold)
+    assert [t["name"] for t in tiers] == ["low", "moderate", "high"]
+    assert tiers[0]["lower"] == 0.0 and tiers[0]["upper"] == threshold
+    assert tiers[-1]["upper"] == 1.0
+    fractions = [t["validation"]["malignant_fraction"] for t in tiers]
+    assert fractions == sorted(fractions)
+
+
+def test_crossfit_folds_keep_a_group_together() -> None:
+    groups = ["a", "b", "a", "c", "b", "a"] * 10
+    fold = crossfit_folds(groups, 5)
+    for g in set(groups):
+        assert len(set(fold[[i for i, x in enumerate(groups) if x == g]])) == 1
+    assert np.array_equal(fold, crossfit_folds(groups, 5))  # deterministic
+
+
+def test_a_fold_is_answered_without_its_own_images() -> None:
+    """Changing one fold's logits moves the other folds' thresholds, never its own."""
+    df, y, logits = _validation()
+    base = crossfit_operating_point(df, y, logits, 0.0, 0.9)
+    fold = crossfit_folds(df["group"].tolist(), 5)
+    changed = logits.copy()
+    changed[(fold == 0) & (y == 1)] -= 3.0  # fold 0's positives now look benign
+    moved = crossfit_operating_point(df, y, changed, 0.0, 0.9)
+    assert moved["thresholds"][0] == base["thresholds"][0]
+    assert any(m != b for m, b in zip(moved["thresholds"][1:], base["thresholds"][1:], strict=True))
+    assert moved["sets"]["pooled"]["sensitivity"] < base["sets"]["pooled"]["sensitivity"]
+
+
+def test_crossfit_figures_are_near_the_target_and_reach_the_model_card(tmp_path: Path) -> None:
+    df, y, logits = _validation(2000, seed=1)
+    out = crossfit_operating_point(df, y, logits, 0.0, 0.9)
+    assert set(out["sets"]) >= {"ham10000", "pad-ufes-20", "domain:phone", "pooled"}
+    pooled = out["sets"]["pooled"]
+    assert 0.8 <= pooled["sensitivity"] <= 1.0
+    assert 0.0 < pooled["ece"] < 0.08
+    card = write_model_card({}, {"crossfit": out}, tmp_path / "card.md").read_text()
+    assert "Out of fold (5 folds" in card
+    assert f"| pooled | {pooled['sensitivity']:.3f} |" in card
