@@ -29,6 +29,7 @@ from sklearn.metrics import roc_auc_score
 
 from model_training.data import read_datasets
 from model_training.evaluate import PREDICTIONS_FILE
+from model_training.metrics import auc_by_set
 
 
 def load_predictions(artifact: Path) -> tuple[pd.DataFrame, float]:
@@ -58,12 +59,9 @@ def ensemble_score(logits: Sequence[np.ndarray], temperatures: Sequence[float]) 
 
 def aucs_by_set(rows: pd.DataFrame, score: np.ndarray) -> dict[str, float]:
     """ROC-AUC per ``dataset`` and pooled (sets with one class are left out)."""
-    out: dict[str, float] = {}
     y = rows["label"].to_numpy()
-    for name, part in rows.groupby("dataset"):
-        idx = part.index.to_numpy()
-        if 0 < y[idx].sum() < len(idx):
-            out[str(name)] = float(roc_auc_score(y[idx], score[idx]))
+    per_set = auc_by_set(y, score, rows["dataset"].astype(str).tolist())
+    out = {name: auc for name, auc in per_set.items() if auc is not None}
     out["pooled"] = float(roc_auc_score(y, score))
     return out
 

@@ -57,13 +57,17 @@ def group_key(row: pd.Series) -> str:
     return f"image_id:{row['image_id']}"
 
 
+def group_bucket(key: str, buckets: int) -> int:
+    """Deterministic bucket of a group key, md5(key) mod ``buckets``: one place for every
+    group-wise split (train/valid, cross-fitting folds), so a group never straddles one."""
+    return int(hashlib.md5(key.encode()).hexdigest(), 16) % buckets
+
+
 def grouped_split(groups: Sequence[str], valid_percent: int = 15) -> np.ndarray:
     """Deterministic group-wise split: md5(group) mod 100 < valid_percent → valid."""
-    out = []
-    for group in groups:
-        bucket = int(hashlib.md5(group.encode()).hexdigest(), 16) % 100
-        out.append("valid" if bucket < valid_percent else "train")
-    return np.asarray(out)
+    return np.asarray(
+        ["valid" if group_bucket(g, 100) < valid_percent else "train" for g in groups]
+    )
 
 
 def read_dataset(root: Path, name: str | None = None, valid_percent: int = 15) -> pd.DataFrame:

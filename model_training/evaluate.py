@@ -7,7 +7,6 @@ chosen on validation (never on a test split) and written back into ``metadata.js
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ import pandas as pd
 from model_training import calibration as cal
 from model_training import metrics as mt
 from model_training import report
-from model_training.data import read_datasets
+from model_training.data import group_bucket, read_datasets
 from model_training.export import read_metadata, write_metadata
 from model_training.preprocessing import TTA_VIEWS as PREPROCESSING_TTA_VIEWS
 
@@ -76,9 +75,7 @@ def choose_domain_threshold(
 
 def crossfit_folds(groups: Sequence[str], folds: int) -> np.ndarray:
     """Fold of each row, by md5 of its group: a lesion's or patient's images stay together."""
-    return np.asarray(
-        [int(hashlib.md5(str(g).encode()).hexdigest(), 16) % folds for g in groups], dtype=int
-    )
+    return np.asarray([group_bucket(str(g), folds) for g in groups], dtype=int)
 
 
 def crossfit_operating_point(

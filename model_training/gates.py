@@ -56,7 +56,7 @@ from PIL import Image, ImageFilter
 from sklearn.metrics import roc_auc_score
 
 from model_training.calibration import calibrate
-from model_training.data import DEFAULT_SETS, read_datasets
+from model_training.data import DEFAULT_SETS, group_bucket, read_datasets
 from model_training.ood import METHOD, OODDetector
 from model_training.preprocessing import load_image_file, to_rgb
 from model_training.quality import (
@@ -620,9 +620,7 @@ def crossfit_frr(
     names = [str(d) for d in np.unique(domains)]
     counts = {d: [0, 0] for d in names}
     for rep in range(repeats):
-        half = np.asarray(
-            [int(hashlib.md5(f"{rep}:{g}".encode()).hexdigest(), 16) % 2 for g in groups]
-        )
+        half = np.asarray([group_bucket(f"{rep}:{g}", 2) for g in groups])
         for fold in (0, 1):
             pick = half == fold
             t = frr_threshold({d: scores[pick & (domains == d)] for d in names}, target)

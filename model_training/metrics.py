@@ -307,3 +307,16 @@ def subgroup_metrics(
             per_value[label] = m
         out[column] = per_value
     return out
+
+
+def auc_by_set(
+    y_true: npt.ArrayLike, score: npt.ArrayLike, sets: Sequence[str]
+) -> dict[str, float | None]:
+    """ROC-AUC within each set named in ``sets`` (None where a set has one class only)."""
+    y, s, names = np.asarray(y_true), np.asarray(score), np.asarray(sets)
+    out: dict[str, float | None] = {}
+    for name in sorted(set(names.tolist())):
+        mask = names == name
+        both = 0 < int(y[mask].sum()) < int(mask.sum())
+        out[str(name)] = float(roc_auc_score(y[mask], s[mask])) if both else None
+    return out

@@ -19,14 +19,8 @@ import numpy as np
 import pandas as pd
 
 from model_training import train as tr
+from model_training.metrics import auc_by_set
 from model_training.model import build_classifier
-
-
-def roc_auc(y: np.ndarray, score: np.ndarray) -> float | None:
-    """ROC-AUC, None for a single class (scikit-learn is on the GPU image too)."""
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, score)) if 0 < int(np.sum(y)) < len(y) else None
 
 
 def score_valid(
@@ -36,12 +30,7 @@ def score_valid(
     if len(valid) == 0:
         return {"mean": None}
     logits = np.asarray(classifier.predict(images.astype("float32"), batch_size=256, verbose=0))
-    logits = logits.reshape(-1)
-    y = valid["label"].to_numpy()
-    out: dict[str, float | None] = {}
-    for name in sorted(valid["dataset"].unique()):
-        mask = (valid["dataset"] == name).to_numpy()
-        out[str(name)] = roc_auc(y[mask], logits[mask])
+    out = auc_by_set(valid["label"].to_numpy(), logits.reshape(-1), valid["dataset"].tolist())
     scores = [v for v in out.values() if v is not None]
     out["mean"] = float(np.mean(scores)) if scores else None
     return out
@@ -60,7 +49,8 @@ def run_sweep(
     t_start = time.time()
     policy = tr.setup_precision(base.mixed_precision)
     tr.log(f"backend {keras.backend.backend()}, dtype policy {policy}")
-    data = tr.prepare_training_data(train, base)
+    aux = [float(v.get("aux_diagnosis", base.aux_diagnosis)) for v in variants]
+    data = tr.prepare_training_data(train, base, with_diagnoses=max(aux, default=0.0) > 0)
     if len(valid) == 0:  # nothing to select with: train the first recipe only
         tr.log("no validation images: training the first variant only")
         variants = variants[:1]

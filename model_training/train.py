@@ -282,9 +282,13 @@ class TrainingData:
 
 
 def prepare_training_data(
-    train: pd.DataFrame, config: TrainConfig, progress: Callable[[str], None] = log
+    train: pd.DataFrame,
+    config: TrainConfig,
+    progress: Callable[[str], None] = log,
+    with_diagnoses: bool = False,
 ) -> TrainingData:
-    """Decode once; class-balanced sample weights; phone photos repeated per epoch."""
+    """Decode once; class-balanced sample weights; phone photos repeated per epoch; diagnosis
+    codes when an auxiliary diagnosis head will train on this data."""
     store = (config.input_size[0] + config.crop_margin, config.input_size[1] + config.crop_margin)
     t0 = time.time()
     images = load_images(train["path"].tolist(), store, config.workers, progress=True)
@@ -293,14 +297,7 @@ def prepare_training_data(
     cw = class_weights(labels)
     weights = np.where(labels == 1, cw[1], cw[0])
     index = epoch_index(train["domain"].to_numpy(), config.domain_repeat)
-    # Codes whenever the data has diagnoses: a sweep may try the auxiliary head on one decode.
-    diagnoses = None
-    if config.aux_diagnosis > 0 or "diagnosis" in train:
-        try:
-            diagnoses = diagnosis_codes(train["diagnosis"])
-        except (KeyError, ValueError):
-            if config.aux_diagnosis > 0:
-                raise
+    diagnoses = diagnosis_codes(train["diagnosis"]) if with_diagnoses else None
     return TrainingData(images, labels, weights, index, diagnoses)
 
 
@@ -314,7 +311,7 @@ def train_finetune(
     keras.utils.set_random_seed(config.seed)
     policy = setup_precision(config.mixed_precision)
     progress(f"backend {keras.backend.backend()}, dtype policy {policy}")
-    data = prepare_training_data(train, config, progress)
+    data = prepare_training_data(train, config, progress, config.aux_diagnosis > 0)
     return fit_finetune(data, config, imagenet_npz, progress)
 
 
@@ -325,6 +322,8 @@ def fit_finetune(
     progress: Callable[[str], None] = log,
 ) -> tuple[keras.Model, dict[str, list[Any]]]:
     """Phase 1: the head on the frozen trunk. Phase 2: the whole network, batch norm frozen."""
+    if config.aux_diagnosis > 0 and data.diagnoses is None:
+        raise ValueError("aux_diagnosis needs the data prepared with_diagnoses=True")
     keras.utils.set_random_seed(config.seed)
     batches = CropBatches(
         data.images, data.labels, data.weights, data.index, config.input_size,

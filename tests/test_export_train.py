@@ -436,3 +436,10 @@ def test_fit_finetune_with_diagnosis_head_returns_the_single_logit_classifier() 
     assert not any("diagnosis" in w.path for w in classifier.weights)
     untrained = build_classifier((75, 75), config.dropout)
     assert len(classifier.weights) == len(untrained.weights)  # shards load into the exporter's
+
+
+def test_diagnosis_head_without_diagnoses_is_a_clear_error() -> None:
+    config = tr.TrainConfig(input_size=(75, 75), aux_diagnosis=0.5, workers=1)
+    data = tr.TrainingData(_stored_images(2, (96, 96)), np.array([0, 1]), np.ones(2), np.arange(2))
+    with pytest.raises(ValueError, match="with_diagnoses"):
+        tr.fit_finetune(data, config, None)

@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from model_training.metrics import (
     age_band,
+    auc_by_set,
     binary_metrics,
     bootstrap_ci,
     subgroup_metrics,
@@ -181,3 +182,10 @@ def test_subgroup_metrics() -> None:
 def test_subgroup_length_mismatch() -> None:
     with pytest.raises(ValueError):
         subgroup_metrics([0, 1], [0.1, 0.9], 0.5, {"sex": ["f"]})
+
+
+def test_auc_by_set_scores_each_set_and_skips_one_class_sets() -> None:
+    y = [0, 1, 0, 1, 0, 0]
+    score = [0.1, 0.9, 0.8, 0.2, 0.3, 0.4]
+    out = auc_by_set(y, score, ["a", "a", "b", "b", "c", "c"])
+    assert out == {"a": 1.0, "b": 0.0, "c": None}
