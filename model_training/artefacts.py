@@ -1,11 +1,17 @@
-"""Shortcut checks: does an artefact that says nothing about the lesion move the answer?
+"""Everyday artefacts of real lesion photos, drawn onto images, and the ink shortcut check.
+
+Real archives are full of dense hair, surgical-marker ink rings and lines, rulers, dark
+vignettes and the black rim of a dermatoscope. The drawing functions here put such artefacts
+onto any photo, seeded and in memory: training augments with them (a model must not change
+its answer for them), the gates are measured on copies that carry them (they must never
+refuse a lesion for them), and the model card reports how much each one moves the estimate.
 
 PAD-UFES-20 photos sometimes carry surgical-marker ink circles drawn around lesions a doctor
 found suspicious: a shortcut a model can learn ("ink means malignant"). Counting marked
-images is unreliable (thin dark lines, dark lesions of the same hue), so this measures the
-effect directly: draw a marker-like ellipse around the centre of each validation photo and
-compare the model's answers with and without it. A model that learned the shortcut raises
-its probabilities and flips benign answers to malignant.
+images is unreliable (thin dark lines, dark lesions of the same hue), so the check measures
+the effect directly: draw a marker-like ellipse around the centre of each validation photo
+and compare the model's answers with and without it. A model that learned the shortcut
+raises its probabilities and flips benign answers to malignant.
 
     python -m model_training.artefacts --artifact models/default
 """
@@ -14,8 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,7 @@ from PIL import Image, ImageDraw
 from model_training.data import read_datasets
 
 INK_COLOURS = ((88, 60, 150), (40, 60, 150))  # gentian-violet purple, blue marker
+HAIR_COLOURS = ((20, 14, 10), (45, 30, 20), (70, 50, 35), (10, 10, 10))
 
 
 def draw_ink_ring(img: Image.Image, colour: tuple[int, int, int], seed: int) -> Image.Image:
@@ -38,6 +46,127 @@ def draw_ink_ring(img: Image.Image, colour: tuple[int, int, int], seed: int) -> 
     width = max(2, round(min(w, h) * 0.012))
     draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), outline=colour, width=width)
     return out
+
+
+def draw_ink(img: Image.Image, seed: int) -> Image.Image:
+    """Marker ink: a ring (two in three) or a few short strokes and dots beside the lesion."""
+    rng = np.random.default_rng(seed)
+    colour = INK_COLOURS[int(rng.integers(len(INK_COLOURS)))]
+    if rng.random() < 2 / 3:
+        return draw_ink_ring(img, colour, seed)
+    out = img.copy()
+    w, h = out.size
+    draw = ImageDraw.Draw(out)
+    width = max(2, round(min(w, h) * rng.uniform(0.008, 0.02)))
+    for _ in range(int(rng.integers(1, 4))):
+        angle = rng.uniform(0, 2 * math.pi)
+        r0 = rng.uniform(0.3, 0.42) * min(w, h)
+        x0, y0 = w / 2 + r0 * math.cos(angle), h / 2 + r0 * math.sin(angle)
+        length = rng.uniform(0.05, 0.2) * min(w, h)
+        tilt = angle + math.pi / 2 + rng.normal(0, 0.3)
+        x1, y1 = x0 + length * math.cos(tilt), y0 + length * math.sin(tilt)
+        draw.line((x0, y0, x1, y1), fill=colour, width=width)
+        d = width * 1.2
+        draw.ellipse((x1 - d, y1 - d, x1 + d, y1 + d), fill=colour)
+    return out
+
+
+def draw_hair(img: Image.Image, seed: int, density: float | None = None) -> Image.Image:
+    """Dark, thin, gently curved hairs across the image (dense over the lesion when unlucky)."""
+    rng = np.random.default_rng(seed)
+    out = img.copy()
+    w, h = out.size
+    draw = ImageDraw.Draw(out)
+    side = min(w, h)
+    count = round((density if density is not None else rng.uniform(0.3, 1.0)) * 40)
+    for _ in range(max(1, count)):
+        colour = HAIR_COLOURS[int(rng.integers(len(HAIR_COLOURS)))]
+        width = max(1, round(side * rng.uniform(0.003, 0.009)))
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        heading = rng.uniform(0, 2 * math.pi)
+        bend = rng.normal(0, 0.08)
+        points = [(x, y)]
+        for _ in range(int(rng.integers(6, 14))):
+            heading += bend + rng.normal(0, 0.05)
+            step = side * rng.uniform(0.03, 0.06)
+            x, y = x + step * math.cos(heading), y + step * math.sin(heading)
+            points.append((x, y))
+        draw.line(points, fill=colour, width=width, joint="curve")
+    return out
+
+
+def draw_ruler(img: Image.Image, seed: int) -> Image.Image:
+    """A millimetre ruler along one edge: a pale band with dark ticks and longer tens."""
+    rng = np.random.default_rng(seed)
+    out = img.copy()
+    w, h = out.size
+    horizontal = bool(rng.random() < 0.5)
+    length, across = (w, h) if horizontal else (h, w)
+    band = max(6, round(across * rng.uniform(0.06, 0.12)))
+    start = 0 if rng.random() < 0.5 else across - band
+    layer = Image.new("RGBA", out.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    shade = int(rng.integers(200, 250))
+    tint = (shade, shade, int(shade * rng.uniform(0.85, 1.0)), int(rng.integers(170, 235)))
+    box = (0, start, w, start + band) if horizontal else (start, 0, start + band, h)
+    draw.rectangle(box, fill=tint)
+    pitch = max(3.0, length * rng.uniform(0.012, 0.025))
+    tick_w = max(1, round(pitch * 0.15))
+    edge = start if start == 0 else start + band
+    sign = 1 if start == 0 else -1
+    for i in range(int(length / pitch) + 1):
+        t = i * pitch
+        tick = band * (0.7 if i % 10 == 0 else 0.45 if i % 5 == 0 else 0.3)
+        a, b = edge, edge + sign * tick
+        line = (t, a, t, b) if horizontal else (a, t, b, t)
+        draw.line(line, fill=(30, 30, 30, 255), width=tick_w)
+    return Image.alpha_composite(out.convert("RGBA"), layer).convert("RGB")
+
+
+def _radius_grid(w: int, h: int, cx: float, cy: float) -> np.ndarray:
+    """Distance of each pixel from (cx, cy), in units of half the shorter side."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    return np.hypot(xx - cx, yy - cy) / (min(w, h) / 2)
+
+
+def draw_vignette(img: Image.Image, seed: int) -> Image.Image:
+    """Darkened corners, as a lens or uneven lighting leaves them."""
+    rng = np.random.default_rng(seed)
+    w, h = img.size
+    r = _radius_grid(w, h, w / 2 + rng.normal(0, 0.05) * w, h / 2 + rng.normal(0, 0.05) * h)
+    start, strength = rng.uniform(0.6, 0.9), rng.uniform(0.5, 0.9)
+    fall = np.clip((r - start) / (1.45 - start), 0, 1) ** 1.5
+    gain = 1 - strength * fall
+    arr = np.asarray(img, dtype=np.float32) * gain[..., None]
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def draw_dermoscope_rim(img: Image.Image, seed: int) -> Image.Image:
+    """The black surround of a contact dermatoscope: a circle of skin, dark outside it."""
+    rng = np.random.default_rng(seed)
+    w, h = img.size
+    r = _radius_grid(w, h, w / 2 + rng.normal(0, 0.03) * w, h / 2 + rng.normal(0, 0.03) * h)
+    radius, soft = rng.uniform(0.85, 1.15), rng.uniform(0.02, 0.08)
+    inside = np.clip((radius - r) / soft, 0, 1)
+    level = rng.uniform(0, 25)
+    arr = np.asarray(img, dtype=np.float32)
+    arr = (arr * inside[..., None] + level * (1 - inside[..., None])).astype(np.float32)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+# name -> drawing function(img, seed): the artefacts every gate and model must live with.
+ARTEFACTS: dict[str, Callable[[Image.Image, int], Image.Image]] = {
+    "hair": draw_hair,
+    "ink": draw_ink,
+    "ruler": draw_ruler,
+    "vignette": draw_vignette,
+    "dermoscope_rim": draw_dermoscope_rim,
+}
+
+
+def with_artefact(img: Image.Image, name: str, seed: int) -> Image.Image:
+    """``img`` with the named artefact drawn on it (see ``ARTEFACTS``)."""
+    return ARTEFACTS[name](img, seed)
 
 
 def ink_shortcut_check(

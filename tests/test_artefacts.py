@@ -6,9 +6,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from model_training.artefacts import draw_ink_ring, ink_shortcut_check
+from model_training.artefacts import ARTEFACTS, draw_ink_ring, ink_shortcut_check, with_artefact
 
 FIXTURES = Path(__file__).parent / "fixtures" / "images"
 
@@ -40,3 +41,17 @@ def test_check_reports_every_set_and_colour(artifact_dir: Path, tmp_path: Path) 
         assert np.isfinite(entry["mean_logit_change"])
         # A random tiny model does react to a drawn ring: the check must see a change.
         assert entry["mean_logit_change"] != 0.0
+
+
+@pytest.mark.parametrize("name", sorted(ARTEFACTS))
+def test_each_artefact_changes_the_photo_reproducibly(name: str) -> None:
+    img = Image.new("RGB", (200, 150), (190, 150, 130))
+    a = np.asarray(with_artefact(img, name, seed=7)).astype(int)
+    b = np.asarray(with_artefact(img, name, seed=7)).astype(int)
+    c = np.asarray(with_artefact(img, name, seed=8)).astype(int)
+    assert a.shape == (150, 200, 3)
+    assert np.array_equal(a, b)  # seeded: the same copy every time
+    assert not np.array_equal(a, c)  # and a different one for another seed
+    changed = np.abs(a - np.asarray(img).astype(int)).sum(axis=2) > 30
+    # Visible, but never the whole photo: the lesion must stay there to be assessed.
+    assert 0.002 < changed.mean() < 0.6, changed.mean()
