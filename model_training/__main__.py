@@ -103,6 +103,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loso(args: argparse.Namespace) -> int:
+    """Leave-one-source-out jobs (model_training.loso): train without a set, score it."""
+    from model_training import train as tr
+    from model_training.data import check_no_leak, read_datasets
+    from model_training.loso import run_plan
+    from model_training.weights import imagenet_weights
+
+    base = tr.TrainConfig(batch_size=args.batch_size, seed=args.seed, workers=args.workers,
+                          mixed_precision=args.mixed_precision)  # fmt: skip
+    jobs = json.loads(Path(args.plan).read_text())
+    df = read_datasets(args.data_dir, args.sets)
+    check_no_leak(df)
+    if args.limit:  # smoke run: a few images of each set and split
+        df = df.groupby(["dataset", "split"], group_keys=False).head(args.limit)
+    init = Path(args.init_weights) if args.init_weights else imagenet_weights()
+    run_plan(df, jobs, base, init, args.out, args.deadline)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Rebuild the classifier here (TensorFlow), load a run's weights, export the artifact."""
     from model_training.export import base_metadata, export_artifact, prior_correction
@@ -197,6 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-weights", default="")
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("loso", help="leave-one-source-out jobs: train without a set, score it")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--sets", type=_sets, default=["isic2017", "ham10000", "pad-ufes-20"])
+    p.add_argument("--plan", required=True, help="JSON file: list of {name, recipe, leave_out}")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--mixed-precision", default="auto")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--limit", type=int, default=0, help="smoke run: N images per set and split")
+    p.add_argument("--deadline", type=float, default=1e9, help="seconds; skip jobs past it")
+    p.add_argument("--init-weights", default="")
+    p.set_defaults(func=cmd_loso)
+
     p = sub.add_parser("export", help="export a run as SavedModel + metadata.json")
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -219,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help; parsed by model_training.gates (see main()).
     sub.add_parser("fit-gates", help="fit the quality and out-of-distribution gates")
     sub.add_parser("compare", help="evaluated artifacts on validation, alone and as ensembles")
+    sub.add_parser("loso-report", help="leave-one-source-out table from a loso run")
     return parser
 
 
@@ -235,8 +269,13 @@ def main(argv: list[str] | None = None) -> int:
 
         code = compare_main(argv[1:])
         return code
+    if argv[:1] == ["loso-report"]:  # its own parser (model_training.selection)
+        from model_training.selection import main as report_main
+
+        code = report_main(argv[1:])
+        return code
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "sweep"):
+    if args.command in ("train", "sweep", "loso"):
         args.out.mkdir(parents=True, exist_ok=True)
     result: int = args.func(args)
     return result

@@ -119,6 +119,8 @@ if [ -z "${{SKIP_WHEELS:-}}" ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD KERAS_BACKEND=jax PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.85
+# Jobs of the same shapes (a loso plan) reuse compiled XLA programs instead of recompiling.
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 mkdir -p /tmp/data && for z in .gpu/data/*.zip; do python3 -m zipfile -e "$z" /tmp/data; done
 # The rest of the images arrive in an earlier call (.gpu-extra, stashed in /tmp/stash) when
 # the machine stayed warm; without them training goes on with the main pack.
@@ -130,12 +132,16 @@ for f in /tmp/data/*/labels-*.csv; do
 done
 wc -l /tmp/data/*/labels.csv
 echo "setup took $(( $(date +%s) - T0 ))s"
+# A loso plan writes straight into $OUT, so a run cut short still returns its finished jobs.
+RUN=/tmp/run; if [ "{command}" = loso ]; then RUN="$OUT/run"; fi
 python3 -m model_training {command} --data-dir /tmp/data --sets {sets} \\
-    --init-weights .gpu/imagenet_int8.npz --out /tmp/run --workers 12 \\
+    --init-weights .gpu/imagenet_int8.npz --out "$RUN" --workers 14 \\
     {train_args} ${{TRAIN_EXTRA:-}} \\
     2>&1 | tee "$OUT/train.log"
-cp /tmp/run/weights/*.npz /tmp/run/history.json /tmp/run/run.json "$OUT/"
-if [ -e /tmp/run/sweep.json ]; then cp /tmp/run/sweep.json "$OUT/"; fi
+if [ "$RUN" = /tmp/run ]; then
+    cp /tmp/run/weights/*.npz /tmp/run/history.json /tmp/run/run.json "$OUT/"
+    if [ -e /tmp/run/sweep.json ]; then cp /tmp/run/sweep.json "$OUT/"; fi
+fi
 echo "total on device $(( $(date +%s) - T0 ))s"
 """
 
@@ -173,7 +179,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
             zip_path = extra / "data" / f"{name}-extra.zip"
             extra_total += write_set_zip(args.data_dir, name, ids, zip_path, "labels-extra.csv")
             print(f"{name}: {len(ids)} more in {zip_path} (first call, stashed on the machine)")
-    if args.command_remote == "sweep":  # the sweep selects on validation: ship those splits
+    if args.command_remote in ("sweep", "loso"):  # both score validation: ship those splits
         for name in args.sets:
             df = read_dataset(args.data_dir / name, name)
             ids = df.loc[df["split"] == "valid", "image_id"].astype(str).tolist()
@@ -210,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(".gpu"))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--margin-mb", type=int, default=2)
-    p.add_argument("--command-remote", choices=["train", "sweep"], default="train")
+    p.add_argument("--command-remote", choices=["train", "sweep", "loso"], default="train")
     p.add_argument("--train-args", default="--epochs 20 --head-epochs 2 --batch-size 128")
     p.set_defaults(func=cmd_pack)
     p = sub.add_parser("unpack")

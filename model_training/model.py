@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 from model_training.inception import LAST_BLOCK, inception_features, load_imagenet_weights
@@ -70,8 +71,12 @@ class DermAugment(layers.Layer):
     """Cheap, GPU-friendly augmentation for dermoscopy (active only in training).
 
     Dihedral symmetries (flips and transposes: a lesion has no up or left) and colour jitter
-    (brightness, contrast, saturation, per-channel gain for white balance). Only elementwise
-    ops and flips, which are fast on every backend; affine warps are not (90x slower on JAX).
+    (brightness, contrast, saturation, per-channel gain for white balance). With ``domain``
+    on, also what differs between cameras and clinics: gamma, a partial Shades-of-Gray colour
+    constancy (Finlayson & Trezzi 2004; the model sees images with and without their
+    illuminant removed) and a random amount of Gaussian blur. Only elementwise ops, one small
+    depthwise convolution and flips, which are fast on every backend; affine warps are not
+    (90x slower on JAX).
     """
 
     def __init__(
@@ -81,10 +86,12 @@ class DermAugment(layers.Layer):
         saturation: float = 0.2,
         channel_gain: float = 0.06,
         seed: int | None = None,
+        domain: bool = False,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        self.domain = domain
         self.brightness = brightness
         self.contrast = contrast
         self.saturation = saturation
@@ -116,7 +123,36 @@ class DermAugment(layers.Layer):
         grey = ops.mean(x, axis=3, keepdims=True)
         x = grey + (x - grey) * self._uniform(coin, self.saturation)
         x = x * self._uniform((n, 1, 1, 3), self.channel_gain)
+        x = ops.clip(x, 0.0, 255.0)
+        if self.domain:
+            x = self._domain_shift(x, coin)
+        return x
+
+    def _domain_shift(self, x: Any, coin: tuple[Any, ...]) -> Any:
+        """Gamma, partial Shades-of-Gray (p = 6) and blur: how sources differ in look."""
+        gamma = ops.exp(keras.random.uniform(coin, -0.3, 0.3, seed=self.seed_generator))
+        x = 255.0 * ops.power(x / 255.0 + 1e-6, gamma)
+        # Shades of Gray: the illuminant per channel is the 6-norm of that channel.
+        illuminant = ops.power(ops.mean(ops.power(x + 1.0, 6.0), axis=(1, 2), keepdims=True), 1 / 6)
+        neutral = ops.mean(illuminant, axis=3, keepdims=True) / illuminant
+        strength = keras.random.uniform(coin, seed=self.seed_generator)
+        strength = ops.where(
+            keras.random.uniform(coin, seed=self.seed_generator) < 0.5, strength, 0
+        )
+        x = x * ops.power(neutral, strength)
+        blurred = ops.depthwise_conv(x, self._blur_kernel(), padding="same")
+        amount = keras.random.uniform(coin, seed=self.seed_generator)
+        amount = ops.where(keras.random.uniform(coin, seed=self.seed_generator) < 0.3, amount, 0)
+        x = x + (blurred - x) * amount
         return ops.clip(x, 0.0, 255.0)
+
+    @staticmethod
+    def _blur_kernel(size: int = 9, sigma: float = 2.0) -> Any:
+        """A [size, size, 3, 1] Gaussian for a per-channel (depthwise) blur."""
+        r = np.arange(size, dtype="float32") - (size - 1) / 2
+        g = np.exp(-(r**2) / (2 * sigma**2))
+        k = np.outer(g, g) / np.outer(g, g).sum()
+        return ops.convert_to_tensor(np.tile(k[:, :, None, None], (1, 1, 3, 1)), "float32")
 
     def get_config(self) -> dict[str, Any]:
         config: dict[str, Any] = super().get_config()
@@ -126,6 +162,7 @@ class DermAugment(layers.Layer):
             saturation=self.saturation,
             channel_gain=self.channel_gain,
             seed=self.seed,
+            domain=self.domain,
         )
         return config
 
@@ -143,9 +180,13 @@ def with_diagnosis_head(classifier: keras.Model, n_classes: int) -> keras.Model:
     return keras.Model(classifier.input, outputs, name="classifier_with_diagnosis")
 
 
-def training_model(classifier: keras.Model, seed: int | None = None) -> keras.Model:
-    """Wrap the classifier with augmentation; takes uint8 crops (4x less host→device traffic)."""
+def training_model(
+    classifier: keras.Model, seed: int | None = None, device_augment: bool = False
+) -> keras.Model:
+    """Wrap the classifier with augmentation; takes uint8 crops (4x less host→device traffic).
+    ``device_augment`` adds DermAugment's source-shift part (the ``domain`` recipe)."""
     size = classifier.input_shape[1:3]
     crops = keras.Input((*size, 3), dtype="uint8", name="crops")
-    outputs = classifier(DermAugment(seed=seed, name="augment")(crops))
+    augment = DermAugment(seed=seed, domain=device_augment, name="augment")
+    outputs = classifier(augment(crops))
     return keras.Model(crops, outputs, name="train_wrapper")

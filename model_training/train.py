@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from model_training.augment import domain_augment
 from model_training.data import DIAGNOSIS_CLASSES, class_weights, diagnosis_codes
 from model_training.model import (
     INPUT_SIZE,
@@ -49,7 +50,10 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     dropout: float = 0.3
     label_smoothing: float = 0.0
-    augment: str = "basic"  # basic: random crops; strong: + rotation and random-resized crops
+    # basic: random crops; strong: + rotation and random-resized crops; domain: + artefacts,
+    # JPEG and rescaling on the host, and illumination, colour constancy and blur on the device
+    # (model_training.augment, model.DermAugment)
+    augment: str = "basic"
     min_crop_area: float = 0.35  # strong: smallest crop, as a share of the stored image
     ema: bool = False  # exponential moving average of the weights (kept at the end)
     ema_momentum: float = 0.99
@@ -131,7 +135,9 @@ class CropBatches(keras.utils.PyDataset):  # type: ignore[misc]
         ox = rng.integers(0, w - cw + 1, len(idx))
         batch = np.empty((len(idx), ch, cw, 3), dtype=np.uint8)
         for j, k in enumerate(idx):
-            if self.augment == "strong":
+            if self.augment == "domain":
+                batch[j] = domain_augment(self.images[k], self.crop, rng, self.min_crop_area)
+            elif self.augment == "strong":
                 batch[j] = self._rotate_and_crop(self.images[k], rng)
             else:
                 batch[j] = self.images[k, oy[j] : oy[j] + ch, ox[j] : ox[j] + cw]
@@ -334,7 +340,7 @@ def fit_finetune(
     trained = classifier
     if config.aux_diagnosis > 0:
         trained = with_diagnosis_head(classifier, len(DIAGNOSIS_CLASSES))
-    model = training_model(trained, seed=config.seed)
+    model = training_model(trained, seed=config.seed, device_augment=config.augment == "domain")
     aux = config.aux_diagnosis
     history: dict[str, list[Any]] = {}
 

@@ -1,0 +1,90 @@
+"""Host-side augmentation that imitates how photos differ between sources.
+
+A new camera, clinic or dermatoscope changes scale, framing, sharpness, compression and the
+artefacts around the lesion; the colour side (illumination, white balance, colour constancy,
+blur) runs on the accelerator in ``model.DermAugment``. Everything here works on one uint8
+image with Pillow (which releases the GIL, so ``CropBatches``' worker threads run it in
+parallel) and takes its randomness from the caller's generator, so a run is reproducible.
+
+The ``domain`` recipe per training image:
+
+1. one affine resample straight to the input size: any-angle rotation, a random-resized crop
+   (area share ``min_area``..1, aspect 3/4..4/3) and a shift, in a single interpolation;
+2. with probability ``ARTEFACT_P`` one everyday artefact from ``model_training.artefacts``
+   (hair, marker ink, ruler, vignette, dermatoscope rim): the label must not depend on them;
+3. with probability ``JPEG_P`` a JPEG re-encode at quality 25-85 (phones and web uploads);
+   with probability ``RESCALE_P`` a shrink to 30-70 % and back (a small, soft phone crop).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+from model_training.artefacts import ARTEFACTS
+
+ARTEFACT_P = 0.3
+JPEG_P = 0.3
+RESCALE_P = 0.2
+_ARTEFACT_NAMES = tuple(sorted(ARTEFACTS))
+
+
+def affine_params(
+    size: tuple[int, int],
+    out: tuple[int, int],
+    rng: np.random.Generator,
+    min_area: float,
+) -> tuple[float, float, float, float, float, float]:
+    """Pillow AFFINE coefficients mapping output pixels into a rotated random-resized crop.
+
+    ``size`` and ``out`` are (width, height). The crop has ``min_area``..1 of the source's
+    area and aspect 3/4..4/3, is rotated by any angle about its centre, and is shifted at
+    most as far as it stays within the source (before rotation).
+    """
+    w, h = size
+    ow, oh = out
+    area = rng.uniform(min_area, 1.0) * w * h
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    cw = min(float(w), math.sqrt(area * ratio))
+    ch = min(float(h), math.sqrt(area / ratio))
+    cx = w / 2 + rng.uniform(-1, 1) * (w - cw) / 2
+    cy = h / 2 + rng.uniform(-1, 1) * (h - ch) / 2
+    theta = rng.uniform(0.0, 2 * math.pi)
+    sx, sy = cw / ow, ch / oh
+    cos, sin = math.cos(theta), math.sin(theta)
+    a, b, d, e = cos * sx, -sin * sy, sin * sx, cos * sy
+    c = cx - a * ow / 2 - b * oh / 2
+    f = cy - d * ow / 2 - e * oh / 2
+    return a, b, c, d, e, f
+
+
+def jpeg_roundtrip(img: Image.Image, quality: int) -> Image.Image:
+    """``img`` after one JPEG encode and decode at ``quality``."""
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return decoded.convert("RGB")
+
+
+def domain_augment(
+    image: np.ndarray, out: tuple[int, int], rng: np.random.Generator, min_area: float
+) -> np.ndarray:
+    """One training view of a stored uint8 [H, W, 3] image, as uint8 [out_h, out_w, 3]."""
+    oh, ow = out
+    pil = Image.fromarray(image)
+    coeffs = affine_params(pil.size, (ow, oh), rng, min_area)
+    view = pil.transform((ow, oh), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
+    if rng.random() < ARTEFACT_P:
+        name = _ARTEFACT_NAMES[int(rng.integers(len(_ARTEFACT_NAMES)))]
+        view = ARTEFACTS[name](view, int(rng.integers(2**31)))
+    if rng.random() < RESCALE_P:
+        scale = rng.uniform(0.3, 0.7)
+        small = view.resize((max(8, round(ow * scale)), max(8, round(oh * scale))))
+        view = small.resize((ow, oh), Image.Resampling.BILINEAR)
+    if rng.random() < JPEG_P:
+        view = jpeg_roundtrip(view, int(rng.integers(25, 86)))
+    return np.asarray(view, dtype=np.uint8)

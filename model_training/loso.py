@@ -1,0 +1,141 @@
+"""Leave-one-source-out training and scoring: how a recipe does on a source it never saw.
+
+Made for the lent GPU, where a fine-tuning run takes a minute or two. A plan is a list of jobs
+``{"name", "recipe": {TrainConfig fields}, "leave_out": set name or null}``. Every training
+image is decoded once; each job trains on the training split of every set except
+``leave_out`` and then scores
+
+- every image (train and valid) of the left-out set: the figure a user with a new camera,
+  clinic or dermatoscope meets, and the one recipes are chosen by; and
+- the validation split of every set.
+
+Predictions are appended to ``predictions.csv`` after each job and ``loso.json`` is rewritten,
+so a run cut short by its time limit still returns what it finished; a job that would not
+finish before ``deadline`` seconds is skipped. A job with ``"save": true`` also writes its
+weights (float16 shards) for ``export``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+
+from model_training import train as tr
+from model_training.data import class_weights
+from model_training.metrics import auc_by_set
+
+PREDICTION_COLUMNS = ("job", "image_id", "dataset", "domain", "split", "label", "logit", "scored")
+
+
+def job_rows(df: pd.DataFrame, leave_out: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, scored rows) of ``df`` for one job, as boolean masks."""
+    held = (df["dataset"] == leave_out).to_numpy()
+    train = (df["split"] == "train").to_numpy() & ~held
+    scored = held | (df["split"] == "valid").to_numpy()
+    return train, scored
+
+
+def subset_data(
+    data: tr.TrainingData, mask: np.ndarray, domains: np.ndarray, config: tr.TrainConfig
+) -> tr.TrainingData:
+    """The decoded data restricted to ``mask`` (no copy of the images): weights balanced and
+    domains repeated within the subset, so a job sees exactly what a run on it alone would."""
+    rows = np.flatnonzero(mask)
+    cw = class_weights(data.labels[rows])
+    weights = np.where(data.labels == 1, cw[1], cw[0]).astype("float32")
+    index = tr.epoch_index(domains[rows], config.domain_repeat)
+    return tr.TrainingData(data.images, data.labels, weights, rows[index], data.diagnoses)
+
+
+def predict_logits(classifier: keras.Model, images: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Logits of uint8 images, converted to float in chunks (the whole set would not fit)."""
+    out = [
+        np.asarray(classifier.predict(images[i : i + chunk].astype("float32"), verbose=0))
+        for i in range(0, len(images), chunk)
+    ]
+    return np.concatenate(out).reshape(-1)
+
+
+def past_deadline(elapsed: float, durations: list[float], deadline: float) -> bool:
+    """Would one more job, as long as the longest so far, end after ``deadline`` seconds?
+    (The first job always runs: there is nothing to judge it by.)"""
+    return bool(durations) and elapsed + max(durations) > deadline
+
+
+def summarise_job(rows: pd.DataFrame, leave_out: str | None) -> dict[str, Any]:
+    """ROC-AUC on the left-out set (all its images) and on each validation split."""
+    summary: dict[str, Any] = {}
+    if leave_out is not None:
+        held = rows[rows["dataset"] == leave_out]
+        summary["left_out_auc"] = auc_by_set(
+            held["label"].to_numpy(), held["logit"].to_numpy(), held["dataset"].tolist()
+        ).get(leave_out)
+    valid = rows[rows["split"] == "valid"]
+    summary["valid_auc"] = auc_by_set(
+        valid["label"].to_numpy(), valid["logit"].to_numpy(), valid["dataset"].tolist()
+    )
+    return summary
+
+
+def run_plan(
+    df: pd.DataFrame,
+    jobs: list[dict[str, Any]],
+    base: tr.TrainConfig,
+    imagenet_npz: Path | None,
+    out: Path,
+    deadline: float,
+) -> dict[str, Any]:
+    """Run the jobs in order (see the module docstring); returns the summary."""
+    t_start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    policy = tr.setup_precision(base.mixed_precision)
+    tr.log(f"backend {keras.backend.backend()}, dtype policy {policy}, {len(jobs)} job(s)")
+    aux = max(float(j["recipe"].get("aux_diagnosis", base.aux_diagnosis)) for j in jobs)
+    df = df.reset_index(drop=True)
+    is_train = (df["split"] == "train").to_numpy()
+    train_frame = df[is_train].reset_index(drop=True)
+    data = tr.prepare_training_data(train_frame, base, with_diagnoses=aux > 0)
+    train_domains = train_frame["domain"].to_numpy()
+    score_images = tr.load_images(df["path"].tolist(), base.input_size, base.workers)
+    summary: dict[str, Any] = {"jobs": [], "plan": jobs}
+    predictions = out / "predictions.csv"
+    if not predictions.exists():
+        predictions.write_text(",".join(PREDICTION_COLUMNS) + "\n")
+    durations: list[float] = []
+    for job in jobs:
+        elapsed = time.time() - t_start
+        if past_deadline(elapsed, durations, deadline):
+            tr.log(f"deadline: skipping {job['name']} ({elapsed:.0f}s gone)")
+            summary["jobs"].append({"name": job["name"], "skipped": True})
+            continue
+        t0 = time.time()
+        config = replace(base, **job["recipe"])
+        train_mask, scored = job_rows(df, job.get("leave_out"))
+        subset = subset_data(data, train_mask[is_train], train_domains, config)
+        tr.log(f"{job['name']}: {len(subset.index)} crops/epoch, leave out {job.get('leave_out')}")
+        classifier, history = tr.fit_finetune(subset, config, imagenet_npz)
+        logits = predict_logits(classifier, score_images[scored])
+        rows = df.loc[scored, ["image_id", "dataset", "domain", "split", "label"]].copy()
+        rows.insert(0, "job", job["name"])
+        rows["logit"] = logits
+        rows["scored"] = np.where(rows["dataset"] == job.get("leave_out"), "left_out", "valid")
+        rows.to_csv(predictions, mode="a", header=False, index=False, columns=PREDICTION_COLUMNS)
+        entry = {"name": job["name"], "leave_out": job.get("leave_out"),
+                 "config": config.to_json(), "seconds": time.time() - t0,
+                 "train_images_per_second": history.get("train_images_per_second"),
+                 **summarise_job(rows, job.get("leave_out"))}  # fmt: skip
+        summary["jobs"].append(entry)
+        tr.log(f"{job['name']}: {json.dumps({k: entry[k] for k in entry if 'auc' in k})}")
+        if job.get("save"):
+            tr.write_run(out, classifier, history, {"config": config.to_json(), "job": job})
+        durations.append(time.time() - t0)
+        (out / "loso.json").write_text(json.dumps(summary, indent=1, default=str))
+        keras.backend.clear_session()
+    return summary

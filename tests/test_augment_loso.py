@@ -1,0 +1,138 @@
+"""Source-shift augmentation (host and device side) and leave-one-source-out jobs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from model_training import train as tr
+from model_training.augment import affine_params, domain_augment, jpeg_roundtrip
+from model_training.loso import job_rows, past_deadline, run_plan, subset_data, summarise_job
+from model_training.model import DermAugment
+
+FIXTURES = sorted((Path(__file__).parent / "fixtures" / "images").glob("*.jpg"))
+
+
+def _image(size: tuple[int, int] = (96, 80)) -> np.ndarray:
+    return np.asarray(Image.open(FIXTURES[0]).convert("RGB").resize(size))
+
+
+def test_affine_without_rotation_or_crop_is_the_identity_map() -> None:
+    """Area 1, aspect 1, angle 0 (a generator that always draws the low end) maps the output
+    grid onto the whole source: the corners land on the source's corners."""
+
+    class Low:
+        def uniform(self, low: float = 0.0, high: float = 1.0) -> float:
+            return 0.0 if low < 0 else low
+
+    a, b, c, d, e, f = affine_params((100, 100), (50, 50), Low(), 1.0)  # type: ignore[arg-type]
+    for x, y in [(0, 0), (50, 0), (0, 50), (50, 50)]:
+        assert a * x + b * y + c == pytest.approx(2 * x)
+        assert d * x + e * y + f == pytest.approx(2 * y)
+
+
+def test_domain_augment_shapes_types_and_reproducibility() -> None:
+    image = _image()
+    views = [domain_augment(image, (64, 48), np.random.default_rng(i), 0.4) for i in range(12)]
+    assert all(v.shape == (64, 48, 3) and v.dtype == np.uint8 for v in views)
+    again = domain_augment(image, (64, 48), np.random.default_rng(3), 0.4)
+    np.testing.assert_array_equal(views[3], again)
+    assert len({v.tobytes() for v in views}) == len(views)  # every draw a different view
+
+
+def test_jpeg_roundtrip_loses_detail_at_low_quality() -> None:
+    img = Image.fromarray(_image())
+    low = np.asarray(jpeg_roundtrip(img, 10)).astype(int)
+    high = np.asarray(jpeg_roundtrip(img, 95)).astype(int)
+    original = np.asarray(img).astype(int)
+    assert np.abs(low - original).mean() > np.abs(high - original).mean()
+
+
+def test_derm_augment_domain_shift_changes_training_views_only() -> None:
+    batch = np.stack([_image((48, 48))] * 4).astype("float32")
+    layer = DermAugment(seed=3, domain=True)
+    np.testing.assert_array_equal(np.asarray(layer(batch, training=False)), batch)
+    out = np.asarray(layer(batch, training=True))
+    assert out.shape == batch.shape and out.min() >= 0 and out.max() <= 255
+    assert np.all(np.abs(out - batch).reshape(4, -1).mean(axis=1) > 0.5)
+    assert DermAugment.from_config(layer.get_config()).domain is True
+
+
+def _frame() -> pd.DataFrame:
+    """Three tiny sources (two dermoscopy, one phone), four images per split."""
+    rows = [
+        (f"{name}{split}{k}", name, domain, split, k % 2, str(FIXTURES[k % len(FIXTURES)]))
+        for name, domain in [("a", "dermoscopy"), ("b", "dermoscopy"), ("c", "phone")]
+        for split in ("train", "valid")
+        for k in range(4)
+    ]
+    df = pd.DataFrame(rows, columns=["image_id", "dataset", "domain", "split", "label", "path"])
+    df["diagnosis"] = np.where(df["label"] == 1, "mel", "nv")
+    return df
+
+
+def test_job_rows_never_train_on_the_left_out_source() -> None:
+    df = _frame()
+    train, scored = job_rows(df, "c")
+    assert not (train & (df["dataset"] == "c").to_numpy()).any()
+    assert set(df.loc[train, "split"]) == {"train"}
+    # Scored: every image of the left-out source, plus every validation image.
+    assert set(df.loc[scored & (df["dataset"] == "c").to_numpy(), "split"]) == {"train", "valid"}
+    assert (scored == ((df["dataset"] == "c") | (df["split"] == "valid")).to_numpy()).all()
+    full_train, full_scored = job_rows(df, None)
+    assert (full_train == (df["split"] == "train").to_numpy()).all()
+    assert set(df.loc[full_scored, "split"]) == {"valid"}
+
+
+def test_subset_data_indexes_only_the_chosen_rows_and_balances_them() -> None:
+    labels = np.array([0, 0, 0, 1, 0, 1, 1, 1])
+    data = tr.TrainingData(np.zeros((8, 4, 4, 3), np.uint8), labels, np.ones(8), np.arange(8))
+    domains = np.array(["dermoscopy"] * 6 + ["phone"] * 2)
+    mask = np.array([1, 1, 1, 1, 0, 0, 1, 1], dtype=bool)
+    config = tr.TrainConfig(domain_repeat={"phone": 3})
+    sub = subset_data(data, mask, domains, config)
+    assert set(sub.index.tolist()) == {0, 1, 2, 3, 6, 7}
+    assert (sub.index == 6).sum() == 3 and (sub.index == 0).sum() == 1
+    # Within the subset, 3 benign and 3 malignant rows: equal class weights.
+    assert sub.weights[0] == pytest.approx(sub.weights[3])
+
+
+def test_summarise_job_scores_the_left_out_source_and_validation() -> None:
+    rows = _frame()
+    rows["logit"] = rows["label"] * 2.0 - 1.0  # a perfect ranking
+    summary = summarise_job(rows[(rows["dataset"] == "c") | (rows["split"] == "valid")], "c")
+    assert summary["left_out_auc"] == 1.0
+    assert set(summary["valid_auc"]) == {"a", "b", "c"}
+
+
+def test_past_deadline_runs_the_first_job_and_skips_what_would_overrun() -> None:
+    assert not past_deadline(1000.0, [], 10.0)
+    assert not past_deadline(100.0, [50.0, 80.0], 200.0)
+    assert past_deadline(150.0, [50.0, 80.0], 200.0)
+
+
+@pytest.mark.slow
+def test_run_plan_trains_scores_and_saves(tmp_path: Path) -> None:
+    """Two jobs on a small-input InceptionV3: predictions for both (the left-out source scored
+    in full), weights for the saved one, and a summary after every job."""
+    recipe = {"augment": "domain", "epochs": 1, "head_epochs": 1, "aux_diagnosis": 0.5}
+    jobs: list[dict[str, Any]] = [
+        {"name": "full", "save": True, "leave_out": None, "recipe": recipe},
+        {"name": "without-c", "leave_out": "c", "recipe": {**recipe, "augment": "strong"}},
+    ]
+    base = tr.TrainConfig(input_size=(75, 75), crop_margin=4, batch_size=4, workers=1,
+                          mixed_precision="off", domain_repeat={})  # fmt: skip
+    run_plan(_frame(), jobs, base, None, tmp_path, deadline=1e9)
+    predictions = pd.read_csv(tmp_path / "predictions.csv")
+    assert set(predictions["job"]) == {"full", "without-c"}
+    left_out = predictions[predictions["job"] == "without-c"]
+    assert set(left_out.loc[left_out["scored"] == "left_out", "dataset"]) == {"c"}
+    assert len(left_out[left_out["dataset"] == "c"]) == 8  # train and valid of the source
+    assert len(list((tmp_path / "weights").glob("weights-*.npz"))) >= 1
+    assert json.loads((tmp_path / "loso.json").read_text())["jobs"][1]["name"] == "without-c"
