@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from model_training.domain_calibration import DomainCalibration
 from model_training.preprocessing import TTA_VIEWS, tta_view
 
 logger = logging.getLogger("app.model")
@@ -261,6 +262,7 @@ class TriageModel:
         self.model_dir = model_dir
         self.report = LoadReport()
         self._lock = threading.Lock()
+        self.domain_calibration = load_domain_calibration(metadata, model_dir)
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -347,9 +349,13 @@ class TriageModel:
         logits = outputs["logit"].reshape(len(views), n).mean(axis=0)
         # The output the OOD statistics were fitted on (metadata ood.embedding_output).
         embedding = outputs.get(self.metadata.ood_embedding_output)
+        probabilities = self.calibrate(logits)
+        if self.domain_calibration is not None:
+            # Per-domain calibration reads the domain off the un-flipped view's embedding.
+            probabilities = self.domain_calibration.calibrate(logits, outputs["embedding"][:n])
         return Inference(
             logits=logits,
-            probabilities=self.calibrate(logits),
+            probabilities=probabilities,
             embeddings=None if embedding is None else embedding[:n],
         )
 
@@ -401,6 +407,24 @@ class TriageModel:
         if tier == self.metadata.risk_tiers[0]:
             return "lowest"
         return "between"
+
+
+def load_domain_calibration(metadata: ModelMetadata, model_dir: Path) -> DomainCalibration | None:
+    """The per-domain calibration metadata names (``domain_calibration.file``), or None when
+    the artifact has a single temperature only. A named but unreadable file stops start-up:
+    serving with the wrong calibration would show wrong probabilities."""
+    spec = metadata.raw.get("domain_calibration")
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping) or not spec.get("file"):
+        raise ModelLoadError("metadata.json domain_calibration must name its file")
+    if "embedding" not in metadata.endpoints["serve"]:
+        raise ModelLoadError("domain_calibration needs the serve endpoint's embedding output")
+    path = model_dir / str(spec["file"])
+    try:
+        return DomainCalibration.load(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load domain calibration {path}: {exc}") from exc
 
 
 def _check_input_signature(function: Any, endpoint: str, metadata: ModelMetadata) -> None:

@@ -108,7 +108,7 @@ def cmd_loso(args: argparse.Namespace) -> int:
     from model_training import train as tr
     from model_training.data import check_no_leak, read_datasets
     from model_training.loso import run_plan
-    from model_training.weights import imagenet_weights
+    from model_training.weights import WEIGHTS_SOURCE, imagenet_weights
 
     base = tr.TrainConfig(batch_size=args.batch_size, seed=args.seed, workers=args.workers,
                           mixed_precision=args.mixed_precision)  # fmt: skip
@@ -118,7 +118,13 @@ def cmd_loso(args: argparse.Namespace) -> int:
     if args.limit:  # smoke run: a few images of each set and split
         df = df.groupby(["dataset", "split"], group_keys=False).head(args.limit)
     init = Path(args.init_weights) if args.init_weights else imagenet_weights()
-    run_plan(df, jobs, base, init, args.out, args.deadline)
+    provenance = {
+        "command": "python -m model_training " + shlex.join(sys.argv[1:]),
+        "weights_source": WEIGHTS_SOURCE,
+        "init_weights": init.name,
+        "backend": __import__("keras").backend.backend(),
+    }
+    run_plan(df, jobs, base, init, args.out, args.deadline, provenance)
     return 0
 
 

@@ -7,7 +7,9 @@ chosen on validation (never on a test split) and written back into ``metadata.js
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,17 @@ from model_training import calibration as cal
 from model_training import metrics as mt
 from model_training import report
 from model_training.data import group_bucket, read_datasets
+from model_training.domain_calibration import FILE as DOMAIN_FILE
+from model_training.domain_calibration import fit_domain_calibration
 from model_training.export import read_metadata, write_metadata
 from model_training.preprocessing import TTA_VIEWS as PREPROCESSING_TTA_VIEWS
 
 PREDICTIONS_FILE = "validation_predictions.csv"
+CACHE_DIR = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    / "skin-lesion-triage"
+    / "evaluate"
+)
 TTA_VIEWS = ("identity", *PREPROCESSING_TTA_VIEWS)
 
 
@@ -35,6 +44,15 @@ def predict_artifact(
     embed = Embedder(artifact, batch_size)
     logits, embeddings = embed(lazy_files(paths), len(paths), f"score x{len(views)}", views)
     return logits, embeddings, embed.infer_seconds / max(1, len(paths))
+
+
+def scores_cache(artifact: Path, image_ids: Sequence[str]) -> Path:
+    """Where this SavedModel's logits and embeddings of these images are kept (outside the
+    repository: 14 MB of embeddings), keyed by the graph, its weights and the image list."""
+    from model_training.runner import saved_model_fingerprint
+
+    ids = hashlib.sha256("\n".join(image_ids).encode()).hexdigest()[:12]
+    return CACHE_DIR / f"{saved_model_fingerprint(artifact)}-{ids}.npz"
 
 
 def choose_domain_threshold(
@@ -85,32 +103,47 @@ def crossfit_operating_point(
     bias: float,
     target_sensitivity: float,
     folds: int = 5,
+    embeddings: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Out-of-fold figures for the calibration and threshold that validation chose.
 
-    The temperature and the threshold are fitted on the same validation images they are then
-    reported on, which flatters them. Here each fold is scored with a temperature and a
+    The calibration and the threshold are fitted on the same validation images they are then
+    reported on, which flatters them. Here each fold is scored with a calibration and a
     threshold fitted, by the same rules, on the other folds only (folds grouped by lesion or
     patient); the pooled held-out answers give sensitivity, specificity and ECE that did not
-    see their own images.
+    see their own images. With ``embeddings`` the calibration is the per-domain one (domain
+    classifier and per-domain scalings refitted per fold; the held-out fold's domain is
+    inferred, never looked up) and the single-temperature ECE is reported beside it.
     """
     fold = crossfit_folds(df["group"].tolist(), folds)
     p_out = np.zeros(len(y))
+    p_single = np.zeros(len(y))
     pred = np.zeros(len(y), dtype=bool)
+    domain_hits = np.zeros(len(y), dtype=bool)
     thresholds = []
     for k in range(folds):
         held, fit = fold == k, fold != k
         if not held.any():
             continue
         t_k = cal.fit_temperature(logits[fit] + bias, y[fit])
+        p_single[held] = cal.calibrate(logits[held], bias, t_k)
+        p_fit = cal.calibrate(logits[fit], bias, t_k)
+        p_out[held] = p_single[held]
+        if embeddings is not None:
+            dc = fit_domain_calibration(
+                logits[fit], embeddings[fit], y[fit], df.loc[fit, "domain"].to_numpy()
+            )
+            p_fit = dc.calibrate(logits[fit], embeddings[fit])
+            p_out[held] = dc.calibrate(logits[held], embeddings[held])
+            second = dc.second_domain_probability(embeddings[held]) >= 0.5
+            domain_hits[held] = second == (df.loc[held, "domain"] == dc.domains[1]).to_numpy()
         thr_k, _ = choose_domain_threshold(
-            df[fit].reset_index(drop=True), y[fit], cal.calibrate(logits[fit], bias, t_k),
-            target_sensitivity,
-        )  # fmt: skip
-        p_out[held] = cal.calibrate(logits[held], bias, t_k)
+            df[fit].reset_index(drop=True), y[fit], p_fit, target_sensitivity
+        )
         pred[held] = p_out[held] >= thr_k
         thresholds.append(thr_k)
     out: dict[str, Any] = {"folds": folds, "grouped_by": "lesion or patient"}
+    out["calibration"] = "per domain" if embeddings is not None else "single temperature"
     out["thresholds"] = thresholds
     out["sets"] = {}
     for name, mask in _domain_sets(df).items():
@@ -119,7 +152,10 @@ def crossfit_operating_point(
             "sensitivity": float(pred[pos].mean()) if pos.any() else None,
             "specificity": float(np.mean(~pred[neg])) if neg.any() else None,
             "ece": cal.expected_calibration_error(y[mask], p_out[mask]),
+            "ece_single_temperature": cal.expected_calibration_error(y[mask], p_single[mask]),
         }
+        if embeddings is not None:
+            out["sets"][name]["domain_accuracy"] = float(domain_hits[mask].mean())
     return out
 
 
@@ -187,17 +223,15 @@ def _subgroup_columns(part: pd.DataFrame) -> dict[str, list[str]]:
 def summarise(
     df: pd.DataFrame,
     logits: np.ndarray,
-    temperature: float,
+    p: np.ndarray,
     threshold: float,
-    bias: float = 0.0,
 ) -> dict[str, Any]:
     """Per-domain metrics with bootstrap CIs, calibration and subgroups at a threshold.
 
-    Calibration "before" is the raw sigmoid(logit); "after" is sigmoid((logit + bias) / T).
+    Calibration "before" is the raw sigmoid(logit); "after" is the calibrated ``p``.
     """
     y = df["label"].to_numpy().astype(int)
     p_raw = cal.sigmoid(logits)
-    p = cal.calibrate(logits, bias, temperature)
     domains: dict[str, Any] = {}
     calib: dict[str, Any] = {}
     subgroups: dict[str, Any] = {}
@@ -244,33 +278,41 @@ def evaluate_artifact(
     previous: dict[str, Any] = {}
     if (artifact / "metrics.json").exists():
         previous = json.loads((artifact / "metrics.json").read_text())
-    cached = artifact / PREDICTIONS_FILE
-    if reuse_predictions and cached.exists():
-        old = pd.read_csv(cached, dtype={"image_id": str})
-        if old["image_id"].tolist() != df["image_id"].tolist():
-            raise ValueError(f"{cached} does not match the validation images; score again")
-        logits = old["logit"].to_numpy()
+    cache = scores_cache(artifact, df["image_id"].tolist())
+    if reuse_predictions and cache.exists():
+        with np.load(cache, allow_pickle=False) as data:
+            logits, embeddings = data["logits"], data["embeddings"]
         sec_per_image = float(previous.get("inference_seconds_per_image", float("nan")))
     else:
-        logits, _, sec_per_image = predict_artifact(artifact, df["path"].tolist())
+        logits, embeddings, sec_per_image = predict_artifact(artifact, df["path"].tolist())
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, logits=logits, embeddings=embeddings)
 
     meta = read_metadata(artifact)
     bias = float(meta.get("logit_bias", 0.0))
+    # The single temperature stays in metadata for servers that predate domain calibration.
     temperature = cal.fit_temperature(logits + bias, y)
-    p = cal.calibrate(logits, bias, temperature)
+    p_single = cal.calibrate(logits, bias, temperature)
+    domain_cal = fit_domain_calibration(logits, embeddings, y, df["domain"].to_numpy())
+    p = domain_cal.calibrate(logits, embeddings)
     threshold, rule = choose_domain_threshold(df, y, p, target_sensitivity)
     tiers = choose_tiers(y, p, threshold)
-    result = summarise(df, logits, temperature, threshold, bias)
+    result = summarise(df, logits, p, threshold)
+    for name, mask in _domain_sets(df).items():
+        result["calibration"][name]["single_temperature"] = {
+            "ece": cal.expected_calibration_error(y[mask], p_single[mask]),
+            "brier": cal.brier_score(y[mask], p_single[mask]),
+        }
     result["calibration"]["temperature"] = temperature
     result["calibration"]["logit_bias"] = bias
-    result["calibration"]["method"] = (
-        "sigmoid((logit + logit_bias) / T): logit_bias undoes the class-balanced training "
-        "(from training data); T fitted by NLL on validation"
-    )
-    result["calibration"]["fitted_on"] = "pooled validation splits"
+    result["calibration"]["per_domain"] = domain_cal.describe()
+    result["calibration"]["method"] = domain_cal.describe()["method"]
+    result["calibration"]["fitted_on"] = "validation splits, each domain's own images"
     result.update(threshold=threshold, threshold_rule=rule, risk_tiers=tiers)
     result["inference_seconds_per_image"] = sec_per_image
-    result["crossfit"] = crossfit_operating_point(df, y, logits, bias, target_sensitivity)
+    result["crossfit"] = crossfit_operating_point(
+        df, y, logits, bias, target_sensitivity, embeddings=embeddings
+    )
 
     isic = df["dataset"] == "isic2017"
     if isic.any():
@@ -334,7 +376,9 @@ def evaluate_artifact(
     (artifact / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
 
     if update_metadata:
+        domain_cal.save(artifact / DOMAIN_FILE)
         meta.update(
+            domain_calibration=domain_cal.describe(),
             calibration=result["calibration"]["method"],
             temperature=temperature,
             threshold=threshold,

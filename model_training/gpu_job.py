@@ -197,7 +197,8 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     """Copy fetched shards, history and run.json into a run folder that ``export`` reads."""
     run: Path = args.run
     (run / "weights").mkdir(parents=True, exist_ok=True)
-    for f in Path(args.files).iterdir():
+    # A train/sweep call returns flat files; a loso call returns run/ and run/weights/.
+    for f in sorted(p for p in Path(args.files).rglob("*") if p.is_file()):
         target = run / "weights" / f.name if f.name.startswith("weights-") else run / f.name
         shutil.copyfile(f, target)
     print(f"run folder ready: {run}")

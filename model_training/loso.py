@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from model_training import train as tr
-from model_training.data import class_weights
+from model_training.data import class_weights, describe
 from model_training.metrics import auc_by_set
 
 PREDICTION_COLUMNS = ("job", "image_id", "dataset", "domain", "split", "label", "logit", "scored")
@@ -91,8 +91,10 @@ def run_plan(
     imagenet_npz: Path | None,
     out: Path,
     deadline: float,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the jobs in order (see the module docstring); returns the summary."""
+    """Run the jobs in order (see the module docstring); returns the summary. ``provenance``
+    (command, weights source, ...) goes into the saved job's run.json for ``export``."""
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     policy = tr.setup_precision(base.mixed_precision)
@@ -134,7 +136,9 @@ def run_plan(
         summary["jobs"].append(entry)
         tr.log(f"{job['name']}: {json.dumps({k: entry[k] for k in entry if 'auc' in k})}")
         if job.get("save"):
-            tr.write_run(out, classifier, history, {"config": config.to_json(), "job": job})
+            info = {**(provenance or {}), "config": config.to_json(), "job": job,
+                    "data": describe(df[train_mask])}  # fmt: skip
+            tr.write_run(out, classifier, history, info)
         durations.append(time.time() - t0)
         (out / "loso.json").write_text(json.dumps(summary, indent=1, default=str))
         keras.backend.clear_session()

@@ -446,6 +446,7 @@ def _calibration_values(entry: Mapping[str, Any]) -> dict[str, Any]:
 
     return {
         "ece_before": pick("before", "ece"),
+        "ece_single": pick("single_temperature", "ece"),
         "ece_after": pick("after", "ece"),
         "brier_before": pick("before", "brier"),
         "brier_after": pick("after", "brier"),
@@ -459,13 +460,27 @@ def _section_calibration(metadata: Mapping[str, Any], metrics: Mapping[str, Any]
     if isinstance(calib, Mapping):
         temperature = calib.get("temperature", temperature)
     bias = metadata.get("logit_bias", 0.0)
-    lines.append(
-        f"Temperature scaling after a prior correction: calibrated p = "
-        f"sigmoid((logit + b) / T), b = {_fmt(bias, 4)} (undoes the class-balanced training "
-        f"loss; from the training data's class shares), T = "
-        f"{_fmt(temperature, 4) if temperature is not None else NOT_MEASURED} (fitted on "
-        f'validation by negative log-likelihood). "Before" below is the raw sigmoid(logit).'
-    )
+    per_domain = calib.get("per_domain") if isinstance(calib, Mapping) else None
+    if isinstance(per_domain, Mapping):
+        params = "; ".join(
+            f"{name}: b = {_fmt(v.get('logit_bias'), 3)}, T = {_fmt(v.get('temperature'), 3)}"
+            for name, v in per_domain.get("per_domain", {}).items()
+        )
+        lines.append(
+            "Calibrated per photo domain without being told the domain: "
+            f"{per_domain.get('method')}. Fitted: {params}. The single temperature over all "
+            f"domains (T = {_fmt(temperature, 4)} after the prior correction b = "
+            f"{_fmt(bias, 4)}) is kept in metadata for older servers; its ECE is shown as "
+            '"ECE single T". "Before" is the raw sigmoid(logit).'
+        )
+    else:
+        lines.append(
+            f"Temperature scaling after a prior correction: calibrated p = "
+            f"sigmoid((logit + b) / T), b = {_fmt(bias, 4)} (undoes the class-balanced training "
+            f"loss; from the training data's class shares), T = "
+            f"{_fmt(temperature, 4) if temperature is not None else NOT_MEASURED} (fitted on "
+            f'validation by negative log-likelihood). "Before" below is the raw sigmoid(logit).'
+        )
     lines.append("")
     if not isinstance(calib, Mapping):
         return [*lines, f"ECE and Brier score: {NOT_MEASURED}.", ""]
@@ -473,7 +488,7 @@ def _section_calibration(metadata: Mapping[str, Any], metrics: Mapping[str, Any]
     if any(k in calib for k in ("before", "after", "ece_before", "ece_after")):
         entries["pooled"] = calib
     for key, value in calib.items():
-        if isinstance(value, Mapping) and key not in ("before", "after"):
+        if isinstance(value, Mapping) and key not in ("before", "after", "per_domain"):
             entries[key] = value
     if not entries:
         return [*lines, f"ECE and Brier score: {NOT_MEASURED}.", ""]
@@ -485,7 +500,7 @@ def _section_calibration(metadata: Mapping[str, Any], metrics: Mapping[str, Any]
         v = _calibration_values(entries[name])
         rows.append([_cell(name), *(_fmt(v[k]) for k in v)])
     lines += _table(
-        ["Set", "ECE before", "ECE after", "Brier before", "Brier after"],
+        ["Set", "ECE before", "ECE single T", "ECE after", "Brier before", "Brier after"],
         rows,
     )
     return lines
@@ -497,18 +512,20 @@ def _crossfit_lines(crossfit: Any) -> list[str]:
         return []
     lines = [
         f"Out of fold ({_fmt(crossfit.get('folds'))} folds grouped by "
-        f"{crossfit.get('grouped_by', 'group')}; each fold answered with a temperature and a "
-        "threshold fitted by the same rules on the other folds), so these figures did not see "
-        "their own images:",
+        f"{crossfit.get('grouped_by', 'group')}; each fold answered with a calibration "
+        f"({crossfit.get('calibration', 'single temperature')}) and a threshold fitted by the "
+        "same rules on the other folds), so these figures did not see their own images:",
         "",
     ]
     sets = crossfit["sets"]
     rows = [
-        [_cell(name), _fmt(v.get("sensitivity")), _fmt(v.get("specificity")), _fmt(v.get("ece"))]
+        [_cell(name), _fmt(v.get("sensitivity")), _fmt(v.get("specificity")), _fmt(v.get("ece")),
+         _fmt(v.get("ece_single_temperature")), _fmt(v.get("domain_accuracy"))]
         for name in _ordered(list(sets), DOMAIN_ORDER, last=("pooled",))
         for v in [sets[name]]
-    ]
-    return lines + _table(["Set", "sensitivity", "specificity", "ECE"], rows)
+    ]  # fmt: skip
+    head = ["Set", "sensitivity", "specificity", "ECE", "ECE single T", "domain inferred right"]
+    return lines + _table(head, rows)
 
 
 def _section_threshold(metadata: Mapping[str, Any], metrics: Mapping[str, Any]) -> list[str]:

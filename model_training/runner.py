@@ -7,6 +7,7 @@ preprocessing (``resize_to_input``), batches, optional test-time views, and the 
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -18,6 +19,17 @@ from PIL import Image
 from model_training.preprocessing import load_image_file, resize_to_input, tta_view
 
 SAVED_MODEL_DIR = "saved_model"  # as model_training.export (which imports Keras: kept lazy)
+
+
+def saved_model_fingerprint(artifact: Path) -> str:
+    """Hash of the SavedModel graph and its variable index (which checksums every tensor)."""
+    digest = hashlib.sha256()
+    for rel in ("saved_model.pb", "variables/variables.index", "fingerprint.pb"):
+        path = artifact / SAVED_MODEL_DIR / rel
+        if path.exists():
+            digest.update(rel.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def lazy_files(paths: Sequence[str | Path]) -> Iterable[Image.Image]:

@@ -1,0 +1,148 @@
+"""Calibration per photo domain, without being told the domain.
+
+Dermoscopy and phone photos need different calibrations: the same logit means a different
+probability in each (different class mixes, different confidence). The server is never told
+which kind a photo is, so the artifact carries a small logistic model that reads the domain
+from the network's own embedding (which the ``serve`` endpoint returns anyway), and one
+Platt scaling per domain, ``sigmoid((logit + bias_d) / T_d)``. The answer is the mixture of
+the per-domain probabilities weighted by the domain probability, so a photo that looks half
+like each gets a blend rather than a jump.
+
+Scoring needs only NumPy (the server imports this module); fitting uses scikit-learn and
+SciPy, imported when a fit is asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+FILE = "domain_calibration.npz"
+
+
+def _sigmoid(x: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    return np.exp(-np.logaddexp(0.0, -np.asarray(x, dtype=np.float64)))
+
+
+@dataclass(frozen=True)
+class DomainCalibration:
+    """A domain classifier on the embedding plus one (bias, temperature) per domain."""
+
+    domains: tuple[str, str]  # (first, second): the classifier gives P(second)
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    bias: tuple[float, float]
+    temperature: tuple[float, float]
+
+    def second_domain_probability(self, embeddings: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """P(domains[1] | embedding) for each row of ``embeddings`` [n, d]."""
+        x = (np.asarray(embeddings, dtype=np.float64) - self.mean) / self.scale
+        return _sigmoid(x @ self.coef + self.intercept)
+
+    def per_domain(self, logits: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """[n, 2]: each logit calibrated as if it came from each domain."""
+        z = np.asarray(logits, dtype=np.float64).reshape(-1, 1)
+        return _sigmoid((z + np.asarray(self.bias)) / np.asarray(self.temperature))
+
+    def calibrate(
+        self, logits: npt.ArrayLike, embeddings: npt.ArrayLike
+    ) -> npt.NDArray[np.float64]:
+        """Calibrated malignant probability: the domain-weighted mixture."""
+        w = self.second_domain_probability(embeddings)
+        both = self.per_domain(logits)
+        return np.asarray((1 - w) * both[:, 0] + w * both[:, 1], dtype=np.float64)
+
+    def save(self, path: Path) -> None:
+        """Write the parameters as a plain ``.npz`` (no pickles)."""
+        np.savez(
+            path, domains=np.asarray(self.domains), mean=self.mean, scale=self.scale,
+            coef=self.coef, intercept=np.float64(self.intercept), bias=np.asarray(self.bias),
+            temperature=np.asarray(self.temperature),
+        )  # fmt: skip
+
+    @classmethod
+    def load(cls, path: Path) -> DomainCalibration:
+        """Read what :meth:`save` wrote; raises ValueError on an inconsistent file."""
+        with np.load(path, allow_pickle=False) as data:
+            domains = tuple(str(d) for d in data["domains"])
+            mean, scale, coef = (np.asarray(data[k], np.float64) for k in ("mean", "scale", "coef"))
+            bias, temperature = data["bias"], data["temperature"]
+            intercept = float(data["intercept"])
+        if len(domains) != 2 or not mean.shape == scale.shape == coef.shape:
+            raise ValueError(f"{path}: inconsistent domain calibration")
+        if np.any(np.asarray(temperature) <= 0) or np.any(scale <= 0):
+            raise ValueError(f"{path}: temperatures and scales must be > 0")
+        return cls(
+            (domains[0], domains[1]), mean, scale, coef, intercept,
+            (float(bias[0]), float(bias[1])), (float(temperature[0]), float(temperature[1])),
+        )  # fmt: skip
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary for metadata.json."""
+        return {
+            "file": FILE,
+            "embedding_output": "embedding",
+            "domains": list(self.domains),
+            "per_domain": {
+                d: {"logit_bias": b, "temperature": t}
+                for d, b, t in zip(self.domains, self.bias, self.temperature, strict=True)
+            },
+            "method": (
+                "p = (1 - w) * sigmoid((logit + b_1) / T_1) + w * sigmoid((logit + b_2) / T_2), "
+                "w = P(second domain | embedding) from a logistic model; (b_d, T_d) fitted by "
+                "NLL on validation images of domain d"
+            ),
+        }
+
+
+def fit_platt(logits: npt.ArrayLike, y: npt.ArrayLike) -> tuple[float, float]:
+    """(bias, temperature) minimising the NLL of ``sigmoid((logit + bias) / T)``."""
+    from scipy.optimize import minimize
+
+    z = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(y, dtype=np.float64)
+
+    def nll(params: np.ndarray) -> float:
+        u = (z + params[0]) / math.exp(params[1])
+        return float(np.mean(np.logaddexp(0.0, u) - labels * u))
+
+    result = minimize(nll, np.zeros(2), method="L-BFGS-B", bounds=[(-10, 10), (-3, 3)])
+    return float(result.x[0]), float(math.exp(result.x[1]))
+
+
+def fit_domain_calibration(
+    logits: npt.ArrayLike,
+    embeddings: npt.ArrayLike,
+    y: npt.ArrayLike,
+    domains: npt.ArrayLike,
+    c: float = 0.05,
+) -> DomainCalibration:
+    """Fit the domain classifier and the per-domain Platt scalings on labelled images.
+
+    The classifier is L2-regularised (``c``) on standardised embeddings, and its classes are
+    weighted equally: phone photos are few, and a user's domain is not the training mix.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    emb = np.asarray(embeddings, dtype=np.float64)
+    names = np.asarray(domains).astype(str)
+    order = tuple(sorted(set(names.tolist())))
+    if len(order) != 2:
+        raise ValueError(f"need exactly two domains, got {order}")
+    mean = emb.mean(axis=0)
+    scale = emb.std(axis=0) + 1e-6
+    clf = LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
+    clf.fit((emb - mean) / scale, names == order[1])
+    z, labels = np.asarray(logits, dtype=np.float64), np.asarray(y)
+    params = [fit_platt(z[names == d], labels[names == d]) for d in order]
+    return DomainCalibration(
+        (order[0], order[1]), mean, scale, clf.coef_.reshape(-1), float(clf.intercept_[0]),
+        (params[0][0], params[1][0]), (params[0][1], params[1][1]),
+    )  # fmt: skip

@@ -1,0 +1,98 @@
+"""Per-domain calibration: fitting, the file format, and the server applying it unasked."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.model import ModelLoadError, TriageModel
+from model_training.calibration import expected_calibration_error
+from model_training.domain_calibration import (
+    FILE,
+    DomainCalibration,
+    fit_domain_calibration,
+    fit_platt,
+)
+from model_training.preprocessing import resize_to_input
+
+IMAGES = sorted((Path(__file__).parent / "fixtures" / "images").glob("*.jpg"))
+
+
+def _two_domains(seed: int = 0, n: int = 600) -> tuple[np.ndarray, ...]:
+    """Logits whose meaning differs by domain, and embeddings that reveal the domain."""
+    rng = np.random.default_rng(seed)
+    phone = rng.random(n) < 0.2
+    y = (rng.random(n) < np.where(phone, 0.4, 0.15)).astype(int)
+    # Dermoscopy: logit = true log odds. Phone: over-confident by 3x and shifted by +1.
+    true_logit = rng.normal(np.where(y == 1, 1.5, -1.5), 1.0)
+    logits = np.where(phone, 3 * true_logit + 1.0, true_logit)
+    emb = rng.normal(0, 1, (n, 16))
+    emb[:, 0] += np.where(phone, 3.0, -3.0)
+    return logits, emb, y, np.where(phone, "phone", "dermoscopy")
+
+
+def test_platt_recovers_a_known_scaling() -> None:
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 2, 20000)
+    y = (rng.random(z.size) < 1 / (1 + np.exp(-(z - 0.5) / 2.0))).astype(int)
+    bias, temperature = fit_platt(z, y)
+    assert bias == pytest.approx(-0.5, abs=0.1)
+    assert temperature == pytest.approx(2.0, rel=0.08)
+
+
+def test_per_domain_beats_one_temperature_and_infers_the_domain() -> None:
+    logits, emb, y, domains = _two_domains()
+    dc = fit_domain_calibration(logits, emb, y, domains)
+    assert dc.domains == ("dermoscopy", "phone")
+    assert np.mean((dc.second_domain_probability(emb) >= 0.5) == (domains == "phone")) > 0.99
+    t_logits, t_emb, t_y, t_domains = _two_domains(seed=5)  # fresh images, same sources
+    p = dc.calibrate(t_logits, t_emb)
+    phone = t_domains == "phone"
+    single = 1 / (1 + np.exp(-t_logits / 1.8))
+    assert expected_calibration_error(t_y[phone], p[phone]) < expected_calibration_error(
+        t_y[phone], single[phone]
+    )
+    assert expected_calibration_error(t_y[phone], p[phone]) < 0.08
+
+
+def test_save_load_round_trip_and_refuse_a_broken_file(tmp_path: Path) -> None:
+    logits, emb, y, domains = _two_domains()
+    dc = fit_domain_calibration(logits, emb, y, domains)
+    dc.save(tmp_path / FILE)
+    again = DomainCalibration.load(tmp_path / FILE)
+    np.testing.assert_allclose(again.calibrate(logits, emb), dc.calibrate(logits, emb))
+    np.savez(tmp_path / "bad.npz", domains=np.asarray(["a"]), mean=np.zeros(3), scale=np.ones(3),
+             coef=np.zeros(2), intercept=0.0, bias=np.zeros(2), temperature=np.ones(2))  # fmt: skip
+    with pytest.raises(ValueError):
+        DomainCalibration.load(tmp_path / "bad.npz")
+
+
+def test_server_model_applies_the_artifacts_domain_calibration(
+    artifact_copy: Callable[..., Path],
+) -> None:
+    """TriageModel.infer returns the domain-weighted calibration of the real serve outputs."""
+    plain = TriageModel.load(artifact_copy("plain"))
+    batch = np.stack(
+        [resize_to_input(Image.open(p), plain.metadata.input_size) for p in IMAGES[:4]]
+    ).astype(np.float32)
+    served = plain._call("serve", batch)
+    dim = served["embedding"].shape[1]
+    rng = np.random.default_rng(0)
+    dc = DomainCalibration(
+        ("dermoscopy", "phone"), np.zeros(dim), np.ones(dim), rng.normal(0, 1, dim), 0.1,
+        (-0.5, 0.8), (1.3, 2.5),
+    )  # fmt: skip
+    model_dir = artifact_copy("per-domain", domain_calibration=dc.describe())
+    dc.save(model_dir / FILE)
+    model = TriageModel.load(model_dir)
+    got = model.infer(batch).probabilities
+    expected = dc.calibrate(served["logit"], served["embedding"])
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert not np.allclose(got, plain.infer(batch).probabilities)  # not the single temperature
+    (model_dir / FILE).unlink()
+    with pytest.raises(ModelLoadError, match="domain calibration"):
+        TriageModel.load(model_dir)
