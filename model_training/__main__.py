@@ -176,6 +176,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         tta=args.tta,
         update_metadata=not args.no_update,
         reuse_predictions=args.reuse_predictions,
+        calibration=args.calibration,
     )
     return 0
 
@@ -251,7 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-update", action="store_true", help="do not rewrite metadata.json")
     p.add_argument(
         "--reuse-predictions", action="store_true",
-        help="re-use validation_predictions.csv from an earlier run of this artifact",
+        help="re-use this artifact's cached validation logits and embeddings",
+    )  # fmt: skip
+    p.add_argument(
+        "--calibration", choices=["single", "per-domain"], default="single",
+        help="one temperature, or one scaling per photo domain (domain read off the embedding)",
     )  # fmt: skip
     p.set_defaults(func=cmd_evaluate)
 

@@ -27,6 +27,10 @@ from model_training.export import read_metadata, write_metadata
 from model_training.preprocessing import TTA_VIEWS as PREPROCESSING_TTA_VIEWS
 
 PREDICTIONS_FILE = "validation_predictions.csv"
+SINGLE_METHOD = (
+    "sigmoid((logit + logit_bias) / T): logit_bias undoes the class-balanced training "
+    "(from training data); T fitted by NLL on validation"
+)
 CACHE_DIR = (
     Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     / "skin-lesion-triage"
@@ -265,8 +269,14 @@ def evaluate_artifact(
     tta: bool = False,
     update_metadata: bool = True,
     reuse_predictions: bool = False,
+    calibration: str = "single",
 ) -> dict[str, Any]:
     """Validate, calibrate, choose threshold and tiers, write metrics.json, plots, model card.
+
+    ``calibration``: "single" (one temperature after the prior correction) or "per-domain"
+    (``model_training.domain_calibration``). Both are measured out of fold either way
+    (``crossfit`` for the one chosen, ``crossfit_alternative`` for the other), so the choice
+    is documented by figures that did not see their own images.
 
     ``reuse_predictions`` re-reads the logits this artifact's SavedModel produced in an earlier
     run (``validation_predictions.csv``) instead of scoring again, e.g. after changing a
@@ -294,7 +304,8 @@ def evaluate_artifact(
     temperature = cal.fit_temperature(logits + bias, y)
     p_single = cal.calibrate(logits, bias, temperature)
     domain_cal = fit_domain_calibration(logits, embeddings, y, df["domain"].to_numpy())
-    p = domain_cal.calibrate(logits, embeddings)
+    per_domain = calibration == "per-domain"
+    p = domain_cal.calibrate(logits, embeddings) if per_domain else p_single
     threshold, rule = choose_domain_threshold(df, y, p, target_sensitivity)
     tiers = choose_tiers(y, p, threshold)
     result = summarise(df, logits, p, threshold)
@@ -305,14 +316,28 @@ def evaluate_artifact(
         }
     result["calibration"]["temperature"] = temperature
     result["calibration"]["logit_bias"] = bias
-    result["calibration"]["per_domain"] = domain_cal.describe()
-    result["calibration"]["method"] = domain_cal.describe()["method"]
-    result["calibration"]["fitted_on"] = "validation splits, each domain's own images"
+    if per_domain:
+        result["calibration"]["per_domain"] = domain_cal.describe()
+        result["calibration"]["method"] = domain_cal.describe()["method"]
+        result["calibration"]["fitted_on"] = "validation splits, each domain's own images"
+    else:
+        result["calibration"]["method"] = SINGLE_METHOD
+        result["calibration"]["fitted_on"] = "pooled validation splits"
     result.update(threshold=threshold, threshold_rule=rule, risk_tiers=tiers)
     result["inference_seconds_per_image"] = sec_per_image
+    chosen, other = (embeddings, None) if per_domain else (None, embeddings)
     result["crossfit"] = crossfit_operating_point(
-        df, y, logits, bias, target_sensitivity, embeddings=embeddings
+        df, y, logits, bias, target_sensitivity, embeddings=chosen
     )
+    alternative = crossfit_operating_point(
+        df, y, logits, bias, target_sensitivity, embeddings=other
+    )
+    alternative["roc_auc"] = {
+        name: mt.binary_metrics(y[m], p_alt[m], threshold)["roc_auc"]
+        for p_alt in [p_single if per_domain else domain_cal.calibrate(logits, embeddings)]
+        for name, m in _domain_sets(df).items()
+    }
+    result["crossfit_alternative"] = alternative
 
     isic = df["dataset"] == "isic2017"
     if isic.any():
@@ -376,9 +401,13 @@ def evaluate_artifact(
     (artifact / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
 
     if update_metadata:
-        domain_cal.save(artifact / DOMAIN_FILE)
+        if per_domain:
+            domain_cal.save(artifact / DOMAIN_FILE)
+            meta["domain_calibration"] = domain_cal.describe()
+        else:
+            (artifact / DOMAIN_FILE).unlink(missing_ok=True)
+            meta.pop("domain_calibration", None)
         meta.update(
-            domain_calibration=domain_cal.describe(),
             calibration=result["calibration"]["method"],
             temperature=temperature,
             threshold=threshold,
