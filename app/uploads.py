@@ -9,13 +9,17 @@ the limit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import HTTPException, Request
+from pydantic import TypeAdapter, ValidationError
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from app.metrics import Metrics
 
@@ -45,8 +49,59 @@ class ParsedForm:
     body_bytes: int
 
 
+# The client is told, and the connection closed: the rest of the body is not worth reading.
+CLOSE = {"Connection": "close"}
+
+
 def _too_large(detail: str) -> HTTPException:
-    return HTTPException(status_code=413, detail=detail)
+    return HTTPException(status_code=413, detail=detail, headers=CLOSE)
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """How long and how slowly a client may send its body (0 rate: no rate check)."""
+
+    timeout_s: float = 60.0
+    min_rate_bytes: int = 0
+    grace_s: float = 5.0
+
+
+def _too_slow(detail: str) -> HTTPException:
+    return HTTPException(status_code=408, detail=detail, headers=CLOSE)
+
+
+async def body_chunks(request: Request, limits: BodyLimits) -> AsyncIterator[bytes]:
+    """The request body as it arrives, cut off with 408 when it takes too long in total
+    or arrives slower than ``min_rate_bytes`` per second on average (after ``grace_s``).
+
+    Raises Starlette's ClientDisconnect when the client goes away (logged as client_closed
+    by the middleware, never as a server error).
+    """
+    started = time.monotonic()
+    received = 0
+    while True:
+        deadline = started + limits.timeout_s
+        if limits.min_rate_bytes > 0:
+            deadline = min(deadline, started + limits.grace_s + received / limits.min_rate_bytes)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                message = await request.receive()
+        except TimeoutError:
+            if time.monotonic() - started >= limits.timeout_s:
+                raise _too_slow(
+                    f"request body not received within {limits.timeout_s:g} s"
+                ) from None
+            raise _too_slow(
+                f"request body arrived slower than {limits.min_rate_bytes} bytes per second"
+            ) from None
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
 
 
 def missing_field(name: str) -> HTTPException:
@@ -170,11 +225,13 @@ async def read_multipart(
     max_body_bytes: int,
     max_files: int,
     too_many_files: HTTPException,
+    body_limits: BodyLimits | None = None,
 ) -> ParsedForm:
     """Read a multipart body into memory, enforcing the limits as bytes arrive.
 
     Raises HTTPException 413 (body over the limit), ``too_many_files`` (more than
-    ``max_files`` files), 415 (not multipart) or 400 (malformed). A file over
+    ``max_files`` files), 415 (not multipart), 408 (body too slow, see body_chunks) or 400
+    (malformed, or cut short before its closing boundary). A file over
     ``max_file_bytes`` is returned with ``oversized=True`` so the batch route can report it
     per file; the single-file route turns it into a 413.
     """
@@ -201,7 +258,7 @@ async def read_multipart(
     total = 0
     try:
         parser = MultipartParser(boundary, collector.callbacks())
-        async for chunk in request.stream():
+        async for chunk in body_chunks(request, body_limits or BodyLimits()):
             total += len(chunk)
             if total > max_body_bytes:
                 raise _too_large(f"request body is larger than {max_body_bytes} bytes")
@@ -209,23 +266,61 @@ async def read_multipart(
         parser.finalize()
     except FormParserError as exc:
         raise HTTPException(status_code=400, detail="malformed multipart body") from exc
+    if total and parser.state != MultipartState.END:
+        # python-multipart holds back the bytes that might start the boundary; without the
+        # closing boundary the last part would silently lose them.
+        raise HTTPException(
+            status_code=400, detail="incomplete multipart body: no closing boundary"
+        )
     return ParsedForm(fields=collector.fields, files=collector.files, body_bytes=total)
 
 
 async def read_upload(request: Request, metrics: Metrics, **limits: Any) -> ParsedForm:
-    """read_multipart, counting a refused body in the metrics and the request log line.
+    """read_multipart with the app's body limits, counting a refused body in the metrics
+    and the request log line.
 
     Per-file problems (not an image, too large) are counted later, where they are found.
     """
+    settings = getattr(request.app.state, "settings", None)
+    if settings is not None and "body_limits" not in limits:
+        limits["body_limits"] = BodyLimits(
+            timeout_s=settings.body_timeout_s,
+            min_rate_bytes=settings.body_min_rate_bytes,
+            grace_s=settings.body_rate_grace_s,
+        )
     try:
         return await read_multipart(request, **limits)
     except HTTPException as exc:
-        reason = {413: "too_large", 415: "not_multipart"}.get(exc.status_code, "bad_request")
+        reasons = {408: "body_timeout", 413: "too_large", 415: "not_multipart"}
+        reason = reasons.get(exc.status_code, "bad_request")
         metrics.rejected_inputs.labels(reason=reason).inc()
         request.state.outcome = f"rejected:{reason}"
         raise
 
 
-def truthy(value: str | None) -> bool:
-    """HTML forms and curl send flags as strings."""
-    return value is not None and value.strip().lower() in {"1", "true", "yes", "on"}
+_BOOL = TypeAdapter(bool)
+
+
+def form_flag(fields: dict[str, str], name: str) -> bool:
+    """A boolean form field, parsed as FastAPI parses the same query parameter.
+
+    Missing means false; true/false/1/0/yes/no/on/off are accepted (an HTML checkbox sends
+    "on"); anything else is the same 422 the query parameter gets.
+    """
+    value = fields.get(name)
+    if value is None:
+        return False
+    try:
+        return _BOOL.validate_python(value.strip())
+    except ValidationError:
+        raise HTTPException(
+            status_code=422,
+            detail=[
+                {
+                    "type": "bool_parsing",
+                    "loc": ["body", name],
+                    "msg": "Input should be a valid boolean, unable to interpret input",
+                    "input": value,
+                }
+            ],
+        ) from None

@@ -13,6 +13,7 @@ from markdown_it import MarkdownIt
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import (
+    AdmissionDep,
     MetricsDep,
     OptionalServiceDep,
     RequestIdDep,
@@ -45,6 +46,44 @@ CSP = (
 PAGE_HEADERS = {"Content-Security-Policy": CSP, "Cache-Control": "no-store"}
 FORM_FILE_FIELDS = ("file", "photo")
 HTML_200: dict[int | str, dict[str, Any]] = {200: {"content": {"text/html": {}}}}
+_HTML = {"text/html": {"schema": {"type": "string"}}}
+ASSESS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": _HTML, "description": "The result page"},
+    400: {"content": _HTML, "description": "Malformed multipart body"},
+    408: {"content": _HTML, "description": "The upload was too slow"},
+    413: {"content": _HTML, "description": "The photo is larger than the limit"},
+    415: {"content": _HTML, "description": "Not a form upload, or not a decodable image"},
+    422: {"content": _HTML, "description": "No photo chosen"},
+    503: {
+        "content": _HTML,
+        "description": "Starting, or busy: try again shortly",
+        "headers": {"Retry-After": {"schema": {"type": "string"}}},
+    },
+}
+_PHOTO = {"type": "string", "format": "binary", "minLength": 1}
+_PICKERS = ", ".join(FORM_FILE_FIELDS)
+ASSESS_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "description": f"The photo in one of {_PICKERS} (the page has a camera and "
+                    "a file picker; a browser sends the unused one empty)",
+                    "properties": {
+                        name: {"type": "string", "format": "binary"} for name in FORM_FILE_FIELDS
+                    },
+                    "anyOf": [
+                        {"required": [name], "properties": {name: _PHOTO}}
+                        for name in FORM_FILE_FIELDS
+                    ],
+                },
+                "encoding": {name: {"contentType": "image/*"} for name in FORM_FILE_FIELDS},
+            }
+        },
+    }
+}
 
 
 def render_model_card(text: str) -> str:
@@ -174,10 +213,12 @@ async def index(
     "/assess",
     response_class=HTMLResponse,
     summary="Form upload; renders the result page (no JavaScript needed)",
-    responses=HTML_200,
+    responses=ASSESS_RESPONSES,
+    openapi_extra=ASSESS_BODY,
 )
 async def assess(
     request: Request,
+    admission: AdmissionDep,
     templates: TemplatesDep,
     settings: SettingsDep,
     metrics: MetricsDep,
@@ -189,9 +230,14 @@ async def assess(
     context: dict[str, Any] = {**_common(settings), **_model_context(service)}
     context.update(result=None, error=None, request_id=request_id)
     status_code = 200
+    headers = dict(PAGE_HEADERS)
     try:
         if service is None:
-            raise HTTPException(status_code=503, detail="The service is starting; try again.")
+            raise HTTPException(
+                status_code=503,
+                detail="The service is starting; try again.",
+                headers={"Retry-After": "5"},
+            )
         # The page has two pickers (camera and file); a browser sends both parts, the
         # unused one empty and without a filename.
         form = await read_upload(
@@ -207,19 +253,21 @@ async def assess(
         if not chosen:
             raise missing_field("file")
         chosen[0].index = 0
-        [result] = await run_in_threadpool(
-            service.assess, chosen[:1], Options(explain=True, preview=True), request_id, started
-        )
+        async with admission.slot():
+            [result] = await run_in_threadpool(
+                service.assess, chosen[:1], Options(explain=True, preview=True), request_id, started
+            )
         if isinstance(result, BatchItemError):
             raise HTTPException(status_code=result.status_code, detail=result.detail)
         context["result"] = _result_view(result, service)
         request.state.outcome = result.label if result.status == "ok" else result.status
     except HTTPException as exc:
         status_code = exc.status_code
+        headers = {**headers, **(exc.headers or {})}
         context["error"] = _error_message(exc, settings.max_upload_bytes)
         request.state.outcome = f"rejected:{exc.status_code}"
     return templates.TemplateResponse(
-        request, "result.html", context, status_code=status_code, headers=PAGE_HEADERS
+        request, "result.html", context, status_code=status_code, headers=headers
     )
 
 
@@ -233,8 +281,10 @@ def _error_message(exc: HTTPException, max_bytes: int) -> str:
         )
     if exc.status_code == 422:
         return "Please choose or take a photo first."
+    if exc.status_code == 408:
+        return "The upload took too long. Please try again on a better connection."
     if exc.status_code == 503:
-        return "The service is still starting. Please try again in a minute."
+        return "The service is busy or starting. Please try again in a minute."
     return str(exc.detail)
 
 
