@@ -314,10 +314,14 @@ PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Upload larger than the configured limit"},
     415: {
         "model": ErrorResponse,
-        "description": "Not multipart, not a decodable image, an empty file, or an image with "
-        "more pixels than the server decodes",
+        "description": "Not multipart, not a decodable image, or an image with more pixels "
+        "than the server decodes",
     },
-    422: {"model": ErrorResponse, "description": "Missing `file` field, or a flag not a boolean"},
+    422: {
+        "model": ErrorResponse,
+        "description": "Missing or empty file, a file sent as a text field, or a flag that is "
+        "not a boolean (or sent twice)",
+    },
     503: {
         "model": ErrorResponse,
         "description": "Model not loaded yet, the server is shutting down, or the assessment "

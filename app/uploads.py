@@ -47,6 +47,8 @@ class ParsedForm:
     fields: dict[str, str]
     files: list[FilePart]
     body_bytes: int
+    not_files: set[str] = field(default_factory=set)  # file fields sent as plain text
+    repeated: set[str] = field(default_factory=set)  # form fields sent more than once
 
 
 # The client is told, and the connection closed: the rest of the body is not worth reading.
@@ -104,8 +106,20 @@ async def body_chunks(request: Request, limits: BodyLimits) -> AsyncIterator[byt
             return
 
 
-def missing_field(name: str) -> HTTPException:
+def missing_field(name: str, sent_as_text: bool = False) -> HTTPException:
     """The 422 FastAPI itself answers for a missing form field, same shape."""
+    if sent_as_text:
+        return HTTPException(
+            status_code=422,
+            detail=[
+                {
+                    "type": "value_error",
+                    "loc": ["body", name],
+                    "msg": "Expected a file upload (a part with a filename), got a text field",
+                    "input": None,
+                }
+            ],
+        )
     return HTTPException(
         status_code=422,
         detail=[
@@ -115,6 +129,26 @@ def missing_field(name: str) -> HTTPException:
                 "msg": "Field required",
                 "input": None,
             }
+        ],
+    )
+
+
+def empty_files_error(name: str, files: Iterable[FilePart]) -> HTTPException | None:
+    """The 422 for file parts without a byte (the schema says minLength 1), else None."""
+    empty = [f.index for f in files if not f.data and not f.oversized]
+    if not empty:
+        return None
+    many = name.endswith("s")  # /predict/batch's `files` is an array
+    return HTTPException(
+        status_code=422,
+        detail=[
+            {
+                "type": "string_too_short",
+                "loc": ["body", name, i] if many else ["body", name],
+                "msg": "the file is empty",
+                "input": "",
+            }
+            for i in empty
         ],
     )
 
@@ -129,6 +163,7 @@ class _Collector:
         max_file_bytes: int,
         max_files: int,
         too_many_files: HTTPException,
+        require_filename: bool = True,
     ) -> None:
         self.file_fields = set(file_fields)
         self.form_fields = set(form_fields)
@@ -137,6 +172,9 @@ class _Collector:
         self.too_many_files = too_many_files
         self.fields: dict[str, str] = {}
         self.files: list[FilePart] = []
+        self.not_files: set[str] = set()
+        self.repeated: set[str] = set()
+        self.require_filename = require_filename
         self.parts = 0
         self._header_name = bytearray()
         self._header_value = bytearray()
@@ -182,7 +220,11 @@ class _Collector:
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
         name = options.get(b"name", b"").decode("utf-8", "replace")
-        if name in self.file_fields:
+        if name in self.file_fields and self.require_filename and b"filename" not in options:
+            # A plain text part is not a file upload (browsers and curl -F name=@file always
+            # send a filename, an empty one for an unused picker): read and discarded.
+            self.not_files.add(name)
+        elif name in self.file_fields:
             if len(self.files) >= self.max_files:
                 raise self.too_many_files
             raw_filename = options.get(b"filename")
@@ -193,6 +235,8 @@ class _Collector:
             )
             self.files.append(self._file)
         elif name in self.form_fields and b"filename" not in options:
+            if name in self.fields:
+                self.repeated.add(name)
             self._field = (name, bytearray())
             # Stored by reference; filled by on_part_data.
             self.fields[name] = ""
@@ -226,6 +270,7 @@ async def read_multipart(
     max_files: int,
     too_many_files: HTTPException,
     body_limits: BodyLimits | None = None,
+    require_filename: bool = True,
 ) -> ParsedForm:
     """Read a multipart body into memory, enforcing the limits as bytes arrive.
 
@@ -254,7 +299,9 @@ async def read_multipart(
     if not boundary:
         raise HTTPException(status_code=400, detail="multipart body without a boundary")
 
-    collector = _Collector(file_fields, form_fields, max_file_bytes, max_files, too_many_files)
+    collector = _Collector(
+        file_fields, form_fields, max_file_bytes, max_files, too_many_files, require_filename
+    )
     total = 0
     try:
         parser = MultipartParser(boundary, collector.callbacks())
@@ -272,7 +319,13 @@ async def read_multipart(
         raise HTTPException(
             status_code=400, detail="incomplete multipart body: no closing boundary"
         )
-    return ParsedForm(fields=collector.fields, files=collector.files, body_bytes=total)
+    return ParsedForm(
+        fields=collector.fields,
+        files=collector.files,
+        body_bytes=total,
+        not_files=collector.not_files,
+        repeated=collector.repeated,
+    )
 
 
 async def read_upload(request: Request, metrics: Metrics, **limits: Any) -> ParsedForm:
@@ -301,18 +354,23 @@ async def read_upload(request: Request, metrics: Metrics, **limits: Any) -> Pars
 _BOOL = TypeAdapter(bool)
 
 
-def form_flag(fields: dict[str, str], name: str) -> bool:
-    """A boolean form field, parsed as FastAPI parses the same query parameter.
+def _as_bool(value: str) -> bool | None:
+    try:
+        return _BOOL.validate_python(value)
+    except ValidationError:
+        return None
 
-    Missing means false; true/false/1/0/yes/no/on/off are accepted (an HTML checkbox sends
-    "on"); anything else is the same 422 the query parameter gets.
+
+def form_flag(form: ParsedForm, name: str) -> bool:
+    """A boolean form field, read by the rules FastAPI applies to the same query parameter
+    (true/false, 1/0, yes/no, on/off); missing means false. Anything else, or the field
+    sent twice, is the 422 a bad query value gets.
     """
-    value = fields.get(name)
+    value = form.fields.get(name)
     if value is None:
         return False
-    try:
-        return _BOOL.validate_python(value.strip())
-    except ValidationError:
+    flag = _as_bool(value)
+    if flag is None or name in form.repeated:
         raise HTTPException(
             status_code=422,
             detail=[
@@ -323,4 +381,5 @@ def form_flag(fields: dict[str, str], name: str) -> bool:
                     "input": value,
                 }
             ],
-        ) from None
+        )
+    return flag

@@ -53,7 +53,7 @@ ASSESS_RESPONSES: dict[int | str, dict[str, Any]] = {
     408: {"content": _HTML, "description": "The upload was too slow"},
     413: {"content": _HTML, "description": "The photo is larger than the limit"},
     415: {"content": _HTML, "description": "Not a form upload, or not a decodable image"},
-    422: {"content": _HTML, "description": "No photo chosen"},
+    422: {"content": _HTML, "description": "No photo chosen, or one in each picker"},
     503: {
         "content": _HTML,
         "description": "Starting, or busy: try again shortly",
@@ -61,7 +61,7 @@ ASSESS_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
 }
 _PHOTO = {"type": "string", "format": "binary", "minLength": 1}
-_PICKERS = ", ".join(FORM_FILE_FIELDS)
+_UNUSED = {"type": "string", "format": "binary", "maxLength": 0}
 ASSESS_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -69,14 +69,17 @@ ASSESS_BODY: dict[str, Any] = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "description": f"The photo in one of {_PICKERS} (the page has a camera and "
-                    "a file picker; a browser sends the unused one empty)",
-                    "properties": {
-                        name: {"type": "string", "format": "binary"} for name in FORM_FILE_FIELDS
-                    },
-                    "anyOf": [
-                        {"required": [name], "properties": {name: _PHOTO}}
-                        for name in FORM_FILE_FIELDS
+                    "description": "The photo in exactly one of `file` (file picker) and `photo` "
+                    "(camera); a browser sends the unused picker as an empty part",
+                    "oneOf": [
+                        {
+                            "required": [chosen],
+                            "properties": {
+                                name: _PHOTO if name == chosen else _UNUSED
+                                for name in FORM_FILE_FIELDS
+                            },
+                        }
+                        for chosen in FORM_FILE_FIELDS
                     ],
                 },
                 "encoding": {name: {"contentType": "image/*"} for name in FORM_FILE_FIELDS},
@@ -248,10 +251,13 @@ async def assess(
             max_body_bytes=2 * settings.max_upload_bytes + MULTIPART_OVERHEAD,
             max_files=len(FORM_FILE_FIELDS),
             too_many_files=HTTPException(status_code=422, detail="Choose a single photo."),
+            require_filename=False,  # a form part is the photo whatever its headers say
         )
         chosen = [f for f in form.files if f.data or f.filename or f.oversized]
         if not chosen:
             raise missing_field("file")
+        if sum(1 for f in form.files if f.data or f.oversized) > 1:
+            raise HTTPException(status_code=422, detail="Choose a single photo.")
         chosen[0].index = 0
         async with admission.slot():
             [result] = await run_in_threadpool(
@@ -280,7 +286,7 @@ def _error_message(exc: HTTPException, max_bytes: int) -> str:
             "That file could not be read as a photo. Please choose a JPEG, PNG, WebP or HEIC image."
         )
     if exc.status_code == 422:
-        return "Please choose or take a photo first."
+        return exc.detail if isinstance(exc.detail, str) else "Please choose or take a photo first."
     if exc.status_code == 408:
         return "The upload took too long. Please try again on a better connection."
     if exc.status_code == 503:

@@ -14,7 +14,14 @@ from app.admission import Admission
 from app.deps import AdmissionDep, MetricsDep, RequestIdDep, ServiceDep, SettingsDep
 from app.schemas import PREDICT_ERRORS, BatchItemError, BatchResponse, PredictionResult
 from app.service import Options, TriageService
-from app.uploads import MULTIPART_OVERHEAD, ParsedForm, form_flag, missing_field, read_upload
+from app.uploads import (
+    MULTIPART_OVERHEAD,
+    ParsedForm,
+    empty_files_error,
+    form_flag,
+    missing_field,
+    read_upload,
+)
 
 router = APIRouter(tags=["prediction"])
 
@@ -25,12 +32,14 @@ _FLAGS_DOC = {
     "explain": {
         "type": "boolean",
         "default": False,
-        "description": "Also return the Grad-CAM heat map (also accepted as a query parameter)",
+        "description": "Also return the Grad-CAM heat map (also accepted as a query "
+        "parameter, read by the same rules)",
     },
     "preview": {
         "type": "boolean",
         "default": False,
-        "description": "Also return an upright, metadata-free JPEG preview of the photo",
+        "description": "Also return an upright, metadata-free JPEG preview of the photo; "
+        "a boolean as for `explain`",
     },
 }
 _IMAGE_TYPES = "image/jpeg, image/png, image/webp, image/heic, image/heif, image/*"
@@ -92,8 +101,8 @@ PreviewQuery = Annotated[
 
 def _options(form: ParsedForm, explain: bool, preview: bool) -> Options:
     return Options(
-        explain=form_flag(form.fields, "explain") or explain,
-        preview=form_flag(form.fields, "preview") or preview,
+        explain=form_flag(form, "explain") or explain,
+        preview=form_flag(form, "preview") or preview,
     )
 
 
@@ -124,7 +133,11 @@ async def _assess(
     read_ms = round((time.perf_counter() - started) * 1000.0, 2)
     if not form.files:
         request.state.outcome = f"rejected:missing_{field}"
-        raise missing_field(field)
+        raise missing_field(field, sent_as_text=field in form.not_files)
+    empty = empty_files_error(field, form.files)
+    if empty is not None:
+        request.state.outcome = "rejected:empty_file"
+        raise empty
     async with admission.slot():
         results = await run_in_threadpool(
             service.assess, form.files, options, request_id, started, read_ms
