@@ -218,7 +218,7 @@ class TriageService:
             item.quality_ms = _ms(time.perf_counter() - t0)
         item.info = ImageInfo(width=decoded.original_size[0], height=decoded.original_size[1])
         if not item.reasons:
-            # The model input comes from the full-size photo, exactly as in evaluation.
+            # The model input comes from the decoded photo, exactly as in evaluation.
             item.model_input = resize_to_input(img, self.model.metadata.input_size)
         if self.settings.store_uploads_dir is None:
             # Only the preview and overlay need the photo from here on: keep a smaller copy
