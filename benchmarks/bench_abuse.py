@@ -184,8 +184,10 @@ class SlowClient(threading.Thread):
     def one(self) -> None:
         head = (
             b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n"
-            b"Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n"
-        )
+            b"Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n--b0undary\r\n"
+            b'Content-Disposition: form-data; name="file"; filename="slow.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n"
+        )  # a well-formed upload whose photo bytes then trickle in
         t0 = time.monotonic()
         try:
             with socket.create_connection(self.address, timeout=120) as sock:
