@@ -33,28 +33,25 @@ def _native_stderr_muted() -> Iterator[None]:
 
 def main() -> None:
     """Read settings from the environment, set up logging and run uvicorn."""
+    from app.memory import limit_arenas
+    from app.settings import Settings
+
+    settings = Settings()
+    # Before TensorFlow and the worker threads exist: glibc creates arenas lazily, per thread.
+    limit_arenas(settings.malloc_arena_max)
     # Imported here, after muting TensorFlow's banner (app.model imports TensorFlow).
     if os.environ.get("TRIAGE_LOG_JSON", "true").strip().lower() not in ("0", "false", "no"):
         with _native_stderr_muted():
             import tensorflow  # noqa: F401
 
-    import uvicorn
-
     from app.logs import configure_logging
     from app.main import create_app
-    from app.settings import Settings
+    from app.server import DrainingServer, uvicorn_config
 
-    settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # keep the JSON logging configured above
-        log_level=settings.log_level,
-        access_log=False,  # RequestContextMiddleware logs each request with its id
-        server_header=False,
-    )
+    app = create_app(settings)
+    server = DrainingServer(uvicorn_config(app, settings), app, settings.shutdown_pre_stop_s)
+    server.run()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.templating import Jinja2Templates
 
+from app.admission import Admission
 from app.metrics import Metrics
 from app.service import TriageService
 from app.settings import Settings
@@ -24,6 +25,12 @@ def get_metrics(request: Request) -> Metrics:
     """The app's metrics registry."""
     metrics: Metrics = request.app.state.metrics
     return metrics
+
+
+def get_admission(request: Request) -> Admission:
+    """The app's admission control (bounded concurrency and queue)."""
+    admission: Admission = request.app.state.admission
+    return admission
 
 
 def get_templates(request: Request) -> Jinja2Templates:
@@ -53,6 +60,7 @@ def get_optional_service(request: Request) -> TriageService | None:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+AdmissionDep = Annotated[Admission, Depends(get_admission)]
 TemplatesDep = Annotated[Jinja2Templates, Depends(get_templates)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 ServiceDep = Annotated[TriageService, Depends(get_service)]

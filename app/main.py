@@ -9,7 +9,10 @@ someone will look at, and a rolling update keeps the old version serving.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from swagger_ui_bundle import swagger_ui_path
 
 from app import __version__
+from app.admission import Admission
 from app.gates import build_gates
 from app.metrics import Metrics
 from app.middleware import RequestContextMiddleware
@@ -73,6 +77,24 @@ def load_service(settings: Settings, metrics: Metrics) -> TriageService:
     metrics.model_warmup_seconds.set(triage_model.report.warmup_seconds)
     metrics.model_info.labels(name=meta.name, version=meta.version).set(1)
     return TriageService(triage_model, gates, settings, metrics)
+
+
+_INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
+
+
+def docs_csp(html: str) -> str:
+    """CSP for the Swagger UI page: local assets only, its one inline start-up script
+    allowed by hash, no framing. Swagger UI sets inline styles, hence 'unsafe-inline' for
+    styles only."""
+    hashes = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(m.encode()).digest()).decode() + "'"
+        for m in _INLINE_SCRIPT.findall(html)
+    )
+    return (
+        f"default-src 'self'; script-src 'self' {hashes}; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+        "form-action 'self'; object-src 'none'"
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -131,23 +153,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = app_metrics
     app.state.service = None
     app.state.ready = False
+    app.state.draining = False  # set by app.server on SIGTERM: readiness answers 503
+    app.state.admission = Admission(
+        settings.max_concurrent_jobs, settings.max_queued_jobs, settings.retry_after_s, app_metrics
+    )
     app.state.templates = Jinja2Templates(directory=TEMPLATES_DIR)
 
-    app.add_middleware(RequestContextMiddleware, metrics=app_metrics)
+    app.add_middleware(
+        RequestContextMiddleware, metrics=app_metrics, max_header_bytes=settings.max_header_bytes
+    )
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
     for router in (predict.router, model.router, health.router, metrics.router, pages.router):
         app.include_router(router)
 
+    docs = get_swagger_ui_html(
+        openapi_url=app.openapi_url or "/openapi.json",
+        title=f"{app.title} - API docs",
+        swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+        swagger_css_url="/docs-assets/swagger-ui.css",
+        swagger_favicon_url="/static/favicon.svg",
+    )
+    docs_headers = {
+        "Content-Security-Policy": docs_csp(bytes(docs.body).decode("utf-8")),
+        "X-Frame-Options": "DENY",
+    }
+
     @app.get("/docs", include_in_schema=False)
     async def api_docs() -> HTMLResponse:
         """Swagger UI, served from the swagger-ui-bundle package (no third-party requests)."""
-        return get_swagger_ui_html(
-            openapi_url=app.openapi_url or "/openapi.json",
-            title=f"{app.title} - API docs",
-            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-            swagger_css_url="/docs-assets/swagger-ui.css",
-            swagger_favicon_url="/static/favicon.svg",
-        )
+        return HTMLResponse(bytes(docs.body), headers=docs_headers)
 
     return app

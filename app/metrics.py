@@ -34,7 +34,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "triage_http_requests",
-            "HTTP requests by route template, method and status code.",
+            "HTTP requests by route template, method and status code (client_closed: the "
+            "client went away before the answer; not a server error).",
             ["route", "method", "status"],
             registry=r,
         )
@@ -62,6 +63,17 @@ class Metrics:
             "Uploads not assessed, by reason (not_an_image, empty_file, too_large, quality "
             "issue codes, not_a_lesion).",
             ["reason"],
+            registry=r,
+        )
+        self.admission_active = Gauge(
+            "triage_assessments_active", "Assessments running (decode + model).", registry=r
+        )
+        self.admission_waiting = Gauge(
+            "triage_assessments_waiting", "Assessments queued for a free slot.", registry=r
+        )
+        self.admission_rejected = Counter(
+            "triage_assessments_rejected",
+            "Requests answered 503 + Retry-After because the assessment queue was full.",
             registry=r,
         )
         self.model_load_seconds = Gauge(

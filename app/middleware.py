@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 from starlette.datastructures import MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics import Metrics
@@ -41,12 +42,42 @@ def route_label(scope: Scope) -> str:
     return "unmatched"
 
 
-class RequestContextMiddleware:
-    """Sets ``request.state.request_id``, echoes X-Request-ID, logs and measures."""
+CLIENT_CLOSED = "client_closed"  # status label and outcome: the client went away first
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+
+def header_bytes(scope: Scope) -> int:
+    """Size of the request's header block as received (names, values, separators)."""
+    return sum(len(k) + len(v) + 4 for k, v in scope.get("headers", []))
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], request_id: str) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"cache-control", b"no-store"),
+                (b"connection", b"close"),
+                (REQUEST_ID_HEADER.lower().encode(), request_id.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+class RequestContextMiddleware:
+    """Sets ``request.state.request_id``, echoes X-Request-ID, logs and measures.
+
+    Also: refuses oversized header blocks (431), marks every error answer
+    ``Cache-Control: no-store``, and records a client that disconnected before its answer as
+    ``client_closed`` (info level, its own status label), never as a server error.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_header_bytes: int = 16 * 1024) -> None:
         self.app = app
         self.metrics = metrics
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -57,7 +88,7 @@ class RequestContextMiddleware:
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         started = time.perf_counter()
-        status = 500
+        status: int | str = 500
         response_started = False
 
         async def send_with_id(message: Message) -> None:
@@ -69,27 +100,30 @@ class RequestContextMiddleware:
                 headers[REQUEST_ID_HEADER] = request_id
                 for key, value in SECURITY_HEADERS.items():
                     headers.setdefault(key, value)
+                if message["status"] >= 400:
+                    # Errors are per request (and may echo what was sent): never cache them.
+                    headers["Cache-Control"] = "no-store"
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            if header_bytes(scope) > self.max_header_bytes:
+                status = 431
+                state["outcome"] = "rejected:headers_too_large"
+                detail = f"request headers larger than {self.max_header_bytes} bytes"
+                await _send_json(send, 431, {"detail": detail}, request_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # The client hung up while its body was being read: nothing to answer, no trace.
+            status = CLIENT_CLOSED
+            state["outcome"] = CLIENT_CLOSED
         except Exception:
             # Unhandled: log it with the id and answer JSON ourselves, never an HTML trace.
             status = 500
             logger.exception("unhandled error", extra={"fields": {"request_id": request_id}})
             if not response_started:
-                body = json.dumps({"detail": "internal server error", "request_id": request_id})
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 500,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (REQUEST_ID_HEADER.lower().encode(), request_id.encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body.encode()})
+                body = {"detail": "internal server error", "request_id": request_id}
+                await _send_json(send, 500, body, request_id)
         finally:
             elapsed = time.perf_counter() - started
             route = route_label(scope)
@@ -119,7 +153,9 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _default_outcome(status: int) -> str:
+def _default_outcome(status: int | str) -> str:
+    if isinstance(status, str):
+        return status
     if status < 400:
         return "ok"
     return "client_error" if status < 500 else "server_error"

@@ -296,10 +296,36 @@ class ModelInfo(BaseModel):
     server: ServerModelInfo
 
 
+RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}
+}
 # Shared OpenAPI error documentation for the prediction routes.
 PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "Malformed multipart body (bad boundary, no closing boundary, too many "
+        "parts, a form field too long)",
+    },
+    408: {
+        "model": ErrorResponse,
+        "description": "The body took longer than body_timeout_s, or arrived slower than "
+        "body_min_rate_bytes per second",
+    },
     413: {"model": ErrorResponse, "description": "Upload larger than the configured limit"},
-    415: {"model": ErrorResponse, "description": "Not a decodable image, or an empty file"},
-    422: {"model": ErrorResponse, "description": "Missing `file` field"},
-    503: {"model": ErrorResponse, "description": "Model not loaded yet"},
+    415: {
+        "model": ErrorResponse,
+        "description": "Not multipart, not a decodable image, or an image with more pixels "
+        "than the server decodes",
+    },
+    422: {
+        "model": ErrorResponse,
+        "description": "Missing or empty file, a file sent as a text field, or a flag that is "
+        "not a boolean (or sent twice)",
+    },
+    503: {
+        "model": ErrorResponse,
+        "description": "Model not loaded yet, the server is shutting down, or the assessment "
+        "queue is full: retry after Retry-After seconds",
+        "headers": RETRY_AFTER,
+    },
 }

@@ -35,11 +35,13 @@ from app.settings import Settings
 from app.texts import (
     DISCLAIMER,
     HEADLINES,
+    ODD_SHAPE_ADVICE,
+    ODD_SHAPE_MESSAGE,
     TIER_ADVICE,
     UNABLE_ADVICE_FALLBACK,
 )
 from app.uploads import FilePart
-from model_training.preprocessing import ImageDecodeError, decode_image, resize_to_input
+from model_training.preprocessing import ImageDecodeError, decode_upload, resize_to_input
 
 logger = logging.getLogger("app.service")
 
@@ -83,6 +85,14 @@ def _reduced(img: Image.Image, max_side: int) -> Image.Image:
     if max(img.size) <= max_side:
         return img
     return img.resize(fit_within(*img.size, max_side), Image.Resampling.BILINEAR)
+
+
+def shape_reasons(size: tuple[int, int], max_aspect_ratio: float) -> list[Reason]:
+    """A long thin strip would be squashed out of all recognition by the model's input."""
+    width, height = size
+    if max(width, height) > max_aspect_ratio * max(1, min(width, height)):
+        return [Reason("odd_shape", ODD_SHAPE_MESSAGE, ODD_SHAPE_ADVICE)]
+    return []
 
 
 # A heat map whose peak is below this draws (next to) nothing: "no area stood out".
@@ -191,7 +201,7 @@ class TriageService:
             return item
         t0 = time.perf_counter()
         try:
-            img = decode_image(bytes(part.data))
+            decoded = decode_upload(bytes(part.data))
         except ImageDecodeError as exc:
             item.error = BatchItemError(index=part.index, status_code=415, detail=str(exc))
             reason = "empty_file" if not part.data else "not_an_image"
@@ -200,13 +210,15 @@ class TriageService:
         finally:
             item.decode_ms = _ms(time.perf_counter() - t0)
             part.data = bytearray()  # drop the raw bytes (and any EXIF/GPS in them) early
+        img = decoded.image  # a large JPEG arrives reduced (DCT scaling), never below 1024 px
+        item.reasons = shape_reasons(decoded.original_size, self.settings.max_aspect_ratio)
         if self.gates.quality is not None:
             t0 = time.perf_counter()
-            item.reasons = self.gates.quality.check(img)
+            item.reasons += self.gates.quality.check(img)
             item.quality_ms = _ms(time.perf_counter() - t0)
-        item.info = ImageInfo(width=img.width, height=img.height)
+        item.info = ImageInfo(width=decoded.original_size[0], height=decoded.original_size[1])
         if not item.reasons:
-            # The model input comes from the full-size photo, exactly as in evaluation.
+            # The model input comes from the decoded photo, exactly as in evaluation.
             item.model_input = resize_to_input(img, self.model.metadata.input_size)
         if self.settings.store_uploads_dir is None:
             # Only the preview and overlay need the photo from here on: keep a smaller copy

@@ -71,6 +71,59 @@ class Settings(BaseSettings):
             "here. None (the default) means uploads are never written to disk."
         ),
     )
+    max_aspect_ratio: float = Field(
+        default=4.0,
+        gt=1.0,
+        description="A photo whose longer side exceeds this many times its shorter side "
+        "(a strip, a panorama) is answered unable_to_assess instead of being squashed.",
+    )
+    # -- load and abuse limits (see README "Limits") ------------------------------------------
+    max_concurrent_jobs: int = Field(
+        default=2,
+        gt=0,
+        description="Assessments (decode + gates + model) running at once; the rest queue.",
+    )
+    max_queued_jobs: int = Field(
+        default=32,
+        ge=0,
+        description="Assessments waiting for a slot; beyond this, 503 with Retry-After.",
+    )
+    retry_after_s: int = Field(
+        default=2, ge=1, description="Retry-After (seconds) sent with a queue-full 503."
+    )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0, description="Most seconds to receive one request body (408)."
+    )
+    body_min_rate_bytes: int = Field(
+        default=4096,
+        ge=0,
+        description="Slowest accepted upload, bytes per second, averaged over the body after "
+        "body_rate_grace_s (408 below it; 0 switches the check off).",
+    )
+    body_rate_grace_s: float = Field(
+        default=5.0, ge=0, description="Seconds of upload before the minimum rate applies."
+    )
+    max_header_bytes: int = Field(
+        default=16 * 1024, ge=1024, description="Largest request line + headers, in bytes."
+    )
+    shutdown_pre_stop_s: float = Field(
+        default=3.0,
+        ge=0,
+        description="On SIGTERM, readiness turns 503 at once and the server keeps serving "
+        "this long (so load balancers stop sending) before it stops accepting connections.",
+    )
+    shutdown_drain_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="Then at most this long for in-flight requests; the rest are cancelled. "
+        "Set the orchestrator's grace period above pre_stop + drain (+ a few seconds).",
+    )
+    malloc_arena_max: int = Field(
+        default=2,
+        ge=0,
+        description="glibc malloc arenas (M_ARENA_MAX) set at start-up; 0 leaves glibc's "
+        "default (8 per core). Fewer arenas return memory after a spike.",
+    )
     log_level: LogLevel = "info"
     log_json: bool = Field(
         default=True, description="One JSON object per log line (false: plain text)."

@@ -59,6 +59,11 @@ OOD_ADVICE = (
 )
 
 UNABLE_ADVICE_FALLBACK = "Please take a new photo and try again."
+ODD_SHAPE_MESSAGE = "The photo is a long, thin strip, not a normal photo of a spot."
+ODD_SHAPE_ADVICE = (
+    "Send the whole photo from your camera, not a cropped strip, a panorama or a screenshot, "
+    "with the spot in the middle."
+)
 
 # The heat-map switch, its picture's alt text and its caption, by what the map shows (see
 # PredictionResult.heatmap_evidence and app.routers.pages.heatmap_view): "concern" for a

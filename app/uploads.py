@@ -9,13 +9,17 @@ the limit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import HTTPException, Request
+from pydantic import TypeAdapter, ValidationError
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from app.metrics import Metrics
 
@@ -43,14 +47,79 @@ class ParsedForm:
     fields: dict[str, str]
     files: list[FilePart]
     body_bytes: int
+    not_files: set[str] = field(default_factory=set)  # file fields sent as plain text
+    repeated: set[str] = field(default_factory=set)  # form fields sent more than once
+
+
+# The client is told, and the connection closed: the rest of the body is not worth reading.
+CLOSE = {"Connection": "close"}
 
 
 def _too_large(detail: str) -> HTTPException:
-    return HTTPException(status_code=413, detail=detail)
+    return HTTPException(status_code=413, detail=detail, headers=CLOSE)
 
 
-def missing_field(name: str) -> HTTPException:
+@dataclass(frozen=True)
+class BodyLimits:
+    """How long and how slowly a client may send its body (0 rate: no rate check)."""
+
+    timeout_s: float = 60.0
+    min_rate_bytes: int = 0
+    grace_s: float = 5.0
+
+
+def _too_slow(detail: str) -> HTTPException:
+    return HTTPException(status_code=408, detail=detail, headers=CLOSE)
+
+
+async def body_chunks(request: Request, limits: BodyLimits) -> AsyncIterator[bytes]:
+    """The request body as it arrives, cut off with 408 when it takes too long in total
+    or arrives slower than ``min_rate_bytes`` per second on average (after ``grace_s``).
+
+    Raises Starlette's ClientDisconnect when the client goes away (logged as client_closed
+    by the middleware, never as a server error).
+    """
+    started = time.monotonic()
+    received = 0
+    while True:
+        deadline = started + limits.timeout_s
+        if limits.min_rate_bytes > 0:
+            deadline = min(deadline, started + limits.grace_s + received / limits.min_rate_bytes)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                message = await request.receive()
+        except TimeoutError:
+            if time.monotonic() - started >= limits.timeout_s:
+                raise _too_slow(
+                    f"request body not received within {limits.timeout_s:g} s"
+                ) from None
+            raise _too_slow(
+                f"request body arrived slower than {limits.min_rate_bytes} bytes per second"
+            ) from None
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+def missing_field(name: str, sent_as_text: bool = False) -> HTTPException:
     """The 422 FastAPI itself answers for a missing form field, same shape."""
+    if sent_as_text:
+        return HTTPException(
+            status_code=422,
+            detail=[
+                {
+                    "type": "value_error",
+                    "loc": ["body", name],
+                    "msg": "Expected a file upload (a part with a filename), got a text field",
+                    "input": None,
+                }
+            ],
+        )
     return HTTPException(
         status_code=422,
         detail=[
@@ -60,6 +129,26 @@ def missing_field(name: str) -> HTTPException:
                 "msg": "Field required",
                 "input": None,
             }
+        ],
+    )
+
+
+def empty_files_error(name: str, files: Iterable[FilePart]) -> HTTPException | None:
+    """The 422 for file parts without a byte (the schema says minLength 1), else None."""
+    empty = [f.index for f in files if not f.data and not f.oversized]
+    if not empty:
+        return None
+    many = name.endswith("s")  # /predict/batch's `files` is an array
+    return HTTPException(
+        status_code=422,
+        detail=[
+            {
+                "type": "string_too_short",
+                "loc": ["body", name, i] if many else ["body", name],
+                "msg": "the file is empty",
+                "input": "",
+            }
+            for i in empty
         ],
     )
 
@@ -74,6 +163,7 @@ class _Collector:
         max_file_bytes: int,
         max_files: int,
         too_many_files: HTTPException,
+        require_filename: bool = True,
     ) -> None:
         self.file_fields = set(file_fields)
         self.form_fields = set(form_fields)
@@ -82,6 +172,9 @@ class _Collector:
         self.too_many_files = too_many_files
         self.fields: dict[str, str] = {}
         self.files: list[FilePart] = []
+        self.not_files: set[str] = set()
+        self.repeated: set[str] = set()
+        self.require_filename = require_filename
         self.parts = 0
         self._header_name = bytearray()
         self._header_value = bytearray()
@@ -127,7 +220,11 @@ class _Collector:
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._disposition)
         name = options.get(b"name", b"").decode("utf-8", "replace")
-        if name in self.file_fields:
+        if name in self.file_fields and self.require_filename and b"filename" not in options:
+            # A plain text part is not a file upload (browsers and curl -F name=@file always
+            # send a filename, an empty one for an unused picker): read and discarded.
+            self.not_files.add(name)
+        elif name in self.file_fields:
             if len(self.files) >= self.max_files:
                 raise self.too_many_files
             raw_filename = options.get(b"filename")
@@ -138,6 +235,8 @@ class _Collector:
             )
             self.files.append(self._file)
         elif name in self.form_fields and b"filename" not in options:
+            if name in self.fields:
+                self.repeated.add(name)
             self._field = (name, bytearray())
             # Stored by reference; filled by on_part_data.
             self.fields[name] = ""
@@ -170,11 +269,14 @@ async def read_multipart(
     max_body_bytes: int,
     max_files: int,
     too_many_files: HTTPException,
+    body_limits: BodyLimits | None = None,
+    require_filename: bool = True,
 ) -> ParsedForm:
     """Read a multipart body into memory, enforcing the limits as bytes arrive.
 
     Raises HTTPException 413 (body over the limit), ``too_many_files`` (more than
-    ``max_files`` files), 415 (not multipart) or 400 (malformed). A file over
+    ``max_files`` files), 415 (not multipart), 408 (body too slow, see body_chunks) or 400
+    (malformed, or cut short before its closing boundary). A file over
     ``max_file_bytes`` is returned with ``oversized=True`` so the batch route can report it
     per file; the single-file route turns it into a 413.
     """
@@ -197,11 +299,13 @@ async def read_multipart(
     if not boundary:
         raise HTTPException(status_code=400, detail="multipart body without a boundary")
 
-    collector = _Collector(file_fields, form_fields, max_file_bytes, max_files, too_many_files)
+    collector = _Collector(
+        file_fields, form_fields, max_file_bytes, max_files, too_many_files, require_filename
+    )
     total = 0
     try:
         parser = MultipartParser(boundary, collector.callbacks())
-        async for chunk in request.stream():
+        async for chunk in body_chunks(request, body_limits or BodyLimits()):
             total += len(chunk)
             if total > max_body_bytes:
                 raise _too_large(f"request body is larger than {max_body_bytes} bytes")
@@ -209,23 +313,73 @@ async def read_multipart(
         parser.finalize()
     except FormParserError as exc:
         raise HTTPException(status_code=400, detail="malformed multipart body") from exc
-    return ParsedForm(fields=collector.fields, files=collector.files, body_bytes=total)
+    if total and parser.state != MultipartState.END:
+        # python-multipart holds back the bytes that might start the boundary; without the
+        # closing boundary the last part would silently lose them.
+        raise HTTPException(
+            status_code=400, detail="incomplete multipart body: no closing boundary"
+        )
+    return ParsedForm(
+        fields=collector.fields,
+        files=collector.files,
+        body_bytes=total,
+        not_files=collector.not_files,
+        repeated=collector.repeated,
+    )
 
 
 async def read_upload(request: Request, metrics: Metrics, **limits: Any) -> ParsedForm:
-    """read_multipart, counting a refused body in the metrics and the request log line.
+    """read_multipart with the app's body limits, counting a refused body in the metrics
+    and the request log line.
 
     Per-file problems (not an image, too large) are counted later, where they are found.
     """
+    settings = getattr(request.app.state, "settings", None)
+    if settings is not None and "body_limits" not in limits:
+        limits["body_limits"] = BodyLimits(
+            timeout_s=settings.body_timeout_s,
+            min_rate_bytes=settings.body_min_rate_bytes,
+            grace_s=settings.body_rate_grace_s,
+        )
     try:
         return await read_multipart(request, **limits)
     except HTTPException as exc:
-        reason = {413: "too_large", 415: "not_multipart"}.get(exc.status_code, "bad_request")
+        reasons = {408: "body_timeout", 413: "too_large", 415: "not_multipart"}
+        reason = reasons.get(exc.status_code, "bad_request")
         metrics.rejected_inputs.labels(reason=reason).inc()
         request.state.outcome = f"rejected:{reason}"
         raise
 
 
-def truthy(value: str | None) -> bool:
-    """HTML forms and curl send flags as strings."""
-    return value is not None and value.strip().lower() in {"1", "true", "yes", "on"}
+_BOOL = TypeAdapter(bool)
+
+
+def _as_bool(value: str) -> bool | None:
+    try:
+        return _BOOL.validate_python(value)
+    except ValidationError:
+        return None
+
+
+def form_flag(form: ParsedForm, name: str) -> bool:
+    """A boolean form field, read by the rules FastAPI applies to the same query parameter
+    (true/false, 1/0, yes/no, on/off); missing means false. Anything else, or the field
+    sent twice, is the 422 a bad query value gets.
+    """
+    value = form.fields.get(name)
+    if value is None:
+        return False
+    flag = _as_bool(value)
+    if flag is None or name in form.repeated:
+        raise HTTPException(
+            status_code=422,
+            detail=[
+                {
+                    "type": "bool_parsing",
+                    "loc": ["body", name],
+                    "msg": "Input should be a valid boolean, unable to interpret input",
+                    "input": value,
+                }
+            ],
+        )
+    return flag

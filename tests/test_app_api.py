@@ -337,10 +337,11 @@ def test_truncated_image_is_415(client: httpx.Client, image_bytes: dict[str, byt
     assert "detail" in r.json()
 
 
-def test_empty_file_is_415(client: httpx.Client) -> None:
+def test_empty_file_is_422(client: httpx.Client) -> None:
+    """The schema says minLength 1, so an empty file part is a validation error."""
     r = post_image(client, b"")
-    assert r.status_code == 415
-    assert "empty" in r.json()["detail"]
+    assert r.status_code == 422
+    assert "empty" in r.json()["detail"][0]["msg"]
 
 
 def test_missing_field_is_422_with_detail(
@@ -451,7 +452,7 @@ def test_batch_mixes_results_and_errors_in_order(
         ("files", ("a.jpg", image_bytes[MELANOMA], "image/jpeg")),
         ("files", ("b.txt", b"plain text", "text/plain")),
         ("files", ("c.png", png, "image/png")),
-        ("files", ("d.jpg", b"", "image/jpeg")),
+        ("files", ("d.jpg", b"\xff\xd8 not really a jpeg", "image/jpeg")),
     ]
     r = client.post("/predict/batch", files=files)
     assert r.status_code == 200, r.text

@@ -19,9 +19,13 @@ from PIL import ExifTags, Image
 
 from model_training import train
 from model_training.preprocessing import (
+    DRAFT_MIN_SIDE,
+    MAX_DECODE_PIXELS,
     MAX_PIXELS,
     ImageDecodeError,
     decode_image,
+    decode_upload,
+    draft_scale,
     image_to_input,
     resize_to_input,
 )
@@ -280,3 +284,51 @@ def test_pixel_scaling_is_the_models_first_layer() -> None:
     assert first.offset == pytest.approx(-1.0)
     x = np.array([0.0, 128.0, 255.0], dtype=np.float32).reshape(1, 1, 3, 1).repeat(3, axis=-1)
     np.testing.assert_allclose(np.asarray(first(x))[0, 0, :, 0], [-1.0, 0.0, 127.0 / 128.0])
+
+
+# -- memory budget: reduced-scale JPEG decode and the full-decode cap ----------------------------
+
+
+def _claimed_jpeg(width: int, height: int) -> bytes:
+    """A ~630-byte JPEG (16x16) whose SOF0 header claims width x height."""
+    data = bytearray(_encode(Image.new("RGB", (16, 16), (180, 120, 100)), "JPEG", quality=90))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_a_header_claiming_49_megapixels_is_decoded_at_one_quarter() -> None:
+    decoded = decode_upload(_claimed_jpeg(7000, 7000))
+    assert decoded.original_size == (7000, 7000)
+    assert decoded.scale == 4 and decoded.image.size == (1750, 1750)
+
+
+@pytest.mark.parametrize(
+    ("size", "scale"),
+    [((2047, 1500), 1), ((2048, 2048), 2), ((4032, 3024), 2), ((4200, 4096), 4), ((8192, 6000), 4)],
+)
+def test_draft_scale_keeps_the_shorter_side_at_least_draft_min_side(
+    size: tuple[int, int], scale: int
+) -> None:
+    assert draft_scale(*size) == scale
+    assert min(size) // scale >= DRAFT_MIN_SIDE or scale == 1
+
+
+def test_a_large_jpeg_is_reduced_upright_with_its_original_size() -> None:
+    """EXIF orientation 6 on a 2400x2200 JPEG: decoded at 1/2, upright, size swapped."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    img = Image.open(HAM).convert("RGB").resize((2400, 2200))
+    decoded = decode_upload(_encode(img, "JPEG", quality=90, exif=exif.tobytes()))
+    assert decoded.scale == 2
+    assert decoded.original_size == (2200, 2400)
+    assert decoded.image.size == (1100, 1200)
+
+
+def test_other_formats_over_the_full_decode_cap_are_refused() -> None:
+    side = int(MAX_DECODE_PIXELS**0.5) + 8
+    data = _encode(Image.new("1", (side, side)), "PNG")
+    with pytest.raises(ImageDecodeError, match="larger than"):
+        decode_image(data)
+    # The same pixel count as a JPEG is decoded reduced, within the cap.
+    assert decode_upload(_claimed_jpeg(side, side)).scale > 1

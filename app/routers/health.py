@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException, Request
 
 from app.deps import ServiceDep
-from app.schemas import ErrorResponse, HealthResponse
+from app.schemas import RETRY_AFTER, ErrorResponse, HealthResponse
+
+DRAINING = "the server is shutting down"
 
 router = APIRouter(prefix="/health", tags=["health"])
 
@@ -29,9 +31,16 @@ async def live() -> HealthResponse:
         200: {
             "content": {"application/json": {"example": {"status": "ok", "model_version": "1.0.0"}}}
         },
-        503: {"model": ErrorResponse, "description": "Model not loaded yet"},
+        503: {
+            "model": ErrorResponse,
+            "description": "Model not loaded yet, or shutting down (draining)",
+            "headers": RETRY_AFTER,
+        },
     },
 )
-async def ready(service: ServiceDep) -> HealthResponse:
-    """200 once the model is loaded and warmed up; 503 with a JSON detail before that."""
+async def ready(request: Request, service: ServiceDep) -> HealthResponse:
+    """200 once the model is loaded and warmed up; 503 with a JSON detail before that, and
+    from the moment the process receives SIGTERM (it keeps serving while it drains)."""
+    if getattr(request.app.state, "draining", False):
+        raise HTTPException(status_code=503, detail=DRAINING, headers={"Retry-After": "5"})
     return HealthResponse(model_version=service.model.metadata.version)

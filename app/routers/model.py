@@ -16,12 +16,33 @@ from app.service import TriageService
 router = APIRouter(prefix="/model", tags=["model"])
 
 _PLOT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}\.png$")
+# Provenance an operator may keep in metadata.json but the public need not see: command
+# lines and absolute paths name the training machine's folders (and sometimes its users).
+_PRIVATE_KEY = re.compile(r"(^|_)(command|argv|cwd|host|hostname|user)$", re.IGNORECASE)
+_ABSOLUTE_PATH = re.compile(r"^(/|~|[A-Za-z]:[\\/]|\\\\)")
+
+
+def public_metadata(value: Any) -> Any:
+    """``value`` without command lines, host/user names or absolute paths, at any depth."""
+    if isinstance(value, dict):
+        return {
+            k: public_metadata(v)
+            for k, v in value.items()
+            if not _PRIVATE_KEY.search(str(k)) and not _is_path(v)
+        }
+    if isinstance(value, list):
+        return [public_metadata(v) for v in value if not _is_path(v)]
+    return value
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str) and bool(_ABSOLUTE_PATH.match(value))
 
 
 def model_info(service: TriageService) -> dict[str, Any]:
-    """metadata.json plus the server's load report (shared with the /about page)."""
+    """metadata.json (public part) plus the server's load report (shared with /about)."""
     report = service.model.report
-    info = dict(service.model.metadata.raw)
+    info = public_metadata(dict(service.model.metadata.raw))
     info["server"] = {
         "load_seconds": round(report.load_seconds, 3),
         "warmup_seconds": round(report.warmup_seconds, 3),
@@ -42,7 +63,8 @@ def model_info(service: TriageService) -> dict[str, Any]:
 )
 async def get_model(service: ServiceDep) -> dict[str, Any]:
     """The artifact's metadata.json (version, labels, threshold, tiers, metrics, training
-    provenance) and how long the server took to load and warm it up."""
+    provenance without command lines or machine paths) and how long the server took to load
+    and warm it up."""
     return model_info(service)
 
 

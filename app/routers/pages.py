@@ -13,6 +13,7 @@ from markdown_it import MarkdownIt
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import (
+    AdmissionDep,
     MetricsDep,
     OptionalServiceDep,
     RequestIdDep,
@@ -45,6 +46,47 @@ CSP = (
 PAGE_HEADERS = {"Content-Security-Policy": CSP, "Cache-Control": "no-store"}
 FORM_FILE_FIELDS = ("file", "photo")
 HTML_200: dict[int | str, dict[str, Any]] = {200: {"content": {"text/html": {}}}}
+_HTML = {"text/html": {"schema": {"type": "string"}}}
+ASSESS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": _HTML, "description": "The result page"},
+    400: {"content": _HTML, "description": "Malformed multipart body"},
+    408: {"content": _HTML, "description": "The upload was too slow"},
+    413: {"content": _HTML, "description": "The photo is larger than the limit"},
+    415: {"content": _HTML, "description": "Not a form upload, or not a decodable image"},
+    422: {"content": _HTML, "description": "No photo chosen, or one in each picker"},
+    503: {
+        "content": _HTML,
+        "description": "Starting, or busy: try again shortly",
+        "headers": {"Retry-After": {"schema": {"type": "string"}}},
+    },
+}
+_PHOTO = {"type": "string", "format": "binary", "minLength": 1}
+_UNUSED = {"type": "string", "format": "binary", "maxLength": 0}
+ASSESS_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "description": "The photo in exactly one of `file` (file picker) and `photo` "
+                    "(camera); a browser sends the unused picker as an empty part",
+                    "oneOf": [
+                        {
+                            "required": [chosen],
+                            "properties": {
+                                name: _PHOTO if name == chosen else _UNUSED
+                                for name in FORM_FILE_FIELDS
+                            },
+                        }
+                        for chosen in FORM_FILE_FIELDS
+                    ],
+                },
+                "encoding": {name: {"contentType": "image/*"} for name in FORM_FILE_FIELDS},
+            }
+        },
+    }
+}
 
 
 def render_model_card(text: str) -> str:
@@ -174,10 +216,12 @@ async def index(
     "/assess",
     response_class=HTMLResponse,
     summary="Form upload; renders the result page (no JavaScript needed)",
-    responses=HTML_200,
+    responses=ASSESS_RESPONSES,
+    openapi_extra=ASSESS_BODY,
 )
 async def assess(
     request: Request,
+    admission: AdmissionDep,
     templates: TemplatesDep,
     settings: SettingsDep,
     metrics: MetricsDep,
@@ -189,9 +233,14 @@ async def assess(
     context: dict[str, Any] = {**_common(settings), **_model_context(service)}
     context.update(result=None, error=None, request_id=request_id)
     status_code = 200
+    headers = dict(PAGE_HEADERS)
     try:
         if service is None:
-            raise HTTPException(status_code=503, detail="The service is starting; try again.")
+            raise HTTPException(
+                status_code=503,
+                detail="The service is starting; try again.",
+                headers={"Retry-After": "5"},
+            )
         # The page has two pickers (camera and file); a browser sends both parts, the
         # unused one empty and without a filename.
         form = await read_upload(
@@ -202,24 +251,29 @@ async def assess(
             max_body_bytes=2 * settings.max_upload_bytes + MULTIPART_OVERHEAD,
             max_files=len(FORM_FILE_FIELDS),
             too_many_files=HTTPException(status_code=422, detail="Choose a single photo."),
+            require_filename=False,  # a form part is the photo whatever its headers say
         )
         chosen = [f for f in form.files if f.data or f.filename or f.oversized]
         if not chosen:
             raise missing_field("file")
+        if sum(1 for f in form.files if f.data or f.oversized) > 1:
+            raise HTTPException(status_code=422, detail="Choose a single photo.")
         chosen[0].index = 0
-        [result] = await run_in_threadpool(
-            service.assess, chosen[:1], Options(explain=True, preview=True), request_id, started
-        )
+        async with admission.slot():
+            [result] = await run_in_threadpool(
+                service.assess, chosen[:1], Options(explain=True, preview=True), request_id, started
+            )
         if isinstance(result, BatchItemError):
             raise HTTPException(status_code=result.status_code, detail=result.detail)
         context["result"] = _result_view(result, service)
         request.state.outcome = result.label if result.status == "ok" else result.status
     except HTTPException as exc:
         status_code = exc.status_code
+        headers = {**headers, **(exc.headers or {})}
         context["error"] = _error_message(exc, settings.max_upload_bytes)
         request.state.outcome = f"rejected:{exc.status_code}"
     return templates.TemplateResponse(
-        request, "result.html", context, status_code=status_code, headers=PAGE_HEADERS
+        request, "result.html", context, status_code=status_code, headers=headers
     )
 
 
@@ -232,9 +286,11 @@ def _error_message(exc: HTTPException, max_bytes: int) -> str:
             "That file could not be read as a photo. Please choose a JPEG, PNG, WebP or HEIC image."
         )
     if exc.status_code == 422:
-        return "Please choose or take a photo first."
+        return exc.detail if isinstance(exc.detail, str) else "Please choose or take a photo first."
+    if exc.status_code == 408:
+        return "The upload took too long. Please try again on a better connection."
     if exc.status_code == 503:
-        return "The service is still starting. Please try again in a minute."
+        return "The service is busy or starting. Please try again in a minute."
     return str(exc.detail)
 
 

@@ -10,10 +10,18 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import MetricsDep, RequestIdDep, ServiceDep, SettingsDep
+from app.admission import Admission
+from app.deps import AdmissionDep, MetricsDep, RequestIdDep, ServiceDep, SettingsDep
 from app.schemas import PREDICT_ERRORS, BatchItemError, BatchResponse, PredictionResult
 from app.service import Options, TriageService
-from app.uploads import MULTIPART_OVERHEAD, ParsedForm, missing_field, read_upload, truthy
+from app.uploads import (
+    MULTIPART_OVERHEAD,
+    ParsedForm,
+    empty_files_error,
+    form_flag,
+    missing_field,
+    read_upload,
+)
 
 router = APIRouter(tags=["prediction"])
 
@@ -24,12 +32,14 @@ _FLAGS_DOC = {
     "explain": {
         "type": "boolean",
         "default": False,
-        "description": "Also return the Grad-CAM heat map (also accepted as a query parameter)",
+        "description": "Also return the Grad-CAM heat map (also accepted as a query "
+        "parameter, read by the same rules)",
     },
     "preview": {
         "type": "boolean",
         "default": False,
-        "description": "Also return an upright, metadata-free JPEG preview of the photo",
+        "description": "Also return an upright, metadata-free JPEG preview of the photo; "
+        "a boolean as for `explain`",
     },
 }
 _IMAGE_TYPES = "image/jpeg, image/png, image/webp, image/heic, image/heif, image/*"
@@ -46,6 +56,7 @@ _SINGLE_BODY: dict[str, Any] = {
                         "file": {
                             "type": "string",
                             "format": "binary",
+                            "minLength": 1,
                             "description": "The photo: JPEG, PNG, WebP, HEIC/HEIF, ...",
                         },
                         **_FLAGS_DOC,
@@ -67,7 +78,8 @@ _BATCH_BODY: dict[str, Any] = {
                     "properties": {
                         "files": {
                             "type": "array",
-                            "items": {"type": "string", "format": "binary"},
+                            "minItems": 1,
+                            "items": {"type": "string", "format": "binary", "minLength": 1},
                             "description": "Several photos, each one part named `files`",
                         },
                         **_FLAGS_DOC,
@@ -89,8 +101,8 @@ PreviewQuery = Annotated[
 
 def _options(form: ParsedForm, explain: bool, preview: bool) -> Options:
     return Options(
-        explain=explain or truthy(form.fields.get("explain")),
-        preview=preview or truthy(form.fields.get("preview")),
+        explain=form_flag(form, "explain") or explain,
+        preview=form_flag(form, "preview") or preview,
     )
 
 
@@ -107,6 +119,7 @@ def _outcome(results: Sequence[PredictionResult | BatchItemError]) -> str:
 
 async def _assess(
     request: Request,
+    admission: Admission,
     service: TriageService,
     form: ParsedForm,
     field: str,
@@ -115,14 +128,20 @@ async def _assess(
     started: float,
 ) -> list[PredictionResult | BatchItemError]:
     """Shared by /predict and /predict/batch: refuse a form without ``field``, assess its
-    files off the event loop, record the request's outcome for the access log."""
+    files off the event loop once admitted (503 when the queue is full), record the
+    request's outcome for the access log."""
     read_ms = round((time.perf_counter() - started) * 1000.0, 2)
     if not form.files:
         request.state.outcome = f"rejected:missing_{field}"
-        raise missing_field(field)
-    results = await run_in_threadpool(
-        service.assess, form.files, options, request_id, started, read_ms
-    )
+        raise missing_field(field, sent_as_text=field in form.not_files)
+    empty = empty_files_error(field, form.files)
+    if empty is not None:
+        request.state.outcome = "rejected:empty_file"
+        raise empty
+    async with admission.slot():
+        results = await run_in_threadpool(
+            service.assess, form.files, options, request_id, started, read_ms
+        )
     request.state.outcome = _outcome(results)
     return results
 
@@ -137,6 +156,7 @@ async def _assess(
 async def predict(
     request: Request,
     service: ServiceDep,
+    admission: AdmissionDep,
     settings: SettingsDep,
     metrics: MetricsDep,
     request_id: RequestIdDep,
@@ -163,7 +183,14 @@ async def predict(
         ),
     )
     [result] = await _assess(
-        request, service, form, "file", _options(form, explain, preview), request_id, started
+        request,
+        admission,
+        service,
+        form,
+        "file",
+        _options(form, explain, preview),
+        request_id,
+        started,
     )
     if isinstance(result, BatchItemError):
         raise HTTPException(status_code=result.status_code, detail=result.detail)
@@ -186,6 +213,7 @@ async def predict(
 async def predict_batch(
     request: Request,
     service: ServiceDep,
+    admission: AdmissionDep,
     settings: SettingsDep,
     metrics: MetricsDep,
     request_id: RequestIdDep,
@@ -212,7 +240,14 @@ async def predict_batch(
         ),
     )
     results = await _assess(
-        request, service, form, "files", _options(form, explain, preview), request_id, started
+        request,
+        admission,
+        service,
+        form,
+        "files",
+        _options(form, explain, preview),
+        request_id,
+        started,
     )
     body = {
         "request_id": request_id,
