@@ -71,6 +71,22 @@ class Settings(BaseSettings):
             "here. None (the default) means uploads are never written to disk."
         ),
     )
+    runtime: Literal["auto", "tensorflow", "openvino"] = Field(
+        default="auto",
+        description=(
+            "Inference runtime. auto: the fastest whose agreement with TensorFlow, recorded in "
+            "metadata.json by export-fast, passes the guard (else tensorflow)."
+        ),
+    )
+    batch_max_size: int = Field(
+        default=8, ge=1, le=64, description="Most images one cross-request model call gathers."
+    )
+    batch_max_wait_ms: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=100.0,
+        description="Longest a model call waits for more requests to join its batch.",
+    )
     log_level: LogLevel = "info"
     log_json: bool = Field(
         default=True, description="One JSON object per log line (false: plain text)."
