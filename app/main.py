@@ -64,6 +64,7 @@ def load_service(settings: Settings, metrics: Metrics) -> TriageService:
         runtime=settings.runtime,
         max_batch=settings.batch_max_size,
         max_wait_ms=settings.batch_max_wait_ms,
+        streams=settings.openvino_streams,
     )
     gates = build_gates(triage_model.metadata, triage_model.model_dir)
     triage_model.report.load_seconds = time.perf_counter() - started

@@ -294,6 +294,7 @@ class TriageModel:
         runtime: str = "auto",
         max_batch: int = 8,
         max_wait_ms: float = 2.0,
+        streams: int = 0,
     ) -> TriageModel:
         """Read metadata.json, load the model on ``runtime`` (see app.runtime; no warm-up)."""
         started = time.perf_counter()
@@ -315,7 +316,7 @@ class TriageModel:
         metadata = ModelMetadata.from_dict(raw)
 
         try:
-            chosen = select_runtime(raw, model_dir, runtime)
+            chosen = select_runtime(raw, model_dir, runtime, streams)
         except RuntimeUnavailable as exc:
             raise ModelLoadError(str(exc)) from exc
         saved = getattr(chosen, "saved", None)

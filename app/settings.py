@@ -87,6 +87,15 @@ class Settings(BaseSettings):
         le=100.0,
         description="Longest a model call waits for more requests to join its batch.",
     )
+    openvino_streams: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description=(
+            "OpenVINO CPU streams (batches run at once, the cores split among them); "
+            "0: OpenVINO's throughput default."
+        ),
+    )
     log_level: LogLevel = "info"
     log_json: bool = Field(
         default=True, description="One JSON object per log line (false: plain text)."

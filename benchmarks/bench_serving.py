@@ -6,8 +6,9 @@ artifact:
 * ``main``: the server of another checkout (default: ``git archive main`` into a temporary
   folder), i.e. today's server, the baseline of every ratio;
 * this tree's server on each runtime (``tensorflow``, ``openvino``) with cross-request
-  batching, and ``openvino`` with ``TRIAGE_BATCH_MAX_SIZE=1`` (one model call per request on
-  OpenVINO's asynchronous infer requests, the alternative to batching);
+  batching; ``openvino`` with one CPU stream (every core on one batch) and batching; and
+  ``openvino`` with ``TRIAGE_BATCH_MAX_SIZE=1`` (one model call per request on OpenVINO's
+  asynchronous infer requests, the alternative to batching);
 * the chosen runtime's raw in-process throughput (``app.runtime``, as many threads as the
   runtime runs batches at once, batch 1 and batch ``max_batch``; the better one counts),
   measured after the servers have stopped.
@@ -386,12 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         for rt in args.runtimes:
             runs.append(ServerRun(f"perf {rt}", REPO, {"TRIAGE_RUNTIME": rt}))
         if "openvino" in args.runtimes:
+            ov = {"TRIAGE_RUNTIME": "openvino"}
+            one_stream = {**ov, "TRIAGE_OPENVINO_STREAMS": "1"}
+            runs.append(ServerRun("perf openvino 1-stream", REPO, one_stream))
             runs.append(
-                ServerRun(
-                    "perf openvino async",
-                    REPO,
-                    {"TRIAGE_RUNTIME": "openvino", "TRIAGE_BATCH_MAX_SIZE": "1"},
-                )
+                ServerRun("perf openvino async", REPO, {**ov, "TRIAGE_BATCH_MAX_SIZE": "1"})
             )
         print(f"artifact {args.artifact}; image {args.image.name}; {os.cpu_count()} CPUs; "
               f"{args.seconds:.0f} s per point", flush=True)  # fmt: skip

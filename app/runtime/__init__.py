@@ -104,8 +104,13 @@ def _throughput(raw: Mapping[str, Any], name: str) -> float:
     return float((runtimes.get(name) or {}).get("throughput_ips", 0.0))
 
 
-def select_runtime(raw: Mapping[str, Any], model_dir: Path, choice: str = "auto") -> Runtime:
-    """Load the runtime ``choice`` names, or for ``auto`` the fastest trusted one."""
+def select_runtime(
+    raw: Mapping[str, Any], model_dir: Path, choice: str = "auto", streams: int = 0
+) -> Runtime:
+    """Load the runtime ``choice`` names, or for ``auto`` the fastest trusted one.
+
+    ``streams``: OpenVINO's CPU streams (0: its throughput-mode default).
+    """
     if choice not in ("auto", "tensorflow", "openvino"):
         raise RuntimeUnavailable(f"unknown runtime {choice!r} (auto, tensorflow, openvino)")
     if choice == "auto":
@@ -128,7 +133,7 @@ def select_runtime(raw: Mapping[str, Any], model_dir: Path, choice: str = "auto"
             )
         from app.runtime.openvino_runtime import OpenVINORuntime
 
-        return OpenVINORuntime(model_dir, precision)
+        return OpenVINORuntime(model_dir, precision, streams)
     from app.runtime.tensorflow_runtime import TensorFlowRuntime
 
     return TensorFlowRuntime(model_dir)

@@ -21,14 +21,14 @@ class OpenVINORuntime:
 
     name = "openvino"
 
-    def __init__(self, model_dir: Path, precision: str) -> None:
+    def __init__(self, model_dir: Path, precision: str, streams: int = 0) -> None:
         try:
             from model_training import fastmodel
         except ImportError as exc:  # openvino itself is imported inside fastmodel's functions
             raise RuntimeUnavailable(f"the OpenVINO runtime cannot be imported: {exc}") from exc
         try:
             model, self.forward_cam = fastmodel.derive_openvino(Path(model_dir))
-            self._compiled = fastmodel.compile_openvino(model, precision)
+            self._compiled = fastmodel.compile_openvino(model, precision, streams or None)
         except ImportError as exc:
             raise RuntimeUnavailable(f"openvino is not installed: {exc}") from exc
         except Exception as exc:  # conversion errors come in many types
