@@ -13,7 +13,7 @@ the one shared preprocessing path, and records in ``metadata.json`` under ``runt
 * raw in-process throughput of both (batch 1, this machine) for the server's choice;
 * what it was measured with: OpenVINO release, precision, calibration, SavedModel hashes.
 
-The first precision that passes the guard (``GUARD``) is recorded as the fast model; when
+The first precision that passes the guard (``fastmodel.GUARD``) is recorded as the fast model; when
 none passes, the record says so and the server stays on TensorFlow. Int8 is not attempted
 (see README, Performance).
 """
@@ -34,9 +34,6 @@ from model_training import fastmodel
 from model_training.export import read_metadata, write_metadata
 from model_training.preprocessing import load_image_file, resize_to_input
 
-# The agreement a fast model must show on validation before the server may pick it (the
-# server re-checks the recorded figures against the same numbers: app.runtime.GUARD).
-GUARD = {"max_auc_delta": 0.003, "max_probability_diff": 0.02, "min_label_agreement": 0.99}
 EXPLAIN_CHECK_IMAGES = 32
 
 
@@ -132,16 +129,9 @@ def agreement(
     return out
 
 
-def passes(record: dict[str, Any], guard: dict[str, float] = GUARD) -> bool:
-    """Whether recorded agreement figures meet ``guard``."""
-    try:
-        return (
-            float(record["max_abs_auc_delta"]) <= guard["max_auc_delta"]
-            and float(record["max_probability_diff"]) <= guard["max_probability_diff"]
-            and float(record["label_agreement"]) >= guard["min_label_agreement"]
-        )
-    except (KeyError, TypeError, ValueError):
-        return False
+def passes(record: dict[str, Any]) -> bool:
+    """Whether recorded agreement figures meet the guard of their precision (fastmodel)."""
+    return not fastmodel.guard_problems(record)
 
 
 def _domain_calibration(artifact: Path, meta: dict[str, Any]) -> Any | None:
@@ -253,7 +243,7 @@ def export_fast(
     chosen = next((v for v in variants if v["passed"]), None)
     runtimes: dict[str, Any] = {
         "reference": "tensorflow",
-        "guard": GUARD,
+        "guard": {"default": fastmodel.GUARD, "quantised": fastmodel.QUANTISED_GUARD},
         "measured": {
             "at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",

@@ -23,6 +23,7 @@ TensorFlow.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,44 @@ CAM_OUTPUT = "cam"
 # Inference precisions tried, fastest first (bf16 only where the CPU has bf16 instructions;
 # OpenVINO silently runs f32 elsewhere, which only narrows the difference from TensorFlow).
 PRECISIONS = ("bf16", "f32")
+
+
+# The agreement with TensorFlow on validation a fast model needs before the server picks it
+# automatically (issue #7's accuracy targets): ROC-AUC within 0.003 in every data set, domain
+# and pooled; the label unchanged on >= 99% of images, and the OOD gate's decision too.
+GUARD: dict[str, float] = {
+    "max_auc_delta": 0.003,
+    "min_label_agreement": 0.99,
+    "min_ood_decision_agreement": 0.99,
+}
+# A quantised (int8) model must also keep every calibrated probability within 0.02.
+QUANTISED_GUARD: dict[str, float] = {**GUARD, "max_probability_diff": 0.02}
+QUANTISED = ("i8", "u8", "int8")
+
+
+def guard_for(precision: str) -> dict[str, float]:
+    """The guard a model at ``precision`` must pass."""
+    return QUANTISED_GUARD if precision in QUANTISED else GUARD
+
+
+def guard_problems(record: Mapping[str, Any]) -> list[str]:
+    """Which figures of a recorded agreement miss its precision's guard (empty: passes)."""
+    guard = guard_for(str(record.get("precision")))
+    problems: list[str] = []
+    try:
+        if float(record["max_abs_auc_delta"]) > guard["max_auc_delta"]:
+            problems.append("ROC-AUC differs from TensorFlow by more than the guard")
+        if float(record["label_agreement"]) < guard["min_label_agreement"]:
+            problems.append("labels agree on fewer validation images than the guard")
+        ood = record.get("ood_decision_agreement")
+        if ood is not None and float(ood) < guard["min_ood_decision_agreement"]:
+            problems.append("OOD-gate decisions agree on fewer images than the guard")
+        bound = guard.get("max_probability_diff")
+        if bound is not None and float(record["max_probability_diff"]) > bound:
+            problems.append("calibrated probabilities differ by more than the guard")
+    except (KeyError, TypeError, ValueError):
+        problems.append("the recorded agreement is incomplete")
+    return problems
 
 
 def openvino_release() -> str:
@@ -83,6 +122,12 @@ def _cam_node(model: Any) -> Any | None:
         return None
     weights = _constant(_producer(node, 1))
     pool = _producer(node)
+    while pool.get_type_name() in ("Transpose", "Convert"):  # no-op transposes of [n, c]
+        if pool.get_type_name() == "Transpose":
+            order = _constant(_producer(pool, 1))
+            if order is None or order.reshape(-1).tolist() != [0, 1]:
+                return None
+        pool = _producer(pool)
     if weights is None or weights.size < 1 or pool.get_type_name() != "ReduceMean":
         return None
     block = pool.input_value(0)

@@ -39,7 +39,8 @@ def fast_artifact(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
     dest = tmp_path_factory.mktemp("fast") / "tiny"
     shutil.copytree(artifact_dir, dest)
-    export_fast(dest, *_fixture_validation(), batch_size=4, bench_seconds=0.2)
+    # f32: the forward CAM must then equal TF's Grad-CAM to rounding (bf16 adds its own error).
+    export_fast(dest, *_fixture_validation(), batch_size=4, bench_seconds=0.2, precisions=["f32"])
     return dest
 
 
@@ -48,11 +49,21 @@ def _meta(path: Path) -> dict[str, object]:
     return data
 
 
-def test_guards_are_one_definition() -> None:
-    from app.runtime import GUARD
-    from model_training.export_fast import GUARD as EXPORT_GUARD
+def test_guard_applies_the_probability_bound_to_int8_only() -> None:
+    from model_training.fastmodel import guard_problems
 
-    assert GUARD == EXPORT_GUARD
+    record = {
+        "max_abs_auc_delta": 0.002,
+        "label_agreement": 0.9965,
+        "ood_decision_agreement": 0.9994,
+        "max_probability_diff": 0.0236,
+    }
+    assert guard_problems({**record, "precision": "bf16"}) == []
+    assert any("probabilities" in p for p in guard_problems({**record, "precision": "i8"}))
+    assert guard_problems({**record, "precision": "f32", "max_abs_auc_delta": 0.004})
+    assert guard_problems({**record, "precision": "f32", "label_agreement": 0.98})
+    assert guard_problems({**record, "precision": "f32", "ood_decision_agreement": 0.9})
+    assert guard_problems({"precision": "f32"}) == ["the recorded agreement is incomplete"]
 
 
 def test_export_fast_records_agreement_hashes_and_calibration(fast_artifact: Path) -> None:

@@ -9,7 +9,8 @@ Grad-CAM, the ``explain`` outputs. Two exist:
 
 ``select_runtime`` picks, unless ``TRIAGE_RUNTIME`` names one, the fastest runtime whose
 agreement with TensorFlow, recorded in ``metadata.json`` under ``runtimes`` by
-``python -m model_training export-fast``, passes ``GUARD`` and still describes this artifact
+``python -m model_training export-fast``, passes ``model_training.fastmodel.GUARD`` (for
+int8 also its probability bound) and still describes this artifact
 (same SavedModel files, calibration and OpenVINO release). An artifact without that record,
 or a machine without OpenVINO, serves on TensorFlow.
 """
@@ -26,9 +27,6 @@ import numpy as np
 logger = logging.getLogger("app.runtime")
 
 RuntimeChoice = Literal["auto", "tensorflow", "openvino"]
-# Must equal model_training.export_fast.GUARD (a test checks): the agreement on validation a
-# fast runtime needs before it is chosen automatically.
-GUARD = {"max_auc_delta": 0.003, "max_probability_diff": 0.02, "min_label_agreement": 0.99}
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -66,24 +64,17 @@ def guard_failures(raw: Mapping[str, Any], model_dir: Path) -> list[str]:
     agreement = record.get("agreement")
     if not record.get("passed") or not isinstance(agreement, Mapping):
         return ["no fast model passed the agreement guard at export"]
-    problems: list[str] = []
     try:
-        if float(agreement["max_abs_auc_delta"]) > GUARD["max_auc_delta"]:
-            problems.append("ROC-AUC differs from TensorFlow by more than the guard")
-        if float(agreement["max_probability_diff"]) > GUARD["max_probability_diff"]:
-            problems.append("calibrated probabilities differ by more than the guard")
-        if float(agreement["label_agreement"]) < GUARD["min_label_agreement"]:
-            problems.append("labels agree on fewer validation images than the guard")
-    except (KeyError, TypeError, ValueError):
-        problems.append("the recorded agreement is incomplete")
+        from model_training import fastmodel
+    except ImportError:
+        return ["the fast runtime's module cannot be imported"]
+    problems = fastmodel.guard_problems(agreement)
     calibration = record.get("calibration") or {}
     keys = (("temperature", 1.0), ("logit_bias", 0.0), ("threshold", None))
     for key, default in (*keys, ("domain_calibration", None)):
         if calibration.get(key, default) != raw.get(key, default):
             problems.append(f"{key} changed since the agreement was measured (re-run export-fast)")
     try:
-        from model_training import fastmodel
-
         if str(record.get("openvino_release")) != fastmodel.openvino_release():
             problems.append(
                 f"measured with OpenVINO {record.get('openvino_release')}, "
