@@ -76,6 +76,7 @@ class ServerRun:
     points: list[Point] = field(default_factory=list)
     ready_s: float = 0.0
     peak_rss_mib: float = 0.0
+    loaded_rss_mib: float = 0.0  # RSS right after the top-concurrency point
 
 
 def free_port() -> int:
@@ -85,10 +86,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def peak_rss_mib(pid: int) -> float:
-    """VmHWM (peak resident set) of a process, MiB."""
+def rss_mib(pid: int, key: str = "VmHWM") -> float:
+    """VmHWM (peak resident set) or VmRSS (now) of a process, MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
 
@@ -196,7 +197,8 @@ def measure_server(run: ServerRun, args: argparse.Namespace, payload: bytes) -> 
                     f"errors {point.errors}",
                     flush=True,
                 )
-            run.peak_rss_mib = peak_rss_mib(proc.pid)
+            run.loaded_rss_mib = rss_mib(proc.pid, "VmRSS")
+            run.peak_rss_mib = rss_mib(proc.pid, "VmHWM")
         except Exception:
             log.seek(0)
             print(log.read().decode("utf-8", "replace")[-3000:], file=sys.stderr)
@@ -313,12 +315,15 @@ def plot(runs: list[ServerRun], path: Path) -> None:
 def report(runs: list[ServerRun], raw: dict[str, Any], fast: str) -> None:
     """The table and the target ratios."""
     print()
-    print(f"{'server':<24}{'c':>4}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'peak RSS MiB':>14}")
+    print(
+        f"{'server':<24}{'c':>4}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'RSS after MiB':>15}{'peak RSS MiB':>14}"
+    )
     for run in runs:
         for p in run.points:
             print(
                 f"{run.name:<24}{p.concurrency:>4}{p.throughput:>9.1f}{p.pct(50):>9.1f}"
-                f"{p.pct(99):>9.1f}{run.peak_rss_mib:>14.0f}"
+                f"{p.pct(99):>9.1f}{run.loaded_rss_mib:>15.0f}{run.peak_rss_mib:>14.0f}"
             )
     best_raw = max(v for k, v in raw.items() if k.startswith("batch"))
     print(
@@ -341,6 +346,7 @@ def report(runs: list[ServerRun], raw: dict[str, Any], fast: str) -> None:
         (f"throughput c={hi} / raw in-process", at(chosen, hi).throughput / best_raw, ">= 0.80"),
         (f"p50 c={lo} vs main", at(chosen, lo).pct(50) / at(base, lo).pct(50), "<= 0.35x"),
         (f"p99 c={hi} vs main", at(chosen, hi).pct(99) / at(base, hi).pct(99), "<= 0.25x"),
+        ("RSS after load vs main", chosen.loaded_rss_mib / base.loaded_rss_mib, "<= 1x"),
         ("peak RSS vs main", chosen.peak_rss_mib / base.peak_rss_mib, "<= 1x"),
     ]
     print(f"\nratios of '{fast}' (same run)")

@@ -35,7 +35,8 @@ class OpenVINORuntime:
             raise RuntimeUnavailable(f"OpenVINO cannot convert the SavedModel: {exc}") from exc
         self._normalise = fastmodel.normalise_cam
         self._cam = fastmodel.CAM_OUTPUT
-        self.precision = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
+        hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision = str(hint.to_string() if hasattr(hint, "to_string") else hint)
         self.parallel = max(1, int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(self.parallel):
