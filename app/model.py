@@ -363,6 +363,11 @@ class TriageModel:
             raise ModelLoadError("explain.heatmap must be [batch, h, w]")
         self.report.warmup_seconds = time.perf_counter() - started
 
+    def _call(self, endpoint: str, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """One unbatched call of the runtime's ``serve`` or ``explain`` (checks and tests)."""
+        run = self.runtime.serve if endpoint == "serve" else self.runtime.explain
+        return run(np.ascontiguousarray(batch, dtype=np.float32))
+
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated probability: sigmoid((logit + logit_bias) / temperature)."""
         shifted = np.asarray(logits, dtype=np.float64) + self.metadata.logit_bias
