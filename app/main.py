@@ -63,7 +63,13 @@ TAGS = [
 def load_service(settings: Settings, metrics: Metrics) -> TriageService:
     """Load, validate and warm up the model; blocking (run it off the event loop)."""
     started = time.perf_counter()
-    triage_model = TriageModel.load(settings.model_dir)
+    triage_model = TriageModel.load(
+        settings.model_dir,
+        runtime=settings.runtime,
+        max_batch=settings.batch_max_size,
+        max_wait_ms=settings.batch_max_wait_ms,
+        streams=settings.openvino_streams,
+    )
     gates = build_gates(triage_model.metadata, triage_model.model_dir)
     triage_model.report.load_seconds = time.perf_counter() - started
     try:
@@ -124,6 +130,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "fields": {
                     "model": meta.name,
                     "version": meta.version,
+                    "runtime": service.model.runtime.name,
+                    "precision": service.model.runtime.precision,
                     "load_seconds": round(service.model.report.load_seconds, 3),
                     "warmup_seconds": round(service.model.report.warmup_seconds, 3),
                     "quality_gate": service.gates.quality is not None,
@@ -138,6 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Stop advertising readiness first, so a load balancer drains us during shutdown.
             app.state.ready = False
             app_metrics.model_ready.set(0)
+            service.model.close()
 
     app = FastAPI(
         title="Skin-lesion triage",

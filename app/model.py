@@ -2,8 +2,8 @@
 
 Everything about the model (input size, labels, threshold, temperature, risk tiers, TTA,
 version) comes from the artifact's ``metadata.json`` (docs/ARTIFACT.md); nothing is hard-coded.
-TensorFlow is imported lazily so that ``import app`` stays cheap and a missing artifact is
-reported before TensorFlow spends seconds starting up.
+The runtime (TensorFlow or OpenVINO, ``app.runtime``) is imported lazily so that ``import app``
+stays cheap and a missing artifact is reported before a runtime spends seconds starting up.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import itertools
 import json
 import logging
 import math
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from app.batching import Batcher
+from app.runtime import Runtime, RuntimeUnavailable, select_runtime
 from model_training.domain_calibration import DomainCalibration
 from model_training.preprocessing import TTA_VIEWS, tta_view
 
@@ -237,6 +238,8 @@ class Inference:
     # [n, d] serve output metadata's ood.embedding_output names (what the OOD statistics were
     # fitted on), of the un-flipped view
     embeddings: np.ndarray | None
+    # [n, h, w] class-activation maps, when the runtime computes Grad-CAM forward
+    cams: np.ndarray | None = None
 
 
 @dataclass
@@ -249,25 +252,51 @@ class LoadReport:
 
 
 class TriageModel:
-    """A loaded artifact. All TensorFlow calls are serialized by a lock.
+    """A loaded artifact, run by a runtime (``app.runtime``) behind a cross-request batcher.
 
-    Why a lock: the routes call this from a thread pool, and on a small CPU machine two
-    InceptionV3 passes at once only thrash caches and double peak memory; requests queue on
-    the lock instead and the batch endpoint is the way to amortise work.
+    No lock spans a request: concurrent requests decode and pass the gates in parallel, and
+    their model inputs meet in the batcher (``app.batching``), which runs as many batches at
+    once as the runtime can (TensorFlow: one; OpenVINO: one per stream).
     """
 
-    def __init__(self, saved: Any, metadata: ModelMetadata, model_dir: Path) -> None:
-        self._saved = saved
+    def __init__(
+        self,
+        runtime: Runtime,
+        metadata: ModelMetadata,
+        model_dir: Path,
+        max_batch: int = 8,
+        max_wait_ms: float = 2.0,
+    ) -> None:
+        self.runtime = runtime
         self.metadata = metadata
         self.model_dir = model_dir
         self.report = LoadReport()
-        self._lock = threading.Lock()
         self.domain_calibration = load_domain_calibration(metadata, model_dir)
+        self.batch_sizes: list[int] = []  # recent batch sizes (metrics; bounded below)
+        self._batcher = Batcher(
+            runtime.serve,
+            max_batch=max_batch,
+            max_wait_s=max_wait_ms / 1000.0,
+            workers=runtime.parallel,
+            on_batch=self._record_batch,
+        )
+
+    def _record_batch(self, size: int) -> None:
+        self.batch_sizes.append(size)
+        if len(self.batch_sizes) > 1000:
+            del self.batch_sizes[:500]
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
-    def load(cls, model_dir: Path) -> TriageModel:
-        """Read metadata.json, load the SavedModel and check they agree (no warm-up yet)."""
+    def load(
+        cls,
+        model_dir: Path,
+        runtime: str = "auto",
+        max_batch: int = 8,
+        max_wait_ms: float = 2.0,
+        streams: int = 0,
+    ) -> TriageModel:
+        """Read metadata.json, load the model on ``runtime`` (see app.runtime; no warm-up)."""
         started = time.perf_counter()
         model_dir = Path(model_dir)
         meta_path = model_dir / "metadata.json"
@@ -286,20 +315,28 @@ class TriageModel:
             raise ModelLoadError(f"{meta_path} must hold a JSON object")
         metadata = ModelMetadata.from_dict(raw)
 
-        import tensorflow as tf  # lazy: see module docstring
-
         try:
-            saved = tf.saved_model.load(str(saved_path))
-        except Exception as exc:  # TF raises many types for a corrupt SavedModel
-            raise ModelLoadError(f"cannot load SavedModel at {saved_path}: {exc}") from exc
-        for endpoint in REQUIRED_OUTPUTS:
-            if not callable(getattr(saved, endpoint, None)):
-                raise ModelLoadError(f"SavedModel at {saved_path} has no `{endpoint}` endpoint")
-            _check_input_signature(getattr(saved, endpoint), endpoint, metadata)
-
-        model = cls(saved, metadata, model_dir)
+            chosen = select_runtime(raw, model_dir, runtime, streams)
+        except RuntimeUnavailable as exc:
+            raise ModelLoadError(str(exc)) from exc
+        saved = getattr(chosen, "saved", None)
+        if saved is not None:  # TensorFlow: check the endpoints against metadata now
+            for endpoint in REQUIRED_OUTPUTS:
+                if not callable(getattr(saved, endpoint, None)):
+                    raise ModelLoadError(f"SavedModel at {saved_path} has no `{endpoint}` endpoint")
+                _check_input_signature(getattr(saved, endpoint), endpoint, metadata)
+        logger.info(
+            "model runtime",
+            extra={"fields": {"runtime": chosen.name, "precision": chosen.precision}},
+        )
+        model = cls(chosen, metadata, model_dir, max_batch=max_batch, max_wait_ms=max_wait_ms)
         model.report.load_seconds = time.perf_counter() - started
         return model
+
+    def close(self) -> None:
+        """Stop the batcher and release the runtime."""
+        self._batcher.close()
+        self.runtime.close()
 
     def warm_up(self) -> None:
         """Run one dummy batch through serve and explain and check the outputs' shapes.
@@ -310,8 +347,8 @@ class TriageModel:
         started = time.perf_counter()
         h, w = self.metadata.input_size
         dummy = np.full((1, h, w, 3), 128.0, dtype=np.float32)
-        served = self._call("serve", dummy)
-        explained = self._call("explain", dummy)
+        served = self._batcher.run(dummy)
+        explained = self.runtime.explain(dummy)
         for endpoint, outputs in (("serve", served), ("explain", explained)):
             missing = [k for k in self.metadata.endpoints[endpoint] if k not in outputs]
             if missing:
@@ -326,13 +363,10 @@ class TriageModel:
             raise ModelLoadError("explain.heatmap must be [batch, h, w]")
         self.report.warmup_seconds = time.perf_counter() - started
 
-    # -- inference -------------------------------------------------------------------------
     def _call(self, endpoint: str, batch: np.ndarray) -> dict[str, np.ndarray]:
-        import tensorflow as tf
-
-        with self._lock:
-            outputs = getattr(self._saved, endpoint)(tf.constant(batch, dtype=tf.float32))
-        return {key: np.asarray(value) for key, value in outputs.items()}
+        """One unbatched call of the runtime's ``serve`` or ``explain`` (checks and tests)."""
+        run = self.runtime.serve if endpoint == "serve" else self.runtime.explain
+        return run(np.ascontiguousarray(batch, dtype=np.float32))
 
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated probability: sigmoid((logit + logit_bias) / temperature)."""
@@ -343,7 +377,7 @@ class TriageModel:
     def infer(self, batch: np.ndarray) -> Inference:
         """Run ``serve`` on a [n, H, W, 3] float32 0..255 batch, with TTA if metadata asks."""
         views = [batch, *(tta_view(batch, flip) for flip in self.metadata.tta_flips)]
-        outputs = self._call("serve", np.ascontiguousarray(np.concatenate(views, axis=0)))
+        outputs = self._batcher.run(np.concatenate(views, axis=0) if len(views) > 1 else batch)
         n = batch.shape[0]
         # Average logits (not probabilities) over the views, as the contract states.
         logits = outputs["logit"].reshape(len(views), n).mean(axis=0)
@@ -353,14 +387,19 @@ class TriageModel:
         if self.domain_calibration is not None:
             # Per-domain calibration reads the domain off the un-flipped view's embedding.
             probabilities = self.domain_calibration.calibrate(logits, outputs["embedding"][:n])
+        cams = outputs.get("cam") if self.runtime.forward_cam else None
         return Inference(
             logits=logits,
             probabilities=probabilities,
             embeddings=None if embedding is None else embedding[:n],
+            cams=None if cams is None else cams[:n],
         )
 
     def explain(
-        self, batch: np.ndarray, against: Sequence[bool] | None = None
+        self,
+        batch: np.ndarray,
+        against: Sequence[bool] | None = None,
+        cams: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Grad-CAM maps [n, h, w] in 0..1 for the un-flipped images, and which rows got the
         map of evidence *against* the positive label ([n] bool).
@@ -369,8 +408,14 @@ class TriageModel:
         all zero after the ReLU, so a negative answer asks (``against[i]``) for
         ``heatmap_benign``, the same Grad-CAM with the sign flipped. Artifacts whose
         ``endpoints.explain`` lacks it fall back to ``heatmap`` (the returned flags say so).
+        ``cams``: the class-activation maps ``infer`` already got from a runtime that
+        computes Grad-CAM forward (``Inference.cams``); then no model call is made.
         """
-        outputs = self._call("explain", np.ascontiguousarray(batch))
+        explain_from = getattr(self.runtime, "explain_from", None)
+        if cams is not None and explain_from is not None:
+            outputs = explain_from({"cam": cams, "logit": np.zeros(len(cams), np.float32)})
+        else:
+            outputs = self.runtime.explain(np.ascontiguousarray(batch))
         heat = outputs["heatmap"]
         wanted = np.zeros(heat.shape[0], dtype=bool)
         if against is not None:

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -95,6 +96,9 @@ def shape_reasons(size: tuple[int, int], max_aspect_ratio: float) -> list[Reason
     return []
 
 
+# Decoding and the quality gate mostly run in Pillow and NumPy with the GIL released.
+_DECODERS = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="decode")
+
 # A heat map whose peak is below this draws (next to) nothing: "no area stood out".
 _EMPTY_HEAT = 0.02
 
@@ -123,7 +127,10 @@ class TriageService:
         read_ms: float = 0.0,
     ) -> list[PredictionResult | BatchItemError]:
         """Assess every part; one entry per part, in order. ``started`` is perf_counter()."""
-        items = [self._decode_and_check(part) for part in parts]
+        if len(parts) > 1:  # decode and quality-check the files of a batch in parallel
+            items = list(_DECODERS.map(self._decode_and_check, parts))
+        else:
+            items = [self._decode_and_check(part) for part in parts]
 
         # One batched forward pass over every photo that passed decoding and the quality gate.
         runnable = [it for it in items if it.model_input is not None]
@@ -152,7 +159,8 @@ class TriageService:
                     for i in to_explain
                 ]
                 t0 = time.perf_counter()
-                maps, got_against = self.model.explain(batch[to_explain], against)
+                cams = None if inference.cams is None else inference.cams[to_explain]
+                maps, got_against = self.model.explain(batch[to_explain], against, cams)
                 explain_ms = _ms(time.perf_counter() - t0)
                 for row, i in enumerate(to_explain):
                     heatmaps[runnable[i].index] = (maps[row], bool(got_against[row]))

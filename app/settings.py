@@ -124,6 +124,31 @@ class Settings(BaseSettings):
         description="glibc malloc arenas (M_ARENA_MAX) set at start-up; 0 leaves glibc's "
         "default (8 per core). Fewer arenas return memory after a spike.",
     )
+    runtime: Literal["auto", "tensorflow", "openvino"] = Field(
+        default="auto",
+        description=(
+            "Inference runtime. auto: the fastest whose agreement with TensorFlow, recorded in "
+            "metadata.json by export-fast, passes the guard (else tensorflow)."
+        ),
+    )
+    batch_max_size: int = Field(
+        default=8, ge=1, le=64, description="Most images one cross-request model call gathers."
+    )
+    batch_max_wait_ms: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=100.0,
+        description="Longest a model call waits for more requests to join its batch.",
+    )
+    openvino_streams: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description=(
+            "OpenVINO CPU streams (batches run at once, the cores split among them); "
+            "0: OpenVINO's throughput default."
+        ),
+    )
     log_level: LogLevel = "info"
     log_json: bool = Field(
         default=True, description="One JSON object per log line (false: plain text)."

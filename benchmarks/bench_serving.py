@@ -1,57 +1,82 @@
-"""Serving benchmark: HTTP latency of the real server against the raw model, and its memory.
+"""Serving benchmark: POST /predict under concurrency, per runtime, against main's server.
 
-Starts ``python -m app`` (uvicorn) in a subprocess on a free loopback port with
-``TRIAGE_MODEL_DIR`` pointing at the artifact, waits for ``/health/ready``, then times N
-sequential requests of a real fixture photo to ``POST /predict``, ``/predict?explain=true``
-and ``/predict/batch`` (4 copies), and reads the server's RSS from ``/proc/<pid>/status``.
-The baseline is measured in the same run, after the server has stopped: the artifact's
-``serve`` (and ``explain``) called in-process through ``tf.saved_model.load`` on the same
-preprocessed image, so the printed ratios show what HTTP, decoding, gates and JSON add.
+One run measures, one server at a time on a free loopback port, each serving the same
+artifact:
 
-    .venv/bin/python benchmarks/bench_serving.py [MODEL_DIR] [-n 30] [--image PATH]
+* ``main``: the server of another checkout (default: ``git archive main`` into a temporary
+  folder), i.e. today's server, the baseline of every ratio;
+* this tree's server on each runtime (``tensorflow``, ``openvino``) with cross-request
+  batching; ``openvino`` with one CPU stream (every core on one batch) and batching; and
+  ``openvino`` with ``TRIAGE_BATCH_MAX_SIZE=1`` (one model call per request on OpenVINO's
+  asynchronous infer requests, the alternative to batching);
+* the chosen runtime's raw in-process throughput (``app.runtime``, as many threads as the
+  runtime runs batches at once, batch 1 and batch ``max_batch``; the better one counts),
+  measured after the servers have stopped.
 
-Only 127.0.0.1 is contacted; every phase has a time limit, and the server is stopped at the
-end (or on any error). Uploads are not stored (TRIAGE_STORE_UPLOADS_DIR is cleared).
+At each concurrency, ``c`` keep-alive connections send the same real photo back to back for
+``--seconds`` (after a warm-up); throughput is answered requests per second, latencies are
+per request. Peak RSS (VmHWM) of each server is read at the end. Prints a table and the
+target ratios, writes a PNG (throughput and p50/p99 against concurrency per server).
+
+    .venv/bin/python benchmarks/bench_serving.py [--artifact models/default] \\
+        [--concurrency 1 4 16] [--seconds 15] [--png docs/perf/serving.png]
+
+The client shares the machine's cores with the server (as in the issue's measurement), so
+absolute figures on a shared machine are noisy; the ratios measured in one run are what
+count. Only 127.0.0.1 is contacted; servers are stopped at the end or on any error.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE = REPO / "tests" / "fixtures" / "images" / "isic2017_melanoma_ISIC_0000002.jpg"
-MIB = 1024 * 1024
-WARMUP_CALLS = 2
+BOUNDARY = "benchboundary7MA4YWxkTrZu0gW"
 
 
 @dataclass
-class Series:
-    """Latencies of one measured operation, in milliseconds."""
+class Point:
+    """One server at one concurrency."""
+
+    concurrency: int
+    latencies_ms: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    errors: int = 0
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies_ms) / self.seconds if self.seconds else 0.0
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+
+@dataclass
+class ServerRun:
+    """A server configuration and its measurements."""
 
     name: str
-    latencies_ms: list[float] = field(default_factory=list)
-    server_total_ms: list[float] = field(default_factory=list)
-    server_model_ms: list[float] = field(default_factory=list)
-    statuses: dict[str, int] = field(default_factory=dict)
-
-    def pct(self, q: float, values: list[float] | None = None) -> float:
-        """The q-th percentile (linear interpolation), NaN when empty."""
-        data = self.latencies_ms if values is None else values
-        return float(np.percentile(data, q)) if data else float("nan")
+    cwd: Path
+    env: dict[str, str]
+    points: list[Point] = field(default_factory=list)
+    ready_s: float = 0.0
+    peak_rss_mib: float = 0.0
+    loaded_rss_mib: float = 0.0  # RSS right after the top-concurrency point
 
 
 def free_port() -> int:
@@ -61,165 +86,122 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def proc_memory_mib(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM (peak RSS) of a process, in MiB."""
-    values: dict[str, float] = {}
+def rss_mib(pid: int, key: str = "VmHWM") -> float:
+    """VmHWM (peak resident set) or VmRSS (now) of a process, MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0]) / 1024.0  # kB
-    return values
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
 
 
-def start_server(model_dir: Path, port: int, log: Any) -> subprocess.Popen[bytes]:
-    """``python -m app`` on 127.0.0.1:port serving ``model_dir`` with default settings."""
+def request_bytes(image: bytes, name: str) -> bytes:
+    """One keep-alive POST /predict with the photo as multipart field ``file``."""
+    body = (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+async def _client(
+    port: int, payload: bytes, stop_at: float, point: Point, warm_until: float
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            writer.write(payload)
+            await writer.drain()
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                key, _, value = line.decode("latin-1").partition(":")
+                if key.lower() == "content-length":
+                    length = int(value)
+            body = await reader.readexactly(length)
+            elapsed = (time.perf_counter() - t0) * 1000.0
+            if status != 200 or json.loads(body).get("status") != "ok":
+                point.errors += 1
+            elif t0 >= warm_until:
+                point.latencies_ms.append(elapsed)
+    finally:
+        writer.close()
+
+
+async def load(port: int, payload: bytes, concurrency: int, seconds: float, warm: float) -> Point:
+    """``concurrency`` connections sending ``payload`` back to back for ``seconds``."""
+    point = Point(concurrency)
+    start = time.perf_counter()
+    warm_until, stop_at = start + warm, start + warm + seconds
+    await asyncio.gather(
+        *(_client(port, payload, stop_at, point, warm_until) for _ in range(concurrency))
+    )
+    point.seconds = time.perf_counter() - warm_until
+    return point
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout_s: float) -> float:
+    """Seconds until /health/ready answers 200."""
+    import httpx
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} during start-up")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server not ready within {timeout_s:.0f} s")
+
+
+def measure_server(run: ServerRun, args: argparse.Namespace, payload: bytes) -> None:
+    """Start ``python -m app`` for ``run``, sweep the concurrencies, stop it."""
+    import httpx
+
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TRIAGE_")}
     env.update(
-        TRIAGE_MODEL_DIR=str(model_dir),
+        TRIAGE_MODEL_DIR=str(args.artifact),
         HOST="127.0.0.1",
         PORT=str(port),
         TRIAGE_LOG_LEVEL="warning",
         TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=str(run.cwd),
+        **run.env,
     )
-    return subprocess.Popen(
-        [sys.executable, "-m", "app"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-
-
-def wait_ready(proc: subprocess.Popen[bytes], base_url: str, timeout_s: float) -> float:
-    """Seconds from now until /health/ready answers 200; raises if the server dies or hangs."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode} during start-up")
-        try:
-            if httpx.get(f"{base_url}/health/ready", timeout=2.0).status_code == 200:
-                return time.monotonic() - started
-        except httpx.TransportError:
-            pass  # uvicorn listens only once the model is loaded and warmed up
-        time.sleep(0.2)
-    raise RuntimeError(f"the server was not ready within {timeout_s:.0f} s")
-
-
-def measure_http(
-    client: httpx.Client,
-    series: Series,
-    request: Callable[[], httpx.Response],
-    n: int,
-    deadline: float,
-) -> None:
-    """Warm up, then time ``n`` sequential requests (fewer if the deadline passes)."""
-    for _ in range(WARMUP_CALLS):
-        request().raise_for_status()
-    for _ in range(n):
-        if time.monotonic() > deadline:
-            print(f"  ! time budget spent: {series.name} stopped after {len(series.latencies_ms)}")
-            break
-        t0 = time.perf_counter()
-        response = request()
-        elapsed = (time.perf_counter() - t0) * 1000.0
-        response.raise_for_status()
-        body = response.json()
-        results = body.get("results", [body])
-        series.latencies_ms.append(elapsed)
-        for result in results:
-            status = str(result.get("status"))
-            series.statuses[status] = series.statuses.get(status, 0) + 1
-        timings = results[0].get("timings_ms") or {}
-        series.server_total_ms.append(float(timings.get("total", float("nan"))))
-        series.server_model_ms.append(
-            float(timings.get("inference", 0.0)) + float(timings.get("explain", 0.0))
-        )
-
-
-def measure_raw(series: Series, call: Callable[[], Any], n: int, deadline: float) -> None:
-    """Warm up, then time ``n`` in-process calls; outputs are pulled to numpy like the server."""
-
-    def run() -> None:
-        outputs = call()
-        for value in outputs.values():
-            value.numpy()
-
-    for _ in range(WARMUP_CALLS):
-        run()
-    for _ in range(n):
-        if time.monotonic() > deadline:
-            print(f"  ! time budget spent: {series.name} stopped after {len(series.latencies_ms)}")
-            break
-        t0 = time.perf_counter()
-        run()
-        series.latencies_ms.append((time.perf_counter() - t0) * 1000.0)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "model_dir",
-        nargs="?",
-        type=Path,
-        default=REPO / "models" / "default",
-        help="model artifact folder (default models/default)",
-    )
-    parser.add_argument("-n", "--requests", type=int, default=30, help="timed calls per case")
-    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="photo to send")
-    parser.add_argument("--batch", type=int, default=4, help="files per /predict/batch call")
-    parser.add_argument("--ready-timeout", type=float, default=300.0, help="start-up limit (s)")
-    parser.add_argument("--budget", type=float, default=1200.0, help="limit for all timing (s)")
-    args = parser.parse_args(argv)
-    if args.requests < 1 or args.batch < 1:
-        parser.error("--requests and --batch must be at least 1")
-    return args
-
-
-def run_server_phase(
-    args: argparse.Namespace, image: bytes, deadline: float
-) -> tuple[list[Series], dict[str, float]]:
-    """Start the server, time the HTTP cases, read its memory, stop it."""
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    facts: dict[str, float] = {}
-    name = args.image.name
     with tempfile.TemporaryFile() as log:
-        proc = start_server(args.model_dir, port, log)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app"], cwd=run.cwd, env=env, stdout=log, stderr=log
+        )
         try:
-            facts["ready_s"] = wait_ready(proc, base_url, args.ready_timeout)
-            after_load = proc_memory_mib(proc.pid)
-            facts["rss_ready"], facts["hwm_ready"] = after_load["VmRSS"], after_load["VmHWM"]
-
-            single = Series("POST /predict")
-            explain = Series("POST /predict?explain=true")
-            batch = Series(f"POST /predict/batch ({args.batch} files)")
-            with httpx.Client(base_url=base_url, timeout=120.0) as client:
-                file_part = ("file", (name, image, "image/jpeg"))
-                batch_parts = [("files", (name, image, "image/jpeg"))] * args.batch
-                measure_http(
-                    client,
-                    single,
-                    lambda: client.post("/predict", files=[file_part]),
-                    args.requests,
-                    deadline,
+            run.ready_s = wait_ready(proc, port, args.ready_timeout)
+            httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=10).raise_for_status()
+            for c in args.concurrency:
+                point = asyncio.run(load(port, payload, c, args.seconds, args.warmup))
+                run.points.append(point)
+                print(
+                    f"  {run.name:<22} c={c:<3} {point.throughput:7.1f} req/s  "
+                    f"p50 {point.pct(50):7.1f} ms  p99 {point.pct(99):7.1f} ms  "
+                    f"errors {point.errors}",
+                    flush=True,
                 )
-                measure_http(
-                    client,
-                    explain,
-                    lambda: client.post("/predict", params={"explain": "true"}, files=[file_part]),
-                    args.requests,
-                    deadline,
-                )
-                measure_http(
-                    client,
-                    batch,
-                    lambda: client.post("/predict/batch", files=batch_parts),
-                    args.requests,
-                    deadline,
-                )
-            at_end = proc_memory_mib(proc.pid)
-            facts["rss_end"], facts["hwm_end"] = at_end["VmRSS"], at_end["VmHWM"]
+            run.loaded_rss_mib = rss_mib(proc.pid, "VmRSS")
+            run.peak_rss_mib = rss_mib(proc.pid, "VmHWM")
         except Exception:
             log.seek(0)
-            tail = log.read().decode("utf-8", "replace")[-4000:]
-            print(f"server log (tail):\n{tail}", file=sys.stderr)
+            print(log.read().decode("utf-8", "replace")[-3000:], file=sys.stderr)
             raise
         finally:
             proc.terminate()
@@ -228,101 +210,206 @@ def run_server_phase(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
-    return [single, explain, batch], facts
 
 
-def run_raw_phase(
-    args: argparse.Namespace, image: bytes, meta: dict[str, Any], deadline: float
-) -> list[Series]:
-    """The baseline: the SavedModel's endpoints in this process on the same input."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def raw_throughput(
+    artifact: Path, runtime: str, image: Path, seconds: float, batch: int
+) -> dict[str, Any]:
+    """In this process: the runtime's best images/s (batch 1 and ``batch``, all its streams)."""
     sys.path.insert(0, str(REPO))
-    import tensorflow as tf
+    from app.runtime import select_runtime
+    from model_training.preprocessing import load_image_file, resize_to_input
 
-    from model_training.preprocessing import decode_image, resize_to_input
-
-    size = (int(meta["input"]["height"]), int(meta["input"]["width"]))
-    pixels = resize_to_input(decode_image(image), size)  # exactly the server's preprocessing
-    one = tf.constant(pixels[np.newaxis], dtype=tf.float32)
-    many = tf.constant(np.repeat(pixels[np.newaxis], args.batch, axis=0), dtype=tf.float32)
-    saved = tf.saved_model.load(str(args.model_dir / "saved_model"))
-
-    serve1 = Series("raw serve (batch 1)")
-    explain1 = Series("raw explain (batch 1)")
-    serve_b = Series(f"raw serve (batch {args.batch})")
-    measure_raw(serve1, lambda: saved.serve(one), args.requests, deadline)
-    measure_raw(explain1, lambda: saved.explain(one), args.requests, deadline)
-    measure_raw(serve_b, lambda: saved.serve(many), args.requests, deadline)
-    return [serve1, explain1, serve_b]
-
-
-def report(
-    args: argparse.Namespace,
-    meta: dict[str, Any],
-    image: bytes,
-    http: list[Series],
-    raw: list[Series],
-    facts: dict[str, float],
-) -> None:
-    """Print the figures."""
-    serve1, explain1, serve_batch = (s.pct(50) for s in raw)
-    # The raw model work each HTTP case does: /predict?explain=true runs serve, then explain.
-    raw_work = (serve1, serve1 + explain1, serve_batch)
-    same_op = dict(zip((s.name for s in http), raw_work, strict=True))
-    print(
-        f"model    {meta.get('name')} {meta.get('version')} ({meta.get('architecture')}, "
-        f"input {meta['input']['height']}x{meta['input']['width']}) from {args.model_dir}"
+    meta = json.loads((artifact / "metadata.json").read_text())
+    rt = select_runtime(meta, artifact, runtime)
+    pixels = resize_to_input(
+        load_image_file(image), (meta["input"]["height"], meta["input"]["width"])
     )
-    print(f"image    {args.image.name} ({len(image)} bytes), n={args.requests} timed calls/case")
-    print(f"machine  {os.cpu_count()} CPUs visible, python {sys.version.split()[0]}")
-    print(f"server   ready {facts['ready_s']:.1f} s after start (import, load, warm-up)")
-    print(
-        f"server   RSS after load {facts['rss_ready']:.0f} MiB (peak so far "
-        f"{facts['hwm_ready']:.0f} MiB); after the run RSS {facts['rss_end']:.0f} MiB, "
-        f"peak RSS (VmHWM) {facts['hwm_end']:.0f} MiB"
-    )
-    print()
-    header = (
-        f"{'case':<34}{'n':>4}{'p50 ms':>10}{'p95 ms':>10}{'srv total':>11}{'srv model':>11}"
-        f"{'/raw b1':>9}{'/raw same':>11}"
-    )
-    print(header)
-    print("-" * len(header))
-    for s in http:
-        same = same_op[s.name]
-        print(
-            f"{s.name:<34}{len(s.latencies_ms):>4}{s.pct(50):>10.1f}{s.pct(95):>10.1f}"
-            f"{s.pct(50, s.server_total_ms):>11.1f}{s.pct(50, s.server_model_ms):>11.1f}"
-            f"{s.pct(50) / serve1:>8.2f}x{s.pct(50) / same:>10.2f}x"
+    out: dict[str, Any] = {"runtime": rt.name, "precision": rt.precision, "parallel": rt.parallel}
+    for size in (1, batch):
+        x = np.repeat(pixels[np.newaxis], size, axis=0)
+        for _ in range(2):
+            rt.serve(x)
+        counts = [0] * rt.parallel
+        stop_at = time.perf_counter() + seconds
+
+        def work(
+            i: int, x: np.ndarray = x, stop_at: float = stop_at, counts: list[int] = counts
+        ) -> None:
+            while time.perf_counter() < stop_at:
+                rt.serve(x)
+                counts[i] += len(x)
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(rt.parallel)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out[f"batch{size}"] = sum(counts) / (time.perf_counter() - started)
+    return out
+
+
+def measure_raw(args: argparse.Namespace, runtime: str) -> dict[str, Any]:
+    """``raw_throughput`` in a fresh subprocess (one model process at a time)."""
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "--raw-only", runtime,
+        "--artifact", str(args.artifact), "--seconds", str(args.seconds),
+        "--image", str(args.image), "--raw-batch", str(args.raw_batch),
+    ]  # fmt: skip
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def baseline_tree(ref: str, dest: Path) -> Path:
+    """``git archive ref`` unpacked into ``dest`` (read-only use of the repository)."""
+    archive = subprocess.run(
+        ["git", "archive", ref, "app", "model_training", "templates", "static"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def plot(runs: list[ServerRun], path: Path) -> None:
+    """Throughput and p50/p99 against concurrency, one line per server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for run in runs:
+        cs = [p.concurrency for p in run.points]
+        line = ax_t.plot(cs, [p.throughput for p in run.points], marker="o", label=run.name)[0]
+        colour = line.get_color()
+        ax_l.plot(
+            cs, [p.pct(50) for p in run.points], marker="o", color=colour, label=f"{run.name} p50"
         )
-    for s in raw:
-        print(
-            f"{s.name:<34}{len(s.latencies_ms):>4}{s.pct(50):>10.1f}{s.pct(95):>10.1f}"
-            f"{'':>11}{'':>11}{s.pct(50) / serve1:>8.2f}x"
+        ax_l.plot(
+            cs,
+            [p.pct(99) for p in run.points],
+            marker="x",
+            ls="--",
+            color=colour,
+            label=f"{run.name} p99",
         )
+    for ax in (ax_t, ax_l):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.grid(alpha=0.3)
+    ax_t.set_ylabel("POST /predict per second")
+    ax_t.set_title("throughput")
+    ax_l.set_yscale("log")
+    ax_l.set_ylabel("latency (ms)")
+    ax_l.set_title("p50 (solid) and p99 (dashed)")
+    ax_t.legend(fontsize=8)
+    ax_l.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def report(runs: list[ServerRun], raw: dict[str, Any], fast: str) -> None:
+    """The table and the target ratios."""
     print()
-    print("srv total/model: p50 of the server's own timings_ms (whole request; inference+explain).")
-    print("/raw b1: HTTP p50 / raw serve batch-1 p50; /raw same: HTTP p50 / raw p50 of the same")
-    print(f"model work (serve+explain b1 for explain=true, serve b{args.batch} for the batch).")
-    outcomes = {s.name: s.statuses for s in http}
-    print(f"result statuses: {json.dumps(outcomes)}")
+    print(
+        f"{'server':<24}{'c':>4}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'RSS after MiB':>15}{'peak RSS MiB':>14}"
+    )
+    for run in runs:
+        for p in run.points:
+            print(
+                f"{run.name:<24}{p.concurrency:>4}{p.throughput:>9.1f}{p.pct(50):>9.1f}"
+                f"{p.pct(99):>9.1f}{run.loaded_rss_mib:>15.0f}{run.peak_rss_mib:>14.0f}"
+            )
+    best_raw = max(v for k, v in raw.items() if k.startswith("batch"))
+    print(
+        f"raw in-process {raw['runtime']} ({raw['precision']}, {raw['parallel']} parallel): "
+        + ", ".join(f"{k} {v:.1f} img/s" for k, v in raw.items() if k.startswith("batch"))
+    )
+    base = runs[0]
+    chosen = next(r for r in runs if r.name == fast)
+
+    def at(run: ServerRun, c: int) -> Point:
+        return next(p for p in run.points if p.concurrency == c)
+
+    hi, lo = max(p.concurrency for p in base.points), min(p.concurrency for p in base.points)
+    rows = [
+        (
+            f"throughput c={hi} vs main",
+            at(chosen, hi).throughput / at(base, hi).throughput,
+            ">= 5x",
+        ),
+        (f"throughput c={hi} / raw in-process", at(chosen, hi).throughput / best_raw, ">= 0.80"),
+        (f"p50 c={lo} vs main", at(chosen, lo).pct(50) / at(base, lo).pct(50), "<= 0.35x"),
+        (f"p99 c={hi} vs main", at(chosen, hi).pct(99) / at(base, hi).pct(99), "<= 0.25x"),
+        ("RSS after load vs main", chosen.loaded_rss_mib / base.loaded_rss_mib, "<= 1x"),
+        ("peak RSS vs main", chosen.peak_rss_mib / base.peak_rss_mib, "<= 1x"),
+    ]
+    print(f"\nratios of '{fast}' (same run)")
+    for name, value, target in rows:
+        print(f"  {name:<36}{value:>8.2f}   target {target}")
+    print("ready after start: " + ", ".join(f"{r.name} {r.ready_s:.1f} s" for r in runs))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--artifact", type=Path, default=REPO / "models" / "default")
+    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per point")
+    parser.add_argument("--warmup", type=float, default=3.0, help="untimed seconds per point")
+    parser.add_argument("--baseline-ref", default="main", help="git ref of today's server")
+    parser.add_argument("--baseline-dir", type=Path, default=None, help="or a checkout of it")
+    parser.add_argument("--runtimes", nargs="+", default=["tensorflow", "openvino"])
+    parser.add_argument("--raw-batch", type=int, default=8)
+    parser.add_argument("--ready-timeout", type=float, default=300.0)
+    parser.add_argument("--png", type=Path, default=REPO / "docs" / "perf" / "serving.png")
+    parser.add_argument("--raw-only", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run both phases and print the report."""
+    """Run every server, the raw baseline, print and plot."""
     args = parse_args(argv)
-    args.model_dir = args.model_dir.resolve()
-    meta_path = args.model_dir / "metadata.json"
-    if not meta_path.is_file():
-        print(f"no artifact at {args.model_dir} (metadata.json missing)", file=sys.stderr)
-        return 2
-    meta = json.loads(meta_path.read_text())
-    image = args.image.read_bytes()
-    deadline = time.monotonic() + args.budget
-
-    http, facts = run_server_phase(args, image, deadline)
-    raw = run_raw_phase(args, image, meta, deadline)
-    report(args, meta, image, http, raw, facts)
+    args.artifact = args.artifact.resolve()
+    if args.raw_only:
+        print(
+            json.dumps(
+                raw_throughput(
+                    args.artifact, args.raw_only, args.image, args.seconds, args.raw_batch
+                )
+            )
+        )
+        return 0
+    payload = request_bytes(args.image.read_bytes(), args.image.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        base_dir = args.baseline_dir or baseline_tree(args.baseline_ref, Path(tmp))
+        runs = [ServerRun(f"main ({args.baseline_ref})", base_dir.resolve(), {})]
+        for rt in args.runtimes:
+            runs.append(ServerRun(f"perf {rt}", REPO, {"TRIAGE_RUNTIME": rt}))
+        if "openvino" in args.runtimes:
+            ov = {"TRIAGE_RUNTIME": "openvino"}
+            one_stream = {**ov, "TRIAGE_OPENVINO_STREAMS": "1"}
+            runs.append(ServerRun("perf openvino 1-stream", REPO, one_stream))
+            runs.append(
+                ServerRun("perf openvino async", REPO, {**ov, "TRIAGE_BATCH_MAX_SIZE": "1"})
+            )
+        print(f"artifact {args.artifact}; image {args.image.name}; {os.cpu_count()} CPUs; "
+              f"{args.seconds:.0f} s per point", flush=True)  # fmt: skip
+        for run in runs:
+            measure_server(run, args, payload)
+    # The configuration compared with main: the fastest of this tree's servers at top load.
+    fastest = max(runs[1:], key=lambda r: max(p.throughput for p in r.points))
+    fast = fastest.name
+    raw = measure_raw(args, "openvino" if "openvino" in fast else "tensorflow")
+    report(runs, raw, fast)
+    plot(runs, args.png)
+    print(f"plot: {args.png}")
     return 0
 
 

@@ -161,6 +161,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     export_artifact(model, args.out, metadata)
     print(f"exported {args.out}")
+    if args.fast_data_dir is not None:
+        args.artifact, args.data_dir = args.out, args.fast_data_dir
+        return cmd_export_fast(args)
+    return 0
+
+
+def cmd_export_fast(args: argparse.Namespace) -> int:
+    """Derive the fast (OpenVINO) model, measure it against TensorFlow, record it."""
+    from model_training.export_fast import export_fast_from_data, summary
+
+    runtimes = export_fast_from_data(
+        args.artifact, args.data_dir, args.sets, limit=args.limit, bench_seconds=args.bench_seconds
+    )
+    print(summary(runtimes))
+    chosen = runtimes["openvino"]
+    print(
+        f"{args.artifact}: fast runtime openvino {chosen['precision']}"
+        if chosen["passed"]
+        else f"{args.artifact}: no fast model passed the guard; the server stays on TensorFlow"
+    )
     return 0
 
 
@@ -179,6 +199,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         calibration=args.calibration,
     )
     return 0
+
+
+def _fast_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sets", type=_sets, default=["isic2017", "ham10000", "pad-ufes-20"])
+    p.add_argument("--limit", type=int, default=0, help="at most N validation images per set")
+    p.add_argument("--bench-seconds", type=float, default=5.0, help="per throughput figure")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,7 +267,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--version", default="1.0.0")
+    p.add_argument(
+        "--fast-data-dir", type=Path, default=None,
+        help="also run export-fast on this data's validation split (run it again after "
+        "evaluate: the recorded agreement is tied to the calibration)",
+    )  # fmt: skip
+    _fast_options(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "export-fast",
+        help="add the fast (OpenVINO) runtime to an artifact: agreement with TF on validation",
+    )
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    _fast_options(p)
+    p.set_defaults(func=cmd_export_fast)
 
     p = sub.add_parser("evaluate", help="validate, calibrate and report on an artifact")
     p.add_argument("--artifact", type=Path, required=True)

@@ -150,6 +150,9 @@ class OODDetector:
             np.flatnonzero((self.component_group == g) | (self.component_group == SHARED))
             for g in range(n_groups)
         ]
+        # Each group's components and variances, gathered once: gathering them per call
+        # copied 7 MB and cost more than the whole distance (the server scores every photo).
+        self._parts = [(self.components[r], self.variances[r]) for r in self._rows]
 
     @property
     def dim(self) -> int:
@@ -236,9 +239,10 @@ class OODDetector:
         out = np.empty((x.shape[0], len(self.group_names)))
         for g, mean in enumerate(self.means):
             rows = self._rows[g]
+            components, variances = self._parts[g]
             z = x - mean
-            proj = z @ self.components[rows].T  # [n, k]
-            in_span = (proj**2 / self.variances[rows]).sum(axis=1)
+            proj = z @ components.T  # [n, k]
+            in_span = (proj**2 / variances).sum(axis=1)
             if len(rows) >= self.dim:
                 # Every direction has its own variance: nothing lies outside the span, and
                 # the difference below would only be float32 rounding of the components

@@ -1,0 +1,79 @@
+"""The fast runtime: OpenVINO's model of the artifact's SavedModel (``model_training.fastmodel``).
+
+The compiled model runs in throughput mode: OpenVINO splits the cores into streams and each
+infer request runs on one, so ``parallel`` batches (one per request) run at the same time.
+Requests are lent from a pool, so any thread may call ``serve``; no lock spans a whole call.
+"""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.runtime import RuntimeUnavailable
+
+
+class OpenVINORuntime:
+    """``serve`` (plus ``cam`` where the head allows) and a forward-computed ``explain``."""
+
+    name = "openvino"
+
+    def __init__(self, model_dir: Path, precision: str, streams: int = 0) -> None:
+        try:
+            from model_training import fastmodel
+        except ImportError as exc:  # openvino itself is imported inside fastmodel's functions
+            raise RuntimeUnavailable(f"the OpenVINO runtime cannot be imported: {exc}") from exc
+        try:
+            model, self.forward_cam = fastmodel.derive_openvino(Path(model_dir))
+            self._compiled = fastmodel.compile_openvino(model, precision, streams or None)
+        except ImportError as exc:
+            raise RuntimeUnavailable(f"openvino is not installed: {exc}") from exc
+        except Exception as exc:  # conversion errors come in many types
+            raise RuntimeUnavailable(f"OpenVINO cannot convert the SavedModel: {exc}") from exc
+        self._normalise = fastmodel.normalise_cam
+        self._cam = fastmodel.CAM_OUTPUT
+        hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision = str(hint.to_string() if hasattr(hint, "to_string") else hint)
+        self.parallel = max(1, int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(self.parallel):
+            self._requests.put(self._compiled.create_infer_request())
+        self._names = [out.get_any_name() for out in self._compiled.outputs]
+
+    def serve(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the model; copies, as the request's buffers are reused."""
+        request = self._requests.get()
+        try:
+            request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
+            return {
+                name: np.array(request.get_output_tensor(i).data)
+                for i, name in enumerate(self._names)
+            }
+        finally:
+            self._requests.put(request)
+
+    def explain(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """``explain``'s outputs, Grad-CAM computed forward from ``cam`` (see fastmodel)."""
+        if not self.forward_cam:
+            raise RuntimeUnavailable("this model's head gives no forward class-activation map")
+        outputs = self.serve(batch)
+        return self.explain_from(outputs)
+
+    def explain_from(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``explain``'s outputs from ``serve`` outputs that include ``cam``."""
+        cam = outputs[self._cam]
+        n = cam.shape[0]
+        return {
+            "logit": outputs["logit"],
+            "heatmap": self._normalise(cam, np.zeros(n, dtype=bool)),
+            "heatmap_benign": self._normalise(cam, np.ones(n, dtype=bool)),
+        }
+
+    def close(self) -> None:
+        """Release the compiled model."""
+        while not self._requests.empty():
+            self._requests.get()
+        self._compiled = None

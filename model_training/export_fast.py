@@ -1,0 +1,312 @@
+"""Add the fast runtime to an artifact: measure it against TensorFlow, record it in metadata.
+
+``python -m model_training export-fast --artifact models/default`` (re-runnable; also run at
+the end of ``export`` when validation data is at hand). For each inference precision, fastest
+first, it runs the validation images of every data set through TensorFlow's ``serve`` (the
+reference) and the OpenVINO model derived from the same SavedModel (``fastmodel``), through
+the one shared preprocessing path, and records in ``metadata.json`` under ``runtimes``:
+
+* per data set, per domain and pooled: ROC-AUC of both and their difference;
+* the largest difference of the calibrated probability, the share of images whose label
+  (at the shipped threshold) and OOD-gate decision are unchanged, the largest logit
+  difference, and on a subset the largest Grad-CAM difference against TF's ``explain``;
+* raw in-process throughput of both (batch 1, this machine) for the server's choice;
+* what it was measured with: OpenVINO release, precision, calibration, SavedModel hashes.
+
+The first precision that passes the guard (``fastmodel.GUARD``) is recorded as the fast model; when
+none passes, the record says so and the server stays on TensorFlow. Int8 is not attempted
+(see README, Performance).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model_training import fastmodel
+from model_training.export import read_metadata, write_metadata
+from model_training.preprocessing import load_image_file, resize_to_input
+
+EXPLAIN_CHECK_IMAGES = 32
+
+
+def _calibrate(
+    logits: np.ndarray, meta: dict[str, Any], embeddings: np.ndarray, domain: Any | None
+) -> np.ndarray:
+    """The served probability: per-domain calibration when the artifact has one."""
+    if domain is not None:
+        return np.asarray(domain.calibrate(logits, embeddings))
+    z = (logits.astype(np.float64) + float(meta.get("logit_bias", 0.0))) / float(
+        meta.get("temperature", 1.0)
+    )
+    return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z, -60, 60))))
+
+
+def _batches(paths: Sequence[str], size: tuple[int, int], batch: int) -> Iterator[np.ndarray]:
+    rows: list[np.ndarray] = []
+    for path in paths:
+        rows.append(resize_to_input(load_image_file(path), size))
+        if len(rows) == batch:
+            yield np.stack(rows)
+            rows = []
+    if rows:
+        yield np.stack(rows)
+
+
+def _throughput(call: Callable[[np.ndarray], Any], one: np.ndarray, seconds: float) -> float:
+    """Images per second of ``call`` on batch-1 input, after two warm-up calls."""
+    for _ in range(2):
+        call(one)
+    n, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or n < 3:
+        call(one)
+        n += 1
+    return n / (time.perf_counter() - started)
+
+
+def _async_throughput(compiled: Any, one: np.ndarray, seconds: float) -> float:
+    """Images per second of batch-1 requests kept in flight on every infer request."""
+    import openvino as ov
+
+    queue = ov.AsyncInferQueue(
+        compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+    )
+    for _ in range(2 * len(queue)):
+        queue.start_async({0: one})
+    queue.wait_all()
+    n, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or n < 3:
+        queue.start_async({0: one})  # blocks while every request is busy
+        n += 1
+    queue.wait_all()
+    return n / (time.perf_counter() - started)
+
+
+def agreement(
+    y: np.ndarray,
+    sets: Sequence[str],
+    domains: Sequence[str],
+    reference: dict[str, np.ndarray],
+    candidate: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    ood: Any | None,
+    domain: Any | None = None,
+) -> dict[str, Any]:
+    """Agreement figures of ``candidate`` outputs against ``reference`` (TF) on validation."""
+    from model_training.metrics import auc_by_set
+
+    labels = np.concatenate([y, y, y])
+    names = [*sets, *(f"domain:{d}" for d in domains), *(["pooled"] * len(y))]
+    auc_ref = auc_by_set(labels, np.tile(reference["logit"], 3), names)
+    auc_new = auc_by_set(labels, np.tile(candidate["logit"], 3), names)
+    auc: dict[str, dict[str, float]] = {}
+    for name, ref in auc_ref.items():
+        new = auc_new[name]
+        if ref is not None and new is not None:
+            auc[name] = {"tensorflow": ref, "fast": new, "delta": new - ref}
+    p_ref = _calibrate(reference["logit"], meta, reference["embedding"], domain)
+    p_new = _calibrate(candidate["logit"], meta, candidate["embedding"], domain)
+    threshold = float(meta["threshold"])
+    out: dict[str, Any] = {
+        "images": len(y),
+        "roc_auc": auc,
+        "max_abs_auc_delta": max(abs(v["delta"]) for v in auc.values()) if auc else None,
+        "max_probability_diff": float(np.max(np.abs(p_ref - p_new))),
+        "label_agreement": float(np.mean((p_ref >= threshold) == (p_new >= threshold))),
+        "max_logit_diff": float(np.max(np.abs(reference["logit"] - candidate["logit"]))),
+    }
+    if ood is not None:
+        out["ood_decision_agreement"] = float(
+            np.mean(ood.is_outlier(reference["ood"]) == ood.is_outlier(candidate["ood"]))
+        )
+    return out
+
+
+def passes(record: dict[str, Any]) -> bool:
+    """Whether recorded agreement figures meet the guard of their precision (fastmodel)."""
+    return not fastmodel.guard_problems(record)
+
+
+def _domain_calibration(artifact: Path, meta: dict[str, Any]) -> Any | None:
+    spec = meta.get("domain_calibration")
+    if not spec:
+        return None
+    from model_training.domain_calibration import DomainCalibration
+
+    return DomainCalibration.load(artifact / str(spec["file"]))
+
+
+def _ood_detector(artifact: Path, meta: dict[str, Any]) -> Any | None:
+    if not meta.get("ood"):
+        return None
+    from model_training.ood import OODDetector
+
+    return OODDetector.load(artifact / str(meta["ood"]["file"]), float(meta["ood"]["threshold"]))
+
+
+def _score(
+    saved: Any,
+    run_fast: Callable[[np.ndarray], dict[str, np.ndarray]],
+    paths: Sequence[str],
+    size: tuple[int, int],
+    batch_size: int,
+    ood_output: str,
+    with_reference: bool,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Outputs of the fast model (and of TensorFlow when asked) on every image."""
+    import tensorflow as tf
+
+    got: dict[str, dict[str, list[np.ndarray]]] = {"tensorflow": {}, "fast": {}}
+
+    def add(side: str, key: str, value: np.ndarray) -> None:
+        got[side].setdefault(key, []).append(value)
+
+    done, started = 0, time.perf_counter()
+    for batch in _batches(paths, size, batch_size):
+        fast = run_fast(batch)
+        add("fast", "logit", fast["logit"].reshape(-1))
+        add("fast", "ood", fast[ood_output])
+        add("fast", "embedding", fast["embedding"])
+        explain = done < EXPLAIN_CHECK_IMAGES
+        if explain and fastmodel.CAM_OUTPUT in fast:
+            add("fast", "cam", fast[fastmodel.CAM_OUTPUT])
+        if with_reference:
+            outs = saved.serve(tf.constant(batch))
+            add("tensorflow", "logit", outs["logit"].numpy().reshape(-1))
+            add("tensorflow", "ood", outs[ood_output].numpy())
+            add("tensorflow", "embedding", outs["embedding"].numpy())
+            if explain and fastmodel.CAM_OUTPUT in fast:
+                add("tensorflow", "heatmap", saved.explain(tf.constant(batch))["heatmap"].numpy())
+        done += len(batch)
+        elapsed = time.perf_counter() - started
+        print(f"\r  {done}/{len(paths)} images, {elapsed:.0f} s", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    return {side: {k: np.concatenate(v) for k, v in d.items()} for side, d in got.items()}
+
+
+def export_fast(
+    artifact: Path,
+    paths: Sequence[str],
+    y: np.ndarray,
+    sets: Sequence[str],
+    domains: Sequence[str],
+    batch_size: int = 16,
+    bench_seconds: float = 5.0,
+    precisions: Sequence[str] = fastmodel.PRECISIONS,
+) -> dict[str, Any]:
+    """Measure the fast model(s) on the given validation images; write ``metadata.runtimes``."""
+    import tensorflow as tf
+
+    meta = read_metadata(artifact)
+    size = (int(meta["input"]["height"]), int(meta["input"]["width"]))
+    ood_output = str((meta.get("ood") or {}).get("embedding_output", "embedding"))
+    saved = tf.saved_model.load(str(artifact / fastmodel.SAVED_MODEL_DIR))
+    model, has_cam = fastmodel.derive_openvino(artifact)
+    detector = _ood_detector(artifact, meta)
+    domain_calibration = _domain_calibration(artifact, meta)
+    one = next(_batches(paths[:1], size, 1))
+    tf_ips = _throughput(lambda b: saved.serve(tf.constant(b))["logit"].numpy(), one, bench_seconds)
+    reference: dict[str, np.ndarray] = {}
+    variants: list[dict[str, Any]] = []
+    for precision in precisions:  # fastest first; stop at the first that passes
+        compiled = fastmodel.compile_openvino(model, precision)
+        request = compiled.create_infer_request()
+
+        def run_fast(batch: np.ndarray, request: Any = request) -> dict[str, np.ndarray]:
+            result = request.infer({0: batch})
+            return {out.get_any_name(): np.array(v) for out, v in result.items()}
+
+        outputs = _score(saved, run_fast, paths, size, batch_size, ood_output, not reference)
+        if not reference:
+            reference = outputs["tensorflow"]
+        record = agreement(
+            y, sets, domains, reference, outputs["fast"], meta, detector, domain_calibration
+        )
+        if "heatmap" in reference and "cam" in outputs["fast"]:
+            cam = outputs["fast"]["cam"]
+            heat = fastmodel.normalise_cam(cam, np.zeros(len(cam), bool))
+            record["max_heatmap_diff"] = float(np.max(np.abs(heat - reference["heatmap"])))
+        record["precision"] = precision
+        record["throughput_ips"] = _async_throughput(compiled, one, bench_seconds)
+        record["passed"] = passes(record)
+        variants.append(record)
+        print(summary_line(record), file=sys.stderr)
+        if record["passed"]:
+            break
+    chosen = next((v for v in variants if v["passed"]), None)
+    runtimes: dict[str, Any] = {
+        "reference": "tensorflow",
+        "guard": {"default": fastmodel.GUARD, "quantised": fastmodel.QUANTISED_GUARD},
+        "measured": {
+            "at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+            "validation_images": len(y),
+            "note": "throughput: raw in-process, batch 1, this machine at export time",
+        },
+        "tensorflow": {"throughput_ips": tf_ips},
+        "openvino": {
+            "derived_from": fastmodel.SAVED_MODEL_DIR,
+            "derivation": "openvino.convert_model(saved_model) of the serve signature"
+            + (", plus the class-activation map output `cam`" if has_cam else ""),
+            "openvino_release": fastmodel.openvino_release(),
+            "explain": "cam" if has_cam else None,
+            "source_sha256": fastmodel.saved_model_hashes(artifact),
+            "calibration": {
+                "temperature": meta.get("temperature", 1.0),
+                "logit_bias": meta.get("logit_bias", 0.0),
+                "threshold": meta["threshold"],
+                "domain_calibration": meta.get("domain_calibration"),
+            },
+            "passed": chosen is not None,
+            "precision": None if chosen is None else chosen["precision"],
+            "agreement": chosen,
+            "variants": variants,
+        },
+    }
+    meta["runtimes"] = runtimes
+    write_metadata(artifact, meta)
+    return runtimes
+
+
+def export_fast_from_data(
+    artifact: Path, data_dir: Path, sets: Sequence[str], limit: int = 0, **kwargs: Any
+) -> dict[str, Any]:
+    """``export_fast`` on the validation split of ``sets`` under ``data_dir``."""
+    from model_training.data import read_datasets
+
+    df = read_datasets(data_dir, sets)
+    df = df[df["split"] == "valid"].reset_index(drop=True)
+    if limit:
+        df = df.groupby("dataset", group_keys=False).head(limit).reset_index(drop=True)
+    return export_fast(
+        artifact,
+        df["path"].tolist(),
+        df["label"].to_numpy(),
+        df["dataset"].tolist(),
+        df["domain"].tolist(),
+        **kwargs,
+    )
+
+
+def summary_line(v: dict[str, Any]) -> str:
+    """One variant's figures in a line."""
+    return (
+        f"openvino {v['precision']}: {v['throughput_ips']:.1f} img/s, max |AUC delta| "
+        f"{v['max_abs_auc_delta']:.4f}, max prob diff {v['max_probability_diff']:.4f}, "
+        f"label agreement {v['label_agreement']:.4f}, "
+        f"OOD decisions {v.get('ood_decision_agreement', float('nan')):.4f}, passed={v['passed']}"
+    )
+
+
+def summary(runtimes: dict[str, Any]) -> str:
+    """One line per variant, for the command's output."""
+    lines = [f"tensorflow: {runtimes['tensorflow']['throughput_ips']:.1f} img/s (batch 1)"]
+    lines += [summary_line(v) for v in runtimes["openvino"]["variants"]]
+    return "\n".join(lines)
