@@ -160,8 +160,10 @@ def test_openvino_server_predicts_explains_and_isolates_bad_files(
     results = batch.json()["results"]
     assert results[1]["status"] == "error" and results[1]["status_code"] == 415
     assert all(r["status"] != "error" for r in results[:1] + results[2:])
-    bad = httpx.post(f"{base}/predict", files={"file": ("x.jpg", b"")})
+    bad = httpx.post(f"{base}/predict", files={"file": ("x.jpg", b"not a jpeg")})
     assert bad.status_code == 415 and "detail" in bad.json()
+    empty = httpx.post(f"{base}/predict", files={"file": ("x.jpg", b"")})
+    assert empty.status_code == 422 and "detail" in empty.json()  # as the contract says
 
 
 def test_concurrent_requests_are_batched_and_answered_alike(
