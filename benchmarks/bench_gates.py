@@ -61,7 +61,7 @@ def main() -> int:
         out["quality_gate"] = timed(lambda: quality.check(img), args.n)
     if gates.ood is not None:
         ood = gates.ood
-        dim = int(getattr(getattr(ood, "gate", None), "dim", 0) or getattr(ood._detector, "dim"))  # type: ignore[attr-defined]
+        dim = int(getattr(getattr(ood, "gate", None), "dim", 0) or ood._detector.dim)  # type: ignore[attr-defined]
         x = np.random.default_rng(0).normal(size=(1, dim)).astype(np.float32)
 
         def skin() -> None:

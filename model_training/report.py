@@ -812,7 +812,7 @@ def _section_gates(metadata: Mapping[str, Any], gates: Mapping[str, Any] | None)
     if isinstance(quality, Mapping):
         pairs = ", ".join(f"{k} {_fmt(v, 3)}" for k, v in quality.items())
         lines.append(
-            "- **Quality gate** (\"unable to assess\" only for unusable photos: too small, "
+            '- **Quality gate** ("unable to assess" only for unusable photos: too small, '
             f"blurred, too dark, overexposed; each with its own advice): {pairs}."
         )
         if isinstance(report, Mapping) and report.get("rule"):
@@ -823,7 +823,7 @@ def _section_gates(metadata: Mapping[str, Any], gates: Mapping[str, Any] | None)
     if not isinstance(ood, Mapping):
         return [*lines, "- **Skin gate**: off.", ""]
     lines.append(
-        f"- **Skin gate** (\"not a lesion\" only for photos that are not a close-up of skin; "
+        f'- **Skin gate** ("not a lesion" only for photos that are not a close-up of skin; '
         f"{ood.get('method', 'n/a')} on `{ood.get('embedding_output', 'embedding')}`, "
         f"threshold {_fmt(ood.get('threshold'), 3)}). Rule: {ood.get('rule', 'n/a')}."
     )

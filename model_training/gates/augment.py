@@ -66,13 +66,13 @@ def zoom_out(img: Image.Image, scale: float) -> Image.Image:
     sw, sh = max(2, round(w * scale)), max(2, round(h * scale))
     small = np.asarray(img.resize((sw, sh), Image.Resampling.BILINEAR))
     left, top = (w - sw) // 2, (h - sh) // 2
-    pad = ((top, h - sh - top), (left, w - sw - left), (0, 0))
+    pad: list[tuple[int, int]] = [(top, h - sh - top), (left, w - sw - left), (0, 0)]
     out = small
     # np.pad "symmetric" needs pad <= size per pass: pad in steps for strong zooms.
-    while any(p[0] or p[1] for p in pad):
-        step = tuple((min(a, out.shape[i]), min(b, out.shape[i])) for i, (a, b) in enumerate(pad))
+    while any(a or b for a, b in pad):
+        step = [(min(a, out.shape[i]), min(b, out.shape[i])) for i, (a, b) in enumerate(pad)]
         out = np.pad(out, step, mode="symmetric")
-        pad = tuple((a - s[0], b - s[1]) for (a, b), s in zip(pad, step, strict=True))
+        pad = [(a - s[0], b - s[1]) for (a, b), s in zip(pad, step, strict=True)]
     return Image.fromarray(out)
 
 

@@ -59,11 +59,11 @@ def parse_variants(text: str) -> list[tuple[str, int | None]]:
 
 def choose_variant(
     c: Collected, variants: Sequence[tuple[str, int | None]], target_frr: float, cost: float
-) -> tuple[tuple[str, int | None], list[dict[str, Any]]]:
+) -> tuple[tuple[str, int | None], dict[str, Any], list[dict[str, Any]]]:
     """The variant with the lowest worst-source LOSO false rejection (ties: higher held-out
-    non-skin rejection of the LOSO fits)."""
+    non-skin rejection of the LOSO fits): (variant, its LOSO figures, the comparison)."""
     table = []
-    best: tuple[tuple[float, float], tuple[str, int | None]] | None = None
+    best: tuple[tuple[float, float], tuple[str, int | None], dict[str, Any]] | None = None
     for output, k in variants:
         if output not in c.valid.outputs:
             continue
@@ -82,10 +82,10 @@ def choose_variant(
         )
         key = (worst, -non_skin)
         if best is None or key < best[0]:
-            best = (key, (output, k))
+            best = (key, (output, k), loso)
     if best is None:
         raise SystemExit(f"no variant's serve output is available: {variants}")
-    return best[1], table
+    return best[1], best[2], table
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,11 +118,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         float(meta.get("logit_bias", 0.0)),
     )  # fmt: skip
 
-    (output, k), variants = choose_variant(
+    (output, k), loso, variants = choose_variant(
         c, parse_variants(args.variants), args.target_frr, args.cost
     )
     logger.info("skin gate: serve output %s, PCA %s", output, k)
-    loso = leave_one_source_out(c, output, args.target_frr, k, args.cost)
     pos, groups, domains, neg, photos = skin_training_data(c, output)
     skin = fit_skin(pos, groups, domains, neg, photos, args.target_frr, k, args.cost)
 
@@ -204,7 +203,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crops", type=int, default=4, help="random crops per non-skin photo")
     p.add_argument(
         "--variants",
-        default="embedding:64,embedding:256,ood_embedding:64,ood_embedding:256",
+        default="embedding:0,ood_embedding:0",
         help="skin-gate variants compared by LOSO: serve output:PCA components (0 = none)",
     )
     p.add_argument("--target-frr", type=float, default=0.002, help="lesions refused per domain")

@@ -114,7 +114,7 @@ class FeatureStore:
         path = self._path(tag)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **stored)
+        np.savez(tmp, **stored)  # type: ignore[arg-type]
         tmp.replace(path)
 
     def get(
