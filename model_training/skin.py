@@ -5,8 +5,9 @@ training sources?". It is a logistic regression, fitted by ``python -m model_tra
 fit-gates`` on the serve output that metadata's ``ood.embedding_output`` names: lesion photos
 of every source plus heavily varied copies of them (colour casts, blur, zoom, JPEG, hair, ink,
 rulers, vignettes, dermatoscope rims) against many kinds of photos that are not of skin.
-Standardising, PCA and the logistic weights are all linear, so they are folded into one
-weight vector per head: a score is one dot product, ``x @ w + b`` (a logit).
+The features are optionally square-rooted (``transform``); standardising and the logistic
+weights are linear, so they are folded into one weight vector per head: a score is one dot
+product, ``f(x) @ w + b`` (a logit).
 
 Heads: ``skin`` (below its threshold: ``not_a_lesion``) and one per artefact note (``hair``,
 ``ink``, ``ruler``; at or above its threshold: the answer comes with a note). The weights live
@@ -26,6 +27,19 @@ FORMAT_VERSION = 1
 METHOD = "skin-logistic"
 SKIN_HEAD = "skin"
 NOTE_HEADS = ("hair", "ink", "ruler")
+# Element-wise transforms applied to the features before the heads. "sqrt" (power
+# normalisation) evens out the skewed, non-negative pooled activations.
+TRANSFORMS = ("none", "sqrt")
+
+
+def transform_features(features: np.ndarray, transform: str) -> np.ndarray:
+    """``features`` as the heads read them (float32)."""
+    x = np.asarray(features, dtype=np.float32)
+    if transform == "sqrt":
+        return np.sqrt(np.maximum(x, 0.0))
+    if transform == "none":
+        return x
+    raise ValueError(f"unknown feature transform {transform!r}; known: {TRANSFORMS}")
 
 
 @dataclass(frozen=True)
@@ -65,7 +79,11 @@ class SkinGate:
         weights: np.ndarray,
         bias: np.ndarray,
         thresholds: Mapping[str, float],
+        transform: str = "none",
     ) -> None:
+        if transform not in TRANSFORMS:
+            raise ValueError(f"unknown feature transform {transform!r}; known: {TRANSFORMS}")
+        self.transform = transform
         self.names = tuple(str(n) for n in names)
         self.weights = np.asarray(weights, dtype=np.float32).reshape(len(self.names), -1)
         self.bias = np.asarray(bias, dtype=np.float64).reshape(-1)
@@ -98,6 +116,7 @@ class SkinGate:
             x = x[None, :]
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected features [n, {self.dim}], got shape {x.shape}")
+        x = transform_features(x, self.transform)
         s = (x @ self._wt).astype(np.float64) + self.bias
         return np.where(np.isfinite(s), s, -np.inf)
 
@@ -132,6 +151,7 @@ class SkinGate:
                 names=np.asarray(self.names, dtype=np.str_),
                 weights=self.weights.astype(np.float32),
                 bias=self.bias,
+                transform=np.str_(self.transform),
             )
         return path
 
@@ -145,4 +165,6 @@ class SkinGate:
                     f"unsupported gate file (format {version}, method {str(data['method'])!r}); "
                     "refit with python -m model_training fit-gates"
                 )
-            return cls([str(n) for n in data["names"]], data["weights"], data["bias"], thresholds)
+            transform = str(data["transform"]) if "transform" in data.files else "none"
+            names = [str(n) for n in data["names"]]
+            return cls(names, data["weights"], data["bias"], thresholds, transform)

@@ -146,3 +146,16 @@ def test_non_skin_photos_are_split_by_photo_never_by_view() -> None:
     for source in {n.split("/")[0] for n, _ in photos}:
         assert {parts[n] for n in parts if n.startswith(source)} == {"fit", "held_out"}
     assert all(isinstance(img, Image.Image) and min(img.size) >= 8 for _, _, img in views)
+
+
+def test_sqrt_transform_is_applied_before_the_heads_and_saved(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(1, 6))
+    g = SkinGate([SKIN_HEAD], w, np.zeros(1), {SKIN_HEAD: 0.0}, transform="sqrt")
+    x = rng.uniform(0, 4, size=(5, 6))
+    np.testing.assert_allclose(g.scores(x)[:, 0], np.sqrt(x) @ w[0], rtol=1e-5)
+    back = SkinGate.load(g.save(tmp_path / "s.npz"), g.thresholds)
+    assert back.transform == "sqrt"
+    np.testing.assert_array_equal(back.scores(x), g.scores(x))
+    with pytest.raises(ValueError, match="transform"):
+        SkinGate([SKIN_HEAD], w, np.zeros(1), {SKIN_HEAD: 0.0}, transform="log")

@@ -37,7 +37,7 @@ from model_training.gates.measure import measure_gate
 from model_training.gates.quality_fit import artefact_quality, fit_quality, quality_sensitivity
 from model_training.gates.report import summary, write_outputs
 from model_training.gates.skin_fit import fit_note, fit_skin
-from model_training.skin import NOTE_HEADS, SKIN_HEAD, SkinGate
+from model_training.skin import NOTE_HEADS, SKIN_HEAD, SkinGate, transform_features
 
 logger = logging.getLogger("model_training.gates")
 
@@ -48,33 +48,46 @@ def argv_used(argv: Sequence[str]) -> list[str]:
     return args[1:] if args[:1] == ["fit-gates"] else args
 
 
-def parse_variants(text: str) -> list[tuple[str, int | None]]:
-    """ "embedding:128,ood_embedding:0" → [("embedding", 128), ("ood_embedding", None)]."""
-    out: list[tuple[str, int | None]] = []
+def parse_variants(text: str) -> list[tuple[str, str]]:
+    """ "embedding:none,ood_embedding:sqrt" → [("embedding", "none"), ("ood_embedding", "sqrt")]."""
+    out: list[tuple[str, str]] = []
     for item in (s.strip() for s in text.split(",") if s.strip()):
-        name, _, k = item.partition(":")
-        out.append((name, int(k) or None if k else None))
+        name, _, transform = item.partition(":")
+        out.append((name, transform or "none"))
     return out
 
 
+def with_transformed(c: Collected, output: str, transform: str) -> str:
+    """Add ``output`` as the heads read it to every part; return the key it is stored under."""
+    key = f"{output}|{transform}"
+    for part in (c.lesions, c.copies, c.valid, c.valid_artefacts, c.views):
+        if key not in part.outputs:
+            part.outputs[key] = transform_features(part.outputs[output], transform)
+    return key
+
+
 def choose_variant(
-    c: Collected, variants: Sequence[tuple[str, int | None]], target_frr: float, cost: float
-) -> tuple[tuple[str, int | None], dict[str, Any], list[dict[str, Any]]]:
+    c: Collected,
+    variants: Sequence[tuple[str, str]],
+    target_frr: float,
+    cost: float,
+    k: int | None = None,
+) -> tuple[tuple[str, str], dict[str, Any], list[dict[str, Any]]]:
     """The variant with the lowest worst-source LOSO false rejection (ties: higher held-out
     non-skin rejection of the LOSO fits): (variant, its LOSO figures, the comparison)."""
     table = []
-    best: tuple[tuple[float, float], tuple[str, int | None], dict[str, Any]] | None = None
-    for output, k in variants:
+    best: tuple[tuple[float, float], tuple[str, str], dict[str, Any]] | None = None
+    for output, transform in variants:
         if output not in c.valid.outputs:
             continue
         t0 = time.perf_counter()
-        loso = leave_one_source_out(c, output, target_frr, k, cost)
+        loso = leave_one_source_out(c, with_transformed(c, output, transform), target_frr, k, cost)
         worst = max(v["false_rejection"] for v in loso.values())
         non_skin = min(v["held_out_non_skin_rejection"] for v in loso.values())
         table.append(
             {
                 "output": output,
-                "pca_components": k,
+                "transform": transform,
                 "loso_false_rejection": {s: v["false_rejection"] for s, v in loso.items()},
                 "loso_held_out_non_skin_rejection": non_skin,
                 "seconds": time.perf_counter() - t0,
@@ -82,7 +95,7 @@ def choose_variant(
         )
         key = (worst, -non_skin)
         if best is None or key < best[0]:
-            best = (key, (output, k), loso)
+            best = (key, (output, transform), loso)
     if best is None:
         raise SystemExit(f"no variant's serve output is available: {variants}")
     return best[1], best[2], table
@@ -118,14 +131,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         float(meta.get("logit_bias", 0.0)),
     )  # fmt: skip
 
-    (output, k), loso, variants = choose_variant(
-        c, parse_variants(args.variants), args.target_frr, args.cost
+    k = args.pca or None
+    (output, transform), loso, variants = choose_variant(
+        c, parse_variants(args.variants), args.target_frr, args.cost, k
     )
-    logger.info("skin gate: serve output %s, PCA %s", output, k)
-    pos, groups, domains, neg, photos = skin_training_data(c, output)
+    logger.info("skin gate: serve output %s, transform %s", output, transform)
+    key = with_transformed(c, output, transform)
+    pos, groups, domains, neg, photos = skin_training_data(c, key)
     skin = fit_skin(pos, groups, domains, neg, photos, args.target_frr, k, args.cost)
 
-    x_note = np.concatenate([c.lesions.features(output), c.copies.features(output)])
+    x_note = np.concatenate([c.lesions.features(key), c.copies.features(key)])
     art = np.r_[np.full(len(c.lesions.frame), ""), c.copies.frame["artefact"].to_numpy()]
     note_groups = [*c.lesions.frame["group"].astype(str), *c.copies.frame["group"].astype(str)]
     notes = {
@@ -138,10 +153,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         np.stack([skin.head.weight, *(n.head.weight for n in notes.values())]),
         np.asarray([skin.head.bias, *(n.head.bias for n in notes.values())]),
         {SKIN_HEAD: skin.threshold, **{n: f.threshold for n, f in notes.items()}},
+        transform,
     )
     measured = measure_gate(c, gate, output, thresholds, meta)
     skin_report: dict[str, Any] = {
         "embedding_output": output,
+        "transform": transform,
         "pca_components": k,
         "variants": variants,
         "threshold": skin.threshold,
@@ -203,9 +220,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crops", type=int, default=4, help="random crops per non-skin photo")
     p.add_argument(
         "--variants",
-        default="embedding:0,ood_embedding:0",
-        help="skin-gate variants compared by LOSO: serve output:PCA components (0 = none)",
+        default="ood_embedding:sqrt,embedding:sqrt",
+        help="skin-gate variants compared by LOSO: serve output:feature transform",
     )
+    p.add_argument("--pca", type=int, default=0, help="PCA components before the heads (0: none)")
     p.add_argument("--target-frr", type=float, default=0.002, help="lesions refused per domain")
     p.add_argument("--note-fpr", type=float, default=0.05, help="artefact notes given wrongly")
     p.add_argument("--cost", type=float, default=0.5, help="logistic regression C")

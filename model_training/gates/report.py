@@ -59,6 +59,7 @@ def metadata_blocks(
                 "method": METHOD,
                 "question": "is this a close-up of skin?",
                 "embedding_output": s["embedding_output"],
+                "transform": s["transform"],
                 "threshold": gate.thresholds[SKIN_HEAD],
                 "notes": {
                     n: {
@@ -68,8 +69,9 @@ def metadata_blocks(
                     for n in gate.note_names
                 },
                 "rule": (
-                    f"logistic regression (standardised, PCA {s['pca_components']}) on serve "
-                    f"output {s['embedding_output']}: lesion photos of every source plus "
+                    f"logistic regression (features {s['transform']}-transformed, standardised, "
+                    f"PCA {s['pca_components'] or 'none'}) on serve output "
+                    f"{s['embedding_output']}: lesion photos of every source plus "
                     "varied copies against non-skin photos; threshold = the lowest per-domain "
                     f"{s['target_false_rejection']:.2%} quantile of out-of-fold lesion scores"
                 ),
@@ -128,7 +130,7 @@ def summary(report: Mapping[str, Any]) -> str:
         + _pct(q["validation"]["real"]["rejected_by_set"]),
         "  degraded validation copies refused: "
         + _pct({k: v["rejected"] for k, v in q["validation"]["degraded"].items()}),
-        f"skin gate: serve output {s['embedding_output']!r}, PCA {s['pca_components']}, "
+        f"skin gate: serve output {s['embedding_output']!r}, transform {s['transform']}, "
         f"threshold {s['threshold']:.3f}",
         "  leave-one-source-out lesions refused: "
         + ", ".join(
