@@ -72,11 +72,15 @@ def choose_variant(
     target_frr: float,
     cost: float,
     k: int | None = None,
+    min_non_skin: float = 0.98,
 ) -> tuple[tuple[str, str], dict[str, Any], list[dict[str, Any]]]:
-    """The variant with the lowest worst-source LOSO false rejection (ties: higher held-out
-    non-skin rejection of the LOSO fits): (variant, its LOSO figures, the comparison)."""
+    """(variant, its LOSO figures, the comparison). The kept variant is, among those whose
+    LOSO fits all refuse >= ``min_non_skin`` of the held-out non-skin views, the one with the
+    lowest worst-source LOSO false rejection; when none does, the one refusing the most."""
     table = []
     best: tuple[tuple[float, float], tuple[str, str], dict[str, Any]] | None = None
+    # key: (worst LOSO false rejection, -non-skin refused) for variants meeting min_non_skin,
+    # (2 - non-skin refused, worst) otherwise, so any variant meeting it ranks first.
     for output, transform in variants:
         if output not in c.valid.outputs:
             continue
@@ -93,7 +97,7 @@ def choose_variant(
                 "seconds": time.perf_counter() - t0,
             }
         )
-        key = (worst, -non_skin)
+        key = (worst, -non_skin) if non_skin >= min_non_skin else (2.0 - non_skin, worst)
         if best is None or key < best[0]:
             best = (key, (output, transform), loso)
     if best is None:
@@ -133,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     k = args.pca or None
     (output, transform), loso, variants = choose_variant(
-        c, parse_variants(args.variants), args.target_frr, args.cost, k
+        c, parse_variants(args.variants), args.target_frr, args.cost, k, args.min_non_skin
     )
     logger.info("skin gate: serve output %s, transform %s", output, transform)
     key = with_transformed(c, output, transform)
@@ -212,16 +216,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sets", type=lambda s: [x for x in s.split(",") if x], default=list(DEFAULT_SETS)
     )
-    p.add_argument("--per-set", type=int, default=400, help="training photos per set")
+    p.add_argument("--per-set", type=int, default=250, help="training photos per set")
     p.add_argument("--copies", type=int, default=1, help="varied copies per training photo")
     p.add_argument(
-        "--artefact-per-set", type=int, default=100, help="validation photos given artefacts"
+        "--artefact-per-set", type=int, default=60, help="validation photos given artefacts"
     )
     p.add_argument("--crops", type=int, default=4, help="random crops per non-skin photo")
     p.add_argument(
         "--variants",
         default="ood_embedding:sqrt,embedding:sqrt",
         help="skin-gate variants compared by LOSO: serve output:feature transform",
+    )
+    p.add_argument(
+        "--min-non-skin",
+        type=float,
+        default=0.98,
+        help="held-out non-skin views a variant's LOSO fits must refuse to be preferred",
     )
     p.add_argument("--pca", type=int, default=0, help="PCA components before the heads (0: none)")
     p.add_argument("--target-frr", type=float, default=0.002, help="lesions refused per domain")
