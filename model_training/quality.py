@@ -114,8 +114,11 @@ def laplacian_variance(grey: np.ndarray) -> float:
 
 
 def _lit_mean(grey: np.ndarray) -> float:
-    lit = grey[grey > SURROUND_LEVEL]
-    return float(lit.mean() if lit.size >= MIN_LIT_FRACTION * grey.size else grey.mean())
+    lit = grey > SURROUND_LEVEL
+    count = int(np.count_nonzero(lit))
+    if count < MIN_LIT_FRACTION * grey.size:
+        return float(grey.mean())
+    return float(np.sum(grey, where=lit) / count)
 
 
 def measure_quality(img: Image.Image) -> QualityMeasures:
