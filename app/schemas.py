@@ -26,6 +26,14 @@ class ReasonOut(BaseModel):
     advice: str = Field(examples=["Hold the phone steady and tap the spot to focus."])
 
 
+class NoteOut(BaseModel):
+    """Something in an assessed photo that can change the estimate (the answer still comes)."""
+
+    code: str = Field(examples=["hair"], description="hair | ink | ruler")
+    message: str = Field(examples=["Hair seems to cover part of the spot. ..."])
+    advice: str = Field(examples=["If you can, gently part or trim the hair ..."])
+
+
 class ImageInfo(BaseModel):
     """Size of the photo as the server saw it: upright (EXIF orientation applied)."""
 
@@ -131,6 +139,11 @@ class PredictionResult(BaseModel):
     advice: str | None = Field(default=None, description="What to do next")
     reasons: list[ReasonOut] = Field(
         default_factory=list, description="Why the photo was not assessed (empty when ok)"
+    )
+    notes: list[NoteOut] = Field(
+        default_factory=list,
+        description="Only with status ok: hair, ink or a ruler detected in the photo, which "
+        "can change the estimate, each with how to retake the photo (empty when none)",
     )
     model_name: str
     model_version: str = Field(examples=["1.0.0"])

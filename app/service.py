@@ -27,6 +27,7 @@ from app.model import TriageModel
 from app.schemas import (
     BatchItemError,
     ImageInfo,
+    NoteOut,
     PredictionResult,
     ReasonOut,
     RiskTierOut,
@@ -137,6 +138,7 @@ class TriageService:
         inference_ms = explain_ms = 0.0
         probabilities: dict[int, float] = {}
         outliers: set[int] = set()
+        notes: dict[int, list[Reason]] = {}  # artefacts noted on assessed photos
         heatmaps: dict[int, tuple[np.ndarray, bool]] = {}  # map, shows evidence against
         if runnable:
             batch = np.stack([it.model_input for it in runnable if it.model_input is not None])
@@ -147,6 +149,10 @@ class TriageService:
             if self.gates.ood is not None and inference.embeddings is not None:
                 is_outlier, _scores = self.gates.ood.check(inference.embeddings)
                 outliers = {it.index for it, out in zip(runnable, is_outlier, strict=True) if out}
+                for it, found in zip(
+                    runnable, self.gates.ood.notes(inference.embeddings), strict=True
+                ):
+                    notes[it.index] = found
             for it, p in zip(runnable, inference.probabilities, strict=True):
                 probabilities[it.index] = float(p)
             to_explain = [i for i, it in enumerate(runnable) if it.index not in outliers]
@@ -186,6 +192,7 @@ class TriageService:
                 result = self._assessed(
                     probabilities[it.index], heatmaps.get(it.index), it.info, request_id
                 )
+                result.notes = [NoteOut(**vars(n)) for n in notes.get(it.index, [])]
             if options.preview:
                 result.preview_jpeg_base64 = b64(preview_jpeg(it.image))
             timings.total = _ms(time.perf_counter() - started)

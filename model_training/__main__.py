@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     # Listed for --help; parsed by model_training.gates (see main()).
-    sub.add_parser("fit-gates", help="fit the quality and out-of-distribution gates")
+    sub.add_parser("fit-gates", help="fit the quality gate, the skin gate and the artefact notes")
     sub.add_parser("compare", help="evaluated artifacts on validation, alone and as ensembles")
     sub.add_parser("loso-report", help="leave-one-source-out table from a loso run")
     return parser
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["fit-gates"]:  # the gates' own parser (model_training.gates)
-        from model_training.gates import main as gates_main
+        from model_training.gates.cli import main as gates_main
 
         code: int = gates_main(argv[1:])
         return code

@@ -169,6 +169,26 @@ def with_artefact(img: Image.Image, name: str, seed: int) -> Image.Image:
     return ARTEFACTS[name](img, seed)
 
 
+def answer_changes(p0: np.ndarray, p1: np.ndarray, threshold: float) -> dict[str, Any]:
+    """How answers move from ``p0`` (without the artefact) to ``p1`` (with it).
+
+    Mean and mean absolute change of the calibrated probability, and the share of benign
+    answers turned malignant and of malignant answers turned benign at ``threshold``.
+    """
+    p0, p1 = np.asarray(p0, dtype=np.float64), np.asarray(p1, dtype=np.float64)
+    benign0 = p0 < threshold
+    return {
+        "n": len(p0),
+        "mean_probability_change": float(np.mean(p1 - p0)) if len(p0) else None,
+        "mean_abs_probability_change": float(np.mean(np.abs(p1 - p0))) if len(p0) else None,
+        "benign_to_malignant": float(np.mean(p1[benign0] >= threshold)) if benign0.any() else None,
+        "malignant_to_benign": float(np.mean(p1[~benign0] < threshold))
+        if (~benign0).any()
+        else None,
+        "answers_flipped": float(np.mean(benign0 != (p1 < threshold))) if len(p0) else None,
+    }
+
+
 def ink_shortcut_check(
     artifact: Path, data_dir: Path, sets: Sequence[str] = ("pad-ufes-20", "isic2017")
 ) -> dict[str, Any]:
@@ -195,17 +215,9 @@ def ink_shortcut_check(
         per_set = {}
         for name in sorted(df["dataset"].unique()):
             m = (df["dataset"] == name).to_numpy()
-            benign0 = p0[m] < threshold
             per_set[str(name)] = {
-                "n": int(m.sum()),
                 "mean_logit_change": float(np.mean(inked[m] - base[m])),
-                "mean_probability_change": float(np.mean(p1[m] - p0[m])),
-                "benign_to_malignant": float(np.mean(p1[m][benign0] >= threshold))
-                if benign0.any()
-                else None,
-                "malignant_to_benign": float(np.mean(p1[m][~benign0] < threshold))
-                if (~benign0).any()
-                else None,
+                **answer_changes(p0[m], p1[m], threshold),
             }
         result[f"ink_rgb_{'_'.join(map(str, colour))}"] = per_set
     return result

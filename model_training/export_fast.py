@@ -124,7 +124,7 @@ def agreement(
     }
     if ood is not None:
         out["ood_decision_agreement"] = float(
-            np.mean(ood.is_outlier(reference["ood"]) == ood.is_outlier(candidate["ood"]))
+            np.mean(ood.not_skin(reference["ood"]) == ood.not_skin(candidate["ood"]))
         )
     return out
 
@@ -146,9 +146,12 @@ def _domain_calibration(artifact: Path, meta: dict[str, Any]) -> Any | None:
 def _ood_detector(artifact: Path, meta: dict[str, Any]) -> Any | None:
     if not meta.get("ood"):
         return None
-    from model_training.ood import OODDetector
+    from model_training.skin import SKIN_HEAD, SkinGate
 
-    return OODDetector.load(artifact / str(meta["ood"]["file"]), float(meta["ood"]["threshold"]))
+    ood = meta["ood"]
+    thresholds = {SKIN_HEAD: float(ood["threshold"])}
+    thresholds.update({str(n): float(v["threshold"]) for n, v in (ood.get("notes") or {}).items()})
+    return SkinGate.load(artifact / str(ood["file"]), thresholds)
 
 
 def _score(

@@ -21,6 +21,10 @@ WORK_SIZE = (256, 256)
 # Luma at or below DARK_LEVEL counts as dark; at or above CLIP_LEVEL as clipped (blown out).
 DARK_LEVEL = 16
 CLIP_LEVEL = 250
+# Brightness leaves out near-black surround (luma <= SURROUND_LEVEL: a dermatoscope's rim, black
+# borders) unless nearly all the photo is that dark (then it is the plain mean).
+SURROUND_LEVEL = 40
+MIN_LIT_FRACTION = 0.25
 
 THRESHOLD_KEYS = (
     "min_side",
@@ -37,8 +41,11 @@ class QualityMeasures:
     """What the gate measures on one photo.
 
     ``sharpness`` is the variance of a 4-neighbour Laplacian of the 0..255 luma at the working
-    size (higher = sharper); ``brightness`` the mean luma (0..255); ``dark_fraction`` and
-    ``clipped_fraction`` the shares of working-size pixels with luma <= 16 and >= 250.
+    size (higher = sharper); ``brightness`` the mean luma (0..255) of the pixels brighter than
+    ``SURROUND_LEVEL`` (the plain mean when fewer than ``MIN_LIT_FRACTION`` of them are), so
+    the black surround of a contact dermatoscope does not make a well-lit lesion "too dark";
+    ``dark_fraction`` and ``clipped_fraction`` the shares of working-size pixels with luma
+    <= 16 and >= 250.
     """
 
     width: int
@@ -106,6 +113,14 @@ def laplacian_variance(grey: np.ndarray) -> float:
     return float(lap.var())
 
 
+def _lit_mean(grey: np.ndarray) -> float:
+    lit = grey > SURROUND_LEVEL
+    count = int(np.count_nonzero(lit))
+    if count < MIN_LIT_FRACTION * grey.size:
+        return float(grey.mean())
+    return float(np.sum(grey, where=lit) / count)
+
+
 def measure_quality(img: Image.Image) -> QualityMeasures:
     """Measure size, sharpness, brightness and clipping of one photo."""
     width, height = img.size
@@ -116,7 +131,7 @@ def measure_quality(img: Image.Image) -> QualityMeasures:
         width=int(width),
         height=int(height),
         sharpness=laplacian_variance(grey),
-        brightness=float(grey.mean()),
+        brightness=_lit_mean(grey),
         dark_fraction=float((grey <= DARK_LEVEL).mean()),
         clipped_fraction=float((grey >= CLIP_LEVEL).mean()),
     )

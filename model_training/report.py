@@ -734,7 +734,9 @@ def write_model_card(
     lines += _section_isic(metrics)
     lines += _section_tta(metrics)
     lines += _section_shortcuts(metrics)
-    lines += _section_gates(metadata)
+    gates_json = Path(out).parent / "gates.json"
+    gates = json.loads(gates_json.read_text()) if gates_json.is_file() else None
+    lines += _section_gates(metadata, gates)
     lines += _section_limits(domains)
     lines += _section_plots(metrics, out.parent)
     lines += _section_reproduce(metadata)
@@ -801,30 +803,120 @@ def _section_shortcuts(metrics: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _section_gates(metadata: Mapping[str, Any]) -> list[str]:
-    """Quality and out-of-distribution gates: thresholds and measured rates."""
+def _section_gates(metadata: Mapping[str, Any], gates: Mapping[str, Any] | None) -> list[str]:
+    """Quality gate, skin gate and artefact notes: thresholds and measured rates (gates.json
+    next to the card, written by ``python -m model_training fit-gates``)."""
     lines = ["## Input gates", ""]
     quality = metadata.get("quality")
     report = metadata.get("quality_report")
     if isinstance(quality, Mapping):
         pairs = ", ".join(f"{k} {_fmt(v, 3)}" for k, v in quality.items())
-        lines.append(f"- **Quality gate** (unable to assess instead of a guess): {pairs}.")
+        lines.append(
+            '- **Quality gate** ("unable to assess" only for unusable photos: too small, '
+            f"blurred, too dark, overexposed; each with its own advice): {pairs}."
+        )
         if isinstance(report, Mapping) and report.get("rule"):
             lines.append(f"  Rule: {report['rule']}")
     else:
         lines.append("- **Quality gate**: off.")
     ood = metadata.get("ood")
-    if isinstance(ood, Mapping):
+    if not isinstance(ood, Mapping):
+        return [*lines, "- **Skin gate**: off.", ""]
+    lines.append(
+        f'- **Skin gate** ("not a lesion" only for photos that are not a close-up of skin; '
+        f"{ood.get('method', 'n/a')} on `{ood.get('embedding_output', 'embedding')}`, "
+        f"threshold {_fmt(ood.get('threshold'), 3)}). Rule: {ood.get('rule', 'n/a')}."
+    )
+    skin = (gates or {}).get("skin")
+    if not isinstance(skin, Mapping):
+        return [*lines, ""]
+    loso = skin.get("leave_one_source_out", {})
+    lines += [
+        "",
+        "**Leave-one-source-out** (the headline: the gate fitted again without any image of "
+        "one source, threshold rule included, then scored on every embedded real photo of that "
+        "source, i.e. its training sample and all its validation images):",
+        "",
+        "| left-out source | photos | refused | false rejection | its varied copies refused "
+        "| held-out non-skin refused |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, e in loso.items():
         lines.append(
-            f"- **Out-of-distribution gate** ({ood.get('method', 'mahalanobis')} on "
-            f"`{ood.get('embedding_output', 'embedding')}`, threshold "
-            f"{_fmt(ood.get('threshold'), 1)}): false rejection of validation lesions "
-            f"{json.dumps(ood.get('false_rejection'))}; non-lesion photos rejected "
-            f"{json.dumps(ood.get('non_lesion_rejection'))}."
+            f"| {name} | {e.get('images')} | {e.get('refused')} | "
+            f"{_pct(e.get('false_rejection'))} | {_pct(e.get('copies_false_rejection'))} | "
+            f"{_pct(e.get('held_out_non_skin_rejection'))} |"
         )
-    else:
-        lines.append("- **Out-of-distribution gate**: off.")
+    val = skin.get("validation", {})
+    counts = val.get("refused_counts_by_domain", {})
+    lines += [
+        "",
+        "Validation photos refused by the skin gate (never used in fitting): "
+        + ", ".join(
+            f"{d} {_pct(r)} ({counts.get(d, ['?', '?'])[0]}/{counts.get(d, ['?', '?'])[1]})"
+            for d, r in val.get("refused_by_domain", {}).items()
+        )
+        + ".",
+        "",
+        "Validation photos with an artefact drawn on them, refused by the skin gate (in brackets: "
+        "refused although the photo without it is accepted) and by the quality gate:",
+        "",
+        "| artefact | domain | n | skin gate refuses | quality gate refuses |",
+        "|---|---|---|---|---|",
+    ]
+    q_art = (gates or {}).get("quality", {}).get("artefact_copies", {})
+    for kind, per in skin.get("artefact_copies", {}).items():
+        for d, e in per.items():
+            qe = q_art.get(kind, {}).get(d, {})
+            lines.append(
+                f"| {kind} | {d} | {e.get('n')} | {_pct(e.get('refused'))} "
+                f"({_pct(e.get('refused_because_of_artefact'))}) | "
+                f"{_pct(qe.get('refused_because_of_artefact'))} |"
+            )
+    ns = skin.get("non_skin_held_out", {})
+    lines += [
+        "",
+        f"Non-skin photos not used in fitting (split by photo, never by view): "
+        f"{_pct(ns.get('refused'))} of {ns.get('views')} views of {ns.get('photos')} photos "
+        f"refused as not a lesion ({_pct(ns.get('refused_by_either_gate'))} by either gate); "
+        "by source: "
+        + ", ".join(f"{k} {_pct(v.get('refused'))}" for k, v in ns.get("by_source", {}).items())
+        + ".",
+        "",
+        "**Artefact notes** (the answer still comes, with a note and retake advice):",
+        "",
+        "| note | detected on validation copies with it | given on plain validation photos |",
+        "|---|---|---|",
+    ]
+    for name, e in skin.get("notes_measured", {}).items():
+        det = e.get("detected_on_validation_copies", {}).get(name)
+        plain = ", ".join(
+            f"{d} {_pct(r)}" for d, r in e.get("flagged_on_plain_validation_photos", {}).items()
+        )
+        lines.append(f"| {name} | {_pct(det)} | {plain} |")
+    lines += [
+        "",
+        "**Effect of each artefact on the estimate** (the same validation photos with and "
+        "without it drawn on; calibrated probability, shipped threshold):",
+        "",
+        "| artefact | domain | n | mean change in p | mean abs. change | benign → malignant "
+        "| malignant → benign |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, per in skin.get("artefact_effects", {}).items():
+        for d, e in per.items():
+            lines.append(
+                f"| {kind} | {d} | {e.get('n')} | {_fmt(e.get('mean_probability_change'), 3)} | "
+                f"{_fmt(e.get('mean_abs_probability_change'), 3)} | "
+                f"{_pct(e.get('benign_to_malignant'))} | {_pct(e.get('malignant_to_benign'))} |"
+            )
     return [*lines, ""]
+
+
+def _pct(value: Any) -> str:
+    if isinstance(value, int | float) and math.isfinite(float(value)):
+        return f"{float(value):.1%}"
+    return "n/a"
 
 
 # --------------------------------------------------------------------------------------------

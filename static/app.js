@@ -382,6 +382,20 @@
           el("p", {}, [r.risk_tier.advice]),
         ])
       );
+      if (r.notes && r.notes.length) {
+        var noteList = el("ul", {});
+        r.notes.forEach(function (note) {
+          noteList.appendChild(
+            el("li", { "data-note": note.code }, [el("strong", {}, [note.message]), " " + note.advice])
+          );
+        });
+        children.push(
+          el("section", { class: "notes", "aria-labelledby": "notes-heading" }, [
+            el("h3", { id: "notes-heading" }, ["Something in the photo can affect this estimate"]),
+            noteList,
+          ])
+        );
+      }
     } else {
       var reasons = el("ul", { class: "reasons" });
       (r.reasons || []).forEach(function (reason) {

@@ -1,7 +1,6 @@
-"""Quality and out-of-distribution gates, switched on by the artifact's metadata.
+"""Quality gate, skin gate and artefact notes, switched on by the artifact's metadata.
 
-They use the project's real gate implementations (model_training.quality / .ood); each test
-is skipped while its module is not in the tree yet.
+They use the project's real gate implementations (model_training.quality / .skin).
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ def test_no_gate_keys_means_no_gates(artifact_dir: Path) -> None:
 def quality_server(
     artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory, server_factory: Any
 ) -> Iterator[Any]:
-    pytest.importorskip("model_training.quality")
     model_dir = tmp_path_factory.mktemp("quality") / "artifact"
     import shutil
 
@@ -133,24 +131,37 @@ def test_quality_gate_on_the_result_page(quality_server: Any) -> None:
     assert "We could not assess this photo" in r.text
 
 
+def constant_gate(dim: int, skin_bias: float, note_bias: float | None = None) -> Any:
+    """A skin gate whose heads ignore the features: every photo scores its bias."""
+    from model_training.skin import SKIN_HEAD, SkinGate
+
+    names = [SKIN_HEAD] + ([] if note_bias is None else ["hair"])
+    biases = [skin_bias] + ([] if note_bias is None else [note_bias])
+    return SkinGate(
+        names, np.zeros((len(names), dim)), np.asarray(biases), dict.fromkeys(names, 0.0)
+    )
+
+
 @pytest.mark.parametrize("output", [None, "ood_embedding"])
-def test_ood_gate_is_built_from_the_artifact(
+def test_skin_gate_is_built_from_the_artifact(
     artifact_copy: Callable[..., Path], output: str | None
 ) -> None:
     """The gate scores the serve output metadata names (none named: ``embedding``)."""
-    ood = pytest.importorskip("model_training.ood")
-    if not hasattr(ood.OODDetector, "fit"):
-        pytest.skip("model_training.ood has no fit() to make statistics with")
     import tensorflow as tf
 
     from app.gates import build_gates
     from app.model import TriageModel
 
-    block: dict[str, Any] = {"file": "ood.npz", "method": "mahalanobis", "threshold": 1e9}
+    block: dict[str, Any] = {
+        "file": "skin.npz",
+        "method": "skin-logistic",
+        "threshold": 0.0,
+        "notes": {"hair": {"threshold": 0.0}},
+    }
     if output is not None:
         block["embedding_output"] = output
     model_dir = artifact_copy(ood=block)
-    model = TriageModel.load(model_dir)  # the statistics file is only read by build_gates
+    model = TriageModel.load(model_dir)  # the weights file is only read by build_gates
     assert model.metadata.ood_embedding_output == (output or "embedding")
     rng = np.random.default_rng(0)
     batch = rng.uniform(0, 255, (32, 64, 64, 3)).astype(np.float32)
@@ -161,25 +172,28 @@ def test_ood_gate_is_built_from_the_artifact(
     np.testing.assert_allclose(
         embeddings, served[output or "embedding"].numpy(), rtol=1e-5, atol=1e-6
     )
-    ood.OODDetector.fit(embeddings).save(model_dir / "ood.npz")
-    gates = build_gates(model.metadata, model_dir)
-    assert gates.ood is not None and gates.ood.output == (output or "embedding")
-    outlier, score = gates.ood.check(embeddings)
-    assert outlier.shape == (32,) and not outlier.any()  # threshold 1e9: nothing is out
-    assert np.all(np.isfinite(score))
+    for skin_bias, note_bias in ((1.0, -1.0), (-1.0, 1.0)):
+        constant_gate(embeddings.shape[1], skin_bias, note_bias).save(model_dir / "skin.npz")
+        gates = build_gates(model.metadata, model_dir)
+        assert gates.ood is not None and gates.ood.output == (output or "embedding")
+        refused, score = gates.ood.check(embeddings)
+        assert refused.shape == (32,) and refused.all() == (skin_bias < 0)
+        assert (not refused.any()) == (skin_bias > 0)
+        np.testing.assert_allclose(score, skin_bias)
+        notes = gates.ood.notes(embeddings)
+        assert [[n.code for n in row] for row in notes] == [["hair"] if note_bias > 0 else []] * 32
 
 
-def test_app_refuses_to_start_when_the_ood_output_is_not_served(
+def test_app_refuses_to_start_when_the_gate_output_is_not_served(
     artifact_copy: Callable[..., Path],
 ) -> None:
     """ood.embedding_output must be a serve output: in metadata, and in the SavedModel."""
-    ood = pytest.importorskip("model_training.ood")
     from app.main import load_service
     from app.metrics import Metrics
     from app.model import ModelLoadError, TriageModel
     from app.settings import Settings
 
-    block = {"file": "ood.npz", "threshold": 10.0, "embedding_output": "mixed7_embedding"}
+    block = {"file": "skin.npz", "threshold": 0.0, "embedding_output": "mixed7_embedding"}
     model_dir = artifact_copy(ood=block)
     with pytest.raises(ModelLoadError, match="embedding_output 'mixed7_embedding'"):
         TriageModel.load(model_dir)
@@ -188,19 +202,31 @@ def test_app_refuses_to_start_when_the_ood_output_is_not_served(
 
     # Without embedding_output the gate reads `embedding`, which serve must then list.
     meta = json.loads((model_dir / "metadata.json").read_text())
-    meta["ood"] = {"file": "ood.npz", "threshold": 10.0}
+    meta["ood"] = {"file": "skin.npz", "threshold": 0.0}
     meta["endpoints"]["serve"] = ["logit", "ood_embedding"]
     (model_dir / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(ModelLoadError, match=r"'embedding' is not an output of endpoints\.serve"):
         TriageModel.load(model_dir)
 
     # Listed in metadata but not returned by the SavedModel: the warm-up refuses it.
-    ood.OODDetector.fit(np.random.default_rng(0).normal(size=(8, 4))).save(model_dir / "ood.npz")
+    constant_gate(4, 1.0).save(model_dir / "skin.npz")
     meta["ood"]["embedding_output"] = "mixed7_embedding"
     meta["endpoints"]["serve"] = ["logit", "embedding", "ood_embedding", "mixed7_embedding"]
     (model_dir / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(ModelLoadError, match=r"did not return.*mixed7_embedding"):
         load_service(Settings(model_dir=model_dir), Metrics())
+
+
+def test_a_gate_file_of_the_old_method_stops_startup(artifact_copy: Callable[..., Path]) -> None:
+    """An artifact whose gate file is not a skin gate must be refitted, not served ungated."""
+    from app.gates import build_gates
+    from app.model import ModelLoadError, TriageModel
+
+    model_dir = artifact_copy(ood={"file": "ood.npz", "method": "mahalanobis", "threshold": 9.0})
+    np.savez(model_dir / "ood.npz", format_version=np.int64(1), method=np.str_("mahalanobis"))
+    model = TriageModel.load(model_dir)
+    with pytest.raises(ModelLoadError, match="refit"):
+        build_gates(model.metadata, model_dir)
 
 
 def test_client_never_sees_a_500_for_odd_inputs(client: httpx.Client) -> None:
@@ -239,66 +265,98 @@ def _candidates() -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def ood_server(
     artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory, server_factory: Any
-) -> Iterator[tuple[Any, dict[str, bool]]]:
-    """A server whose artifact has OOD statistics fitted on the lesion fixtures.
+) -> Iterator[tuple[Any, dict[str, bool], dict[str, list[str]]]]:
+    """A server whose artifact has a skin gate fitted on the lesion fixtures (positives) and
+    the made-up non-skin images (negatives), plus a hair-note head that fires on about half
+    of the fixtures.
 
-    Yields the server and, per candidate photo, whether the detector itself (run here on
-    the same preprocessing) calls it an outlier: the server must agree.
+    Yields the server and, per candidate photo, whether the gate itself (run here on the
+    same preprocessing) refuses it and which notes it gives: the server must agree.
     """
-    ood = pytest.importorskip("model_training.ood")
     import shutil
 
     from app.model import TriageModel
     from model_training.preprocessing import decode_image, resize_to_input
+    from model_training.skin import SKIN_HEAD, SkinGate
 
-    model_dir = tmp_path_factory.mktemp("ood") / "artifact"
+    model_dir = tmp_path_factory.mktemp("skin") / "artifact"
     shutil.copytree(artifact_dir, model_dir)
     meta = json.loads((model_dir / "metadata.json").read_text())
-    # As shipped artifacts do: the gate scores serve's mid-level ood_embedding.
-    block = {"file": "ood.npz", "method": "mahalanobis", "embedding_output": "ood_embedding"}
-    meta["ood"] = {**block, "threshold": 0.0}
+    # As shipped artifacts do: the gate scores one serve output, here ood_embedding.
+    block: dict[str, Any] = {
+        "file": "skin.npz",
+        "method": "skin-logistic",
+        "embedding_output": "ood_embedding",
+        "threshold": 0.0,
+    }
+    meta["ood"] = block
     (model_dir / "metadata.json").write_text(json.dumps(meta))
     model = TriageModel.load(model_dir)  # infer() now returns ood_embedding
-    assert model.metadata.ood_embedding_output == "ood_embedding"
     size = model.metadata.input_size
-    photos = [decode_image(p.read_bytes()) for p in sorted(IMAGES.glob("*.jpg"))]
-    # Dihedral copies give the fit more than six samples (a lesion has no up or left).
-    views = [
-        img.transpose(t) if t is not None else img
-        for img in photos
-        for t in (None, *list(Image.Transpose)[:7])
-    ]
-    train = model.infer(np.stack([resize_to_input(v, size) for v in views])).embeddings
-    assert train is not None
-    detector = ood.OODDetector.fit(train)
-    threshold = float(detector.score(train).max()) * 1.05
-    detector.save(model_dir / "ood.npz")
-    meta["ood"] = {**block, "threshold": threshold}
-    (model_dir / "metadata.json").write_text(json.dumps(meta))
-
     candidates = _candidates()
     batch = np.stack([resize_to_input(decode_image(b), size) for b in candidates.values()])
-    embeddings = model.infer(batch).embeddings
-    detector = ood.OODDetector.load(model_dir / "ood.npz", threshold)
-    expected = dict(zip(candidates, detector.is_outlier(embeddings).tolist(), strict=True))
+    emb = model.infer(batch).embeddings
+    assert emb is not None
+    is_photo = np.asarray([n.endswith(".jpg") for n in candidates])
+    # With more dimensions than candidates, minimum-norm least-squares lines score exactly
+    # the targets: skin +1 for the photos, -1 for the made-up images; the hair note +1 for
+    # every other photo, -1 for the rest.
+    x = np.c_[emb.astype(np.float64), np.ones(len(emb))]
+    hair = is_photo & (np.cumsum(is_photo) % 2 == 1)
+    coef = np.linalg.lstsq(x, np.c_[np.where(is_photo, 1.0, -1.0), np.where(hair, 1.0, -1.0)],
+                           rcond=None)[0]  # fmt: skip
+    gate = SkinGate([SKIN_HEAD, "hair"], coef[:-1].T, coef[-1], {SKIN_HEAD: 0.0, "hair": 0.0})
+    gate.save(model_dir / "skin.npz")
+    meta["ood"] = {**block, "notes": {"hair": {"threshold": 0.0}}}
+    (model_dir / "metadata.json").write_text(json.dumps(meta))
+
+    gate = SkinGate.load(model_dir / "skin.npz", {SKIN_HEAD: 0.0, "hair": 0.0})
+    refused = dict(zip(candidates, gate.not_skin(emb).tolist(), strict=True))
+    notes = {n: [x.code for x in row] for n, row in zip(candidates, gate.notes(emb), strict=True)}
     with server_factory(model_dir=model_dir) as live:
-        yield live, expected
+        yield live, refused, notes
 
 
-def test_ood_gate_flags_what_the_detector_flags(ood_server: tuple[Any, dict[str, bool]]) -> None:
-    live, expected = ood_server
-    assert not any(expected[p.name] for p in IMAGES.glob("*.jpg"))  # fitted on these
-    assert any(expected.values()), "no candidate is an outlier: the test proves nothing"
+def test_skin_gate_refuses_what_the_gate_refuses(
+    ood_server: tuple[Any, dict[str, bool], dict[str, list[str]]],
+) -> None:
+    live, refused, notes = ood_server
+    assert not any(refused[p.name] for p in IMAGES.glob("*.jpg"))  # fitted on these
+    assert any(refused.values()), "no candidate is refused: the test proves nothing"
     with live.client() as c:
         assert c.get("/model").json()["server"]["gates"]["ood"] is True
         for name, data in _candidates().items():
             body = c.post("/predict?explain=true", files={"file": (name, data)}).json()
-            if expected[name]:
+            if refused[name]:
                 assert body["status"] == "not_a_lesion", name
                 assert body["label"] is None and body["probability_malignant"] is None
                 assert [r["code"] for r in body["reasons"]] == ["not_a_lesion"]
                 assert "heatmap_png_base64" not in body
+                assert body.get("notes", []) == []
             else:
                 assert body["status"] == "ok", name
                 assert body["heatmap_png_base64"]
+                assert [n["code"] for n in body["notes"]] == notes[name], name
         assert 'triage_rejected_inputs_total{reason="not_a_lesion"}' in c.get("/metrics").text
+
+
+def test_artefact_notes_come_with_the_answer(
+    ood_server: tuple[Any, dict[str, bool], dict[str, list[str]]],
+) -> None:
+    """A noted photo is still assessed; the note (code, message, advice) is in the JSON and
+    on the result page; a photo without a note shows none."""
+    from model_training.skin import NOTE_TEXTS
+
+    live, refused, notes = ood_server
+    noted = [p for p in sorted(IMAGES.glob("*.jpg")) if notes[p.name]]
+    plain = [p for p in sorted(IMAGES.glob("*.jpg")) if not notes[p.name] and not refused[p.name]]
+    assert noted and plain, "the note head must split the fixtures"
+    message, advice = NOTE_TEXTS["hair"]
+    with live.client() as c:
+        body = c.post("/predict", files={"file": (noted[0].name, noted[0].read_bytes())}).json()
+        assert body["status"] == "ok" and body["probability_malignant"] is not None
+        assert body["notes"] == [{"code": "hair", "message": message, "advice": advice}]
+        page = c.post("/assess", files={"file": (noted[0].name, noted[0].read_bytes())}).text
+        assert 'data-note="hair"' in page and "Something in the photo can affect" in page
+        page = c.post("/assess", files={"file": (plain[0].name, plain[0].read_bytes())}).text
+        assert "data-note" not in page

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,11 @@ from model_training.quality import (
     measure_quality,
 )
 
+REPO = Path(__file__).resolve().parent.parent
 IMAGES = Path(__file__).parent / "fixtures" / "images"
 LESIONS = sorted(IMAGES.glob("*.jpg"))
 PHONE = IMAGES / "pad-ufes-20_nev_PAT_1107_427_352.jpg"
-# Of the order `python -m model_training.gates` chooses on the real sets (see gates.json).
+# Of the order `python -m model_training fit-gates` chooses on the real sets (see gates.json).
 REASONABLE = {
     "min_side": 96.0,
     "min_sharpness": 2.0,
@@ -126,7 +128,7 @@ def test_laplacian_of_a_flat_image_is_zero() -> None:
 
 
 def test_threshold_rule_keeps_real_images_and_rejects_degraded_copies(phone: Image.Image) -> None:
-    from model_training.gates import choose_quality_threshold, degrade
+    from model_training.gates.quality_fit import choose_quality_threshold, degrade
 
     rng = np.random.default_rng(0)
     real = {"a": rng.uniform(100, 200, 1000), "b": rng.uniform(90, 180, 100)}
@@ -153,3 +155,34 @@ def test_threshold_rule_keeps_real_images_and_rejects_degraded_copies(phone: Ima
     }.items():
         copy, _ = degrade(phone, kind, np.random.default_rng(1))
         assert check(measure_quality(copy)), kind
+
+
+@pytest.mark.parametrize("kind", ["hair", "ink", "ruler", "vignette", "dermoscope_rim"])
+def test_artefacts_are_never_a_quality_problem(kind: str) -> None:
+    """Hair, ink, rulers, vignettes and dermatoscope rims get an answer, not "unable to assess".
+
+    The thresholds are the shipped model's; the rim darkens a quarter of the frame, which a
+    whole-frame mean brightness would call "too dark" (the brightness is the centre's).
+    """
+    from model_training.artefacts import with_artefact
+
+    shipped = json.loads((REPO / "models" / "default" / "metadata.json").read_text())["quality"]
+    for path in LESIONS:
+        photo = load_image_file(path)
+        assert codes(photo, shipped) == [], path.name
+        for seed in range(4):
+            assert codes(with_artefact(photo, kind, seed), shipped) == [], (path.name, seed)
+
+
+def test_brightness_leaves_out_a_black_surround() -> None:
+    """A black surround leaves the brightness of the lit photo unchanged; a dark photo stays
+    dark."""
+    img = Image.new("RGB", (200, 200), (150, 120, 100))
+    rim = img.copy()
+    rim.paste((0, 0, 0), (0, 0, 200, 25))
+    rim.paste((0, 0, 0), (0, 175, 200, 200))
+    assert measure_quality(rim).brightness == pytest.approx(
+        measure_quality(img).brightness, abs=1.0
+    )
+    assert measure_quality(rim).dark_fraction > 0.2
+    assert measure_quality(scaled(img, 0.1)).brightness < 15

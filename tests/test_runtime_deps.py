@@ -26,7 +26,7 @@ def test_server_loads_and_predicts_without_training_only_packages(artifact_dir: 
         "sys.meta_path.insert(0, Block())\n"
         "import numpy as np\n"
         "from app.main import load_service\n"
-        "import model_training.ood, model_training.quality  # the gates the app may build\n"
+        "import model_training.skin, model_training.quality  # the gates the app may build\n"
         "from app.metrics import Metrics\n"
         "from app.settings import Settings\n"
         f"service = load_service(Settings(model_dir={str(artifact_dir)!r}), Metrics())\n"

@@ -157,3 +157,46 @@ def test_validation_metrics_reproduce(artifact: Path, metadata: dict[str, Any], 
     for key, positive in (("sensitivity", True), ("specificity", False)):
         low, high = _rate_bounds(p[y == (1 if positive else 0)], threshold, positive)
         assert low - TOLERANCE <= stored[key] <= high + TOLERANCE, (key, low, high, stored[key])
+
+
+def test_shipped_gates_answer_lesions_with_artefacts_and_refuse_non_skin(artifact: Path) -> None:
+    """Through the server's own model and gates: every fixture lesion photo, plain and with
+    each everyday artefact drawn on it, passes both gates; photos that are not of skin (a
+    cat, a rendered document and a screenshot, none used to fit the shipped gate) are refused.
+    """
+    from app.gates import build_gates
+    from app.model import TriageModel
+    from model_training.artefacts import ARTEFACTS, with_artefact
+    from model_training.gates.photos import render_synthetic
+    from model_training.preprocessing import load_image_file, resize_to_input
+
+    model = TriageModel.load(artifact)
+    gates = build_gates(model.metadata, artifact)
+    assert gates.quality is not None and gates.ood is not None
+    size = model.metadata.input_size
+    fixtures = sorted((REPO / "tests" / "fixtures" / "images").glob("*.jpg"))
+    lesions = {}
+    for path in fixtures:
+        photo = load_image_file(path)
+        lesions[path.stem] = photo
+        for kind in ARTEFACTS:
+            lesions[f"{path.stem}+{kind}"] = with_artefact(photo, kind, 3)
+    for name, img in lesions.items():
+        assert gates.quality.check(img) == [], name
+    emb = model.infer(np.stack([resize_to_input(im, size) for im in lesions.values()])).embeddings
+    assert emb is not None
+    refused, _ = gates.ood.check(emb)
+    assert not refused.any(), [n for n, r in zip(lesions, refused, strict=True) if r]
+
+    others = {
+        "document": render_synthetic("document", 10_001),
+        "screenshot": render_synthetic("screenshot", 10_002),
+    }
+    skdata = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    others["cat"] = Image.fromarray(skdata.chelsea()).convert("RGB")
+    emb = model.infer(np.stack([resize_to_input(im, size) for im in others.values()])).embeddings
+    assert emb is not None
+    refused, _ = gates.ood.check(emb)
+    assert refused.all(), dict(zip(others, refused.tolist(), strict=True))

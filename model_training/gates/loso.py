@@ -1,0 +1,73 @@
+"""Leave-one-source-out: the false rejection a user with a new camera or clinic meets.
+
+For each source (ISIC 2017, HAM10000, PAD-UFES-20) the skin gate is fitted again, threshold
+rule included, without any image of that source (neither its photos nor their varied copies),
+and scored on every image of it that was embedded: its training sample and all its
+validation images (real photos only; the copies are reported apart).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from model_training.gates.collect import Collected
+from model_training.gates.skin_fit import fit_skin
+
+
+def rate(mask: np.ndarray) -> float:
+    """Mean of a boolean mask; NaN when empty."""
+    return float(np.mean(mask)) if len(mask) else float("nan")
+
+
+def skin_training_data(
+    c: Collected, output: str, exclude: str | None = None
+) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, list[str]]:
+    """(positives, their groups, their domains, negatives, their photos) for fitting."""
+    keep_l = (c.lesions.frame["dataset"] != exclude).to_numpy()
+    keep_c = (c.copies.frame["dataset"] != exclude).to_numpy()
+    fit_v = (c.views.frame["part"] == "fit").to_numpy()
+    pos = np.concatenate([c.lesions.features(output)[keep_l], c.copies.features(output)[keep_c]])
+    groups = [
+        *c.lesions.frame["group"].astype(str)[keep_l],
+        *c.copies.frame["group"].astype(str)[keep_c],
+    ]
+    domains = np.r_[
+        c.lesions.frame["domain"].to_numpy()[keep_l], c.copies.frame["domain"].to_numpy()[keep_c]
+    ]
+    neg = c.views.features(output)[fit_v]
+    photos = c.views.frame["photo"][fit_v].astype(str).tolist()
+    return pos, groups, domains, neg, photos
+
+
+def leave_one_source_out(
+    c: Collected, output: str, target_frr: float, n_components: int | None, cost: float
+) -> dict[str, Any]:
+    """Per left-out source: threshold, false rejection of its photos and copies, and the
+    held-out non-skin rejection of the gate fitted without it."""
+    held = (c.views.frame["part"] == "held_out").to_numpy()
+    out: dict[str, Any] = {}
+    for source in sorted(c.lesions.frame["dataset"].unique()):
+        pos, groups, domains, neg, photos = skin_training_data(c, output, exclude=source)
+        fit = fit_skin(pos, groups, domains, neg, photos, target_frr, n_components, cost)
+        t = fit.threshold
+        lv = (c.lesions.frame["dataset"] == source).to_numpy()
+        vv = (c.valid.frame["dataset"] == source).to_numpy()
+        cv = (c.copies.frame["dataset"] == source).to_numpy()
+        real = np.r_[
+            fit.head.score(c.lesions.features(output)[lv]),
+            fit.head.score(c.valid.features(output)[vv]),
+        ]
+        copies = fit.head.score(c.copies.features(output)[cv])
+        out[str(source)] = {
+            "images": len(real),
+            "refused": int((real < t).sum()),
+            "false_rejection": rate(real < t),
+            "copies": len(copies),
+            "copies_false_rejection": rate(copies < t),
+            "threshold": t,
+            "held_out_non_skin_rejection": rate(fit.head.score(c.views.features(output)[held]) < t),
+            "lowest_scores_minus_threshold": sorted((real - t).tolist())[:5],
+        }
+    return out

@@ -1,0 +1,161 @@
+"""The skin gate and artefact notes (NumPy runtime) and how they are fitted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model_training.skin import NOTE_TEXTS, SKIN_HEAD, SkinGate
+
+IMAGES = Path(__file__).parent / "fixtures" / "images"
+
+
+def two_clusters(n: int = 300, d: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Skin-like (shifted) and other points, with correlated noise."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(d, d)) * rng.uniform(0.2, 1.5, size=d)
+    pos = rng.normal(size=(n, d)) @ mixing.T + 3.0
+    neg = rng.normal(size=(n, d)) @ mixing.T - 3.0
+    return pos, neg
+
+
+def gate(d: int = 6) -> SkinGate:
+    rng = np.random.default_rng(1)
+    return SkinGate(
+        [SKIN_HEAD, "hair"],
+        rng.normal(size=(2, d)),
+        np.asarray([0.5, 0.0]),
+        {SKIN_HEAD: 0.0, "hair": 0.2},
+    )
+
+
+def test_scores_are_one_dot_product_per_head() -> None:
+    g = gate()
+    x = np.random.default_rng(2).normal(size=(40, 6))
+    expected = x @ g.weights.T.astype(np.float64) + g.bias
+    np.testing.assert_allclose(g.scores(x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(g.not_skin(x), expected[:, 0] < 0.0)
+    notes = g.notes(x)
+    assert [bool(n) for n in notes] == (expected[:, 1] >= 0.2).tolist()
+    assert any(notes) and not all(notes), "the sample must have rows with and without a note"
+    for row in notes:
+        for note in row:
+            assert note.code == "hair" and (note.message, note.advice) == NOTE_TEXTS["hair"]
+
+
+def test_a_broken_feature_row_is_refused_and_gets_no_note() -> None:
+    g = gate()
+    x = np.ones((2, 6))
+    x[1, 3] = np.nan
+    assert g.not_skin(x).tolist()[1] is True
+    assert g.notes(x)[1] == []
+
+
+def test_save_load_round_trip_and_wrong_inputs(tmp_path: Path) -> None:
+    g = gate()
+    path = g.save(tmp_path / "skin.npz")
+    back = SkinGate.load(path, g.thresholds)
+    x = np.random.default_rng(3).normal(size=(5, 6))
+    np.testing.assert_array_equal(back.scores(x), g.scores(x))
+    assert back.note_names == ("hair",)
+    with pytest.raises(ValueError, match="expected features"):
+        g.scores(np.ones((2, 5)))
+    with pytest.raises(ValueError, match="no threshold"):
+        SkinGate.load(path, {SKIN_HEAD: 0.0})
+    with pytest.raises(ValueError, match="skin"):
+        SkinGate(["hair"], np.ones((1, 3)), np.zeros(1), {"hair": 0.0})
+    np.savez(tmp_path / "old.npz", format_version=np.int64(1), method=np.str_("mahalanobis"))
+    with pytest.raises(ValueError, match="refit"):
+        SkinGate.load(tmp_path / "old.npz", g.thresholds)
+
+
+def test_fitted_head_is_the_folded_pipeline_and_separates() -> None:
+    """Standardise → PCA → logistic regression folds into one line with the same scores."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+
+    from model_training.gates.skin_fit import fit_head
+
+    pos, neg = two_clusters()
+    x = np.concatenate([pos, neg])
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    head = fit_head(x, y, n_components=10, c=0.5)
+    assert np.mean(head.score(pos) > 0) > 0.99 and np.mean(head.score(neg) < 0) > 0.99
+
+    z = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-6)
+    zp = PCA(10, whiten=True, svd_solver="full").fit_transform(z)
+    lr = LogisticRegression(C=0.5, class_weight="balanced", max_iter=2000).fit(zp, y)
+    # PCA's whitening divides by sqrt(n - 1) where fit_head uses sqrt(n): compare ranks.
+    ref = lr.decision_function(zp)
+    assert np.corrcoef(ref, head.score(x))[0, 1] > 0.999
+
+
+def test_skin_threshold_meets_its_false_rejection_target_out_of_fold() -> None:
+    from model_training.gates.skin_fit import fit_skin
+
+    pos, neg = two_clusters(400)
+    domains = np.asarray(["dermoscopy", "phone"] * 200)
+    groups = [f"g{i // 2}" for i in range(400)]
+    fit = fit_skin(pos, groups, domains, neg, [f"p{i}" for i in range(400)], 0.01, 10, 0.5)
+    for d in ("dermoscopy", "phone"):
+        assert np.mean(fit.oof_pos[domains == d] < fit.threshold) <= 0.01
+    assert fit.threshold == min(fit.per_domain_quantile.values())
+    assert np.mean(fit.oof_neg < fit.threshold) > 0.95
+
+
+def test_lesion_copies_are_seeded_and_keep_the_frame() -> None:
+    from model_training.gates.augment import COPY_ARTEFACTS, lesion_copy, zoom_out
+    from model_training.preprocessing import load_image_file
+
+    photo = load_image_file(sorted(IMAGES.glob("*.jpg"))[0])
+    a, recipe = lesion_copy(photo, 7)
+    b, again = lesion_copy(photo, 7)
+    assert recipe == again and np.array_equal(np.asarray(a), np.asarray(b))
+    assert recipe.artefact in COPY_ARTEFACTS
+    assert sorted(a.size) == sorted(photo.size)  # a right-angle turn may swap the sides
+    out = zoom_out(photo, 0.3)  # strong zoom: padded in several mirror passes
+    assert out.size == photo.size
+    w, h = photo.size
+    centre = np.asarray(out)[h // 2 - 5 : h // 2 + 5, w // 2 - 5 : w // 2 + 5]
+    small = np.asarray(photo.resize((round(w * 0.3), round(h * 0.3))))
+    sh, sw = small.shape[:2]
+    assert (
+        np.abs(centre.mean() - small[sh // 2 - 5 : sh // 2 + 5, sw // 2 - 5 : sw // 2 + 5].mean())
+        < 3
+    )
+
+
+def test_non_skin_photos_are_split_by_photo_never_by_view() -> None:
+    from model_training.gates.photos import photo_views, render_synthetic, split_photos
+
+    photos = [
+        (f"rendered_{k}/{i}", render_synthetic(k, i))
+        for k in ("document", "screenshot", "chart", "skin_coloured_surface")
+        for i in range(3)
+    ]
+    assert np.array_equal(
+        np.asarray(render_synthetic("chart", 5)), np.asarray(render_synthetic("chart", 5))
+    )
+    views = photo_views(photos, 3, seed=1)
+    assert len(views) == 4 * len(photos)
+    parts = split_photos(name for name, _ in photos)
+    assert set(parts.values()) == {"fit", "held_out"}
+    for source in {n.split("/")[0] for n, _ in photos}:
+        assert {parts[n] for n in parts if n.startswith(source)} == {"fit", "held_out"}
+    assert all(isinstance(img, Image.Image) and min(img.size) >= 8 for _, _, img in views)
+
+
+def test_sqrt_transform_is_applied_before_the_heads_and_saved(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(1, 6))
+    g = SkinGate([SKIN_HEAD], w, np.zeros(1), {SKIN_HEAD: 0.0}, transform="sqrt")
+    x = rng.uniform(0, 4, size=(5, 6))
+    np.testing.assert_allclose(g.scores(x)[:, 0], np.sqrt(x) @ w[0], rtol=1e-5)
+    back = SkinGate.load(g.save(tmp_path / "s.npz"), g.thresholds)
+    assert back.transform == "sqrt"
+    np.testing.assert_array_equal(back.scores(x), g.scores(x))
+    with pytest.raises(ValueError, match="transform"):
+        SkinGate([SKIN_HEAD], w, np.zeros(1), {SKIN_HEAD: 0.0}, transform="log")
