@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -273,7 +274,9 @@ def test_the_queue_answers_503_with_retry_after_when_full() -> None:
         await asyncio.gather(holder, waiter)
         return refused.value, admission.active + admission.waiting
 
-    refused, left = asyncio.run(scenario())
+    # In a fresh thread: the session's Playwright browser keeps an event loop running here.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        refused, left = pool.submit(asyncio.run, scenario()).result()
     assert refused.status_code == 503
     assert refused.headers == {"Retry-After": "7"}
     assert left == 0

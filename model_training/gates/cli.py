@@ -26,17 +26,13 @@ import numpy as np
 
 from model_training.data import DEFAULT_SETS
 from model_training.gates.collect import Collected, collect
-from model_training.gates.features import (
-    DEFAULT_CACHE,
-    FeatureStore,
-    ServeRunner,
-    artifact_fingerprint,
-)
+from model_training.gates.features import DEFAULT_CACHE, FeatureStore, ServeRunner
 from model_training.gates.loso import leave_one_source_out, rate, skin_training_data
 from model_training.gates.measure import measure_gate
 from model_training.gates.quality_fit import artefact_quality, fit_quality, quality_sensitivity
 from model_training.gates.report import summary, write_outputs
 from model_training.gates.skin_fit import fit_note, fit_skin
+from model_training.runner import saved_model_fingerprint
 from model_training.skin import NOTE_HEADS, SKIN_HEAD, SkinGate, transform_features
 
 logger = logging.getLogger("model_training.gates")
@@ -114,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meta = read_metadata(artifact)
     store = FeatureStore(
         args.cache_dir,
-        artifact_fingerprint(artifact),
+        saved_model_fingerprint(artifact),
         lambda: ServeRunner(artifact, args.batch_size),
         enabled=not args.no_cache,
     )
@@ -194,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     report = {
         "command": "python -m model_training fit-gates " + shlex.join(argv_used(sys.argv)),
-        "artifact_fingerprint": artifact_fingerprint(artifact),
+        "artifact_fingerprint": saved_model_fingerprint(artifact),
         "data": {"sets": list(args.sets), "validation_images": len(c.valid.frame)},
         "quality": quality_report,
         "skin": skin_report,

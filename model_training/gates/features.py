@@ -32,17 +32,6 @@ DEFAULT_CACHE = (
 FEATURE_OUTPUTS = ("embedding", "ood_embedding")
 
 
-def artifact_fingerprint(artifact: Path) -> str:
-    """Hash of the SavedModel graph and its variable index (which checksums every tensor)."""
-    digest = hashlib.sha256()
-    for rel in ("saved_model.pb", "variables/variables.index", "fingerprint.pb"):
-        path = artifact / SAVED_MODEL_DIR / rel
-        if path.exists():
-            digest.update(rel.encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def stable_seed(*parts: object) -> int:
     """A seed from any printable parts, the same in every process."""
     return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:12], 16)
