@@ -74,6 +74,7 @@ def _frame() -> pd.DataFrame:
     ]
     df = pd.DataFrame(rows, columns=["image_id", "dataset", "domain", "split", "label", "path"])
     df["diagnosis"] = np.where(df["label"] == 1, "mel", "nv")
+    df["group"] = df["dataset"] + "/" + df["image_id"]
     return df
 
 
@@ -135,4 +136,6 @@ def test_run_plan_trains_scores_and_saves(tmp_path: Path) -> None:
     assert set(left_out.loc[left_out["scored"] == "left_out", "dataset"]) == {"c"}
     assert len(left_out[left_out["dataset"] == "c"]) == 8  # train and valid of the source
     assert len(list((tmp_path / "weights").glob("weights-*.npz"))) >= 1
+    run = json.loads((tmp_path / "run.json").read_text())  # what export reads
+    assert run["job"]["name"] == "full" and {d["dataset"] for d in run["data"]} == {"a", "b", "c"}
     assert json.loads((tmp_path / "loso.json").read_text())["jobs"][1]["name"] == "without-c"
