@@ -180,6 +180,11 @@ class LoadResult:
         )
 
     @property
+    def retried(self) -> int:
+        """Requests nginx passed to a second replica after the first failed (``a, b``)."""
+        return sum(n for upstream, n in self.upstreams.items() if "," in upstream)
+
+    @property
     def ok(self) -> int:
         """Requests answered 200."""
         return self.statuses[200]
@@ -393,8 +398,11 @@ def swarm(base_url: str, stack: str, replicas: int, concurrency: int, load_secon
                 timeout=240,
             )
             time.sleep(3)
-        failed = load.result.failed
-        log(f"killed {victim[:12]}: back to {replicas}/{replicas} in {took:.0f} s, {failed} failed")
+        failed, retried = load.result.failed, load.result.retried
+        log(
+            f"killed {victim[:12]}: back to {replicas}/{replicas} in {took:.0f} s, "
+            f"{failed} failed requests, {retried} retried on another replica by the proxy"
+        )
         check(failed <= concurrency, f"{failed} failed requests after one kill (> {concurrency})")
         check(load.result.ok > 0, "no request succeeded while a replica was replaced")
 
@@ -407,8 +415,13 @@ def update(service: str, *args: str) -> None:
     """``docker service update`` that waits for convergence (bounded) and must not roll back."""
     docker("service", "update", "--detach=false", "--no-resolve-image", *args, service, timeout=600)
     template = "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}"
-    state = docker("service", "inspect", "-f", template, service)
-    check(state in ("", "completed"), f"update of {service} ended {state!r}")
+
+    def finished() -> bool:  # the CLI returns once converged, before the monitor period ends
+        state = docker("service", "inspect", "-f", template, service)
+        check(state in ("", "updating", "completed"), f"update of {service} ended {state!r}")
+        return state != "updating"
+
+    wait_for(f"the update of {service} to complete", finished, timeout=120)
 
 
 def model_rollout(base_url: str, api: str, replicas: int, concurrency: int) -> None:
@@ -477,6 +490,8 @@ def bench(base_url: str, stack: str, concurrency: int, seconds: float) -> None:
                 "p95_s": round(lat[int(len(lat) * 0.95)], 3),
                 "memory_mib_per_replica": [round(m) for m in mem],
                 "scale_to_healthy_s": round(ready, 1),
+                # Other jobs on the machine take CPU too: the 1-minute load average at the end.
+                "host_load_1m": float(Path("/proc/loadavg").read_text().split()[0]),
             }
         )
         log(f"bench {replicas} replica(s): {result.summary()}, memory {mem}")
