@@ -61,6 +61,8 @@ trap cleanup EXIT
 step "engine"
 bash deploy/engine.sh || fail "no Docker engine (see the line above)"
 
+port_in_use "$PORT" && fail "port $PORT is in use on 127.0.0.1 (set TRIAGE_PUBLISHED_PORT)"
+
 step "base image python:3.11-slim-bookworm"
 bash deploy/base-image.sh || fail "no base image (see the line above)"
 
