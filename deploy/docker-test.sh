@@ -128,8 +128,8 @@ fi
 for _ in $(seq 30); do port_in_use "$PORT" || break; sleep 1; done
 port_in_use "$PORT" && fail "port $PORT is in use on 127.0.0.1 (set TRIAGE_PUBLISHED_PORT)"
 step "swarm: docker stack deploy -c deploy/stack.yml $STACK (3 replicas)"
-REPLICAS=3 timeout 120 docker stack deploy --resolve-image never -c deploy/stack.yml "$STACK" >/dev/null \
-    || fail "docker stack deploy failed"
+deployed=$(REPLICAS=3 timeout 120 docker stack deploy --resolve-image never -c deploy/stack.yml \
+    "$STACK" 2>&1) || fail "docker stack deploy failed: $(echo "$deployed" | tail -n 1)"
 if [ "$BENCH" = 1 ]; then  # first: the swarm test leaves a model mounted from a temp folder
     timeout 1200 "$PY" deploy/dockertest.py bench --url "http://127.0.0.1:$PORT" --stack "$STACK" \
         --concurrency 4 --seconds 30 || fail "bench (see FAIL above)"
