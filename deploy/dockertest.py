@@ -331,17 +331,18 @@ def check_threads_match_cpus(service: str) -> None:
         "if [ -f /sys/fs/cgroup/cpu.max ]; then read q p < /sys/fs/cgroup/cpu.max; "
         "else q=$(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us); "
         "p=$(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us); fi; "
-        'echo "$q $p $TF_NUM_INTRAOP_THREADS $TF_NUM_INTEROP_THREADS $OMP_NUM_THREADS"'
+        'echo "$q $p $TF_NUM_INTRAOP_THREADS $TF_NUM_INTEROP_THREADS $OMP_NUM_THREADS '
+        '$TRIAGE_OPENVINO_STREAMS"'
     )
     for container in service_containers(service):
         quota, period, *threads = docker("exec", container, "sh", "-c", script).split()
         check(quota not in ("max", "-1"), f"replica {container[:12]} has no CPU limit")
         cpus = math.ceil(int(quota) / int(period))
         check(
-            len(threads) == 3 and all(int(t) == cpus for t in threads),
+            len(threads) == 4 and all(int(t) == cpus for t in threads),
             f"replica {container[:12]}: {cpus} CPU(s) but threads {threads}",
         )
-    log(f"CPU limit and TensorFlow/OpenMP threads agree ({cpus}) on every replica")
+    log(f"CPU limit, TensorFlow/OpenMP threads and OpenVINO streams agree ({cpus}) everywhere")
 
 
 def model_versions(base_url: str, replicas: int) -> Counter[tuple[str, str]]:

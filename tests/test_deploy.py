@@ -466,7 +466,12 @@ NGINX_CONF = ROOT / "deploy" / "proxy" / "nginx.conf"
 PROXY_DOCKERFILE = ROOT / "deploy" / "proxy" / "Dockerfile"
 K8S = ROOT / "deploy" / "k8s"
 # TensorFlow's and OpenMP's pool sizes; each must equal the replica's CPU limit.
-THREAD_VARS = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
+THREAD_VARS = (
+    "TF_NUM_INTRAOP_THREADS",
+    "TF_NUM_INTEROP_THREADS",
+    "OMP_NUM_THREADS",
+    "TRIAGE_OPENVINO_STREAMS",
+)
 
 
 @pytest.fixture(scope="module")
@@ -521,7 +526,7 @@ def test_stack_cpu_limit_and_thread_counts_agree(stack: dict[str, Any]) -> None:
     api = stack["services"]["api"]
     cpus = float(api["deploy"]["resources"]["limits"]["cpus"])
     assert cpus.is_integer(), "a whole number of CPUs per replica"
-    assert [int(api["environment"][name]) for name in THREAD_VARS] == [int(cpus)] * 3
+    assert [int(api["environment"][name]) for name in THREAD_VARS] == [int(cpus)] * len(THREAD_VARS)
 
 
 def test_proxy_publishes_in_host_mode_and_forwards_to_the_api_port(
@@ -619,7 +624,7 @@ def test_k8s_container_matches_dockerfile_and_compose(
         k: stack["services"]["api"]["environment"][k] for k in THREAD_VARS
     }
     limits = container["resources"]["limits"]
-    assert [int(env[name]) for name in THREAD_VARS] == [int(limits["cpu"])] * 3
+    assert [int(env[name]) for name in THREAD_VARS] == [int(limits["cpu"])] * len(THREAD_VARS)
     assert container["resources"]["requests"]["cpu"] == limits["cpu"], "no CPU overcommit"
 
 
