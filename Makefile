@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint typecheck install install-dev clean
+.PHONY: run test lint typecheck install install-dev clean docker-test
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ typecheck: $(VENV)/.installed-dev
 
 test: $(VENV)/.installed-dev lint typecheck
 	$(PY) -m pytest
+
+# The image, docker-compose.yml and the Swarm stack tested on a real engine (needs root or a
+# running engine; ~10-15 min on 2 cores from scratch): see deploy/docker-test.sh.
+docker-test:
+	bash deploy/docker-test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
