@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from model_training import calibration as cal
+from model_training import isic_score, plots, report
 from model_training import metrics as mt
-from model_training import report
 from model_training.data import group_bucket, read_datasets
 from model_training.domain_calibration import FILE as DOMAIN_FILE
 from model_training.domain_calibration import fit_domain_calibration
@@ -342,7 +342,7 @@ def evaluate_artifact(
     isic = df["dataset"] == "isic2017"
     if isic.any():
         result["isic_challenge"] = {
-            "isic2017": report.isic_challenge_score(
+            "isic2017": isic_score.isic_challenge_score(
                 y[isic], p[isic], df.loc[isic, "image_id"].tolist()
             )
         }
@@ -372,16 +372,16 @@ def evaluate_artifact(
     plots_dir.mkdir(exist_ok=True)
     masks = _domain_sets(df)
     curves = {n: (y[m], p[m]) for n, m in masks.items() if not n.startswith("domain:")}
-    report.plot_roc(curves, plots_dir / "roc.png")
-    report.plot_pr(curves, plots_dir / "pr.png")
-    report.plot_confusion(
+    plots.plot_roc(curves, plots_dir / "roc.png")
+    plots.plot_pr(curves, plots_dir / "pr.png")
+    plots.plot_confusion(
         result["domains"]["pooled"]["confusion"], plots_dir / "confusion.png",
         f"Pooled validation at threshold {threshold:.3f}",
     )  # fmt: skip
-    report.plot_reliability(y, cal.sigmoid(logits), p, plots_dir / "reliability.png")
+    plots.plot_reliability(y, cal.sigmoid(logits), p, plots_dir / "reliability.png")
     history = meta.get("training", {}).get("history", {})
     if history:
-        report.plot_training_curves(history, plots_dir / "training_curves.png")
+        plots.plot_training_curves(history, plots_dir / "training_curves.png")
     result["plots"] = {
         title: f"plots/{name}"
         for title, name in [

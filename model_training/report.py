@@ -1,7 +1,6 @@
-"""Evaluation plots, the model card and the ISIC Challenge scorer bridge.
+"""The model card (MODEL_CARD.md) from metadata.json and metrics.json.
 
-Plots are drawn on matplotlib ``Figure`` objects with the Agg canvas (no pyplot global state,
-no display needed); each function writes one PNG and returns its path.
+The plots are ``model_training.plots``; the ISIC Challenge scorer, ``model_training.isic_score``.
 """
 
 from __future__ import annotations
@@ -9,20 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from sklearn.metrics import auc as sklearn_auc
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
-
-from model_training.calibration import expected_calibration_error, reliability_curve
-from model_training.metrics import as_labels, as_probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -40,165 +30,6 @@ SUBGROUP_TITLES: dict[str, str] = {
     "diagnosis": "Diagnosis (sensitivity of each malignant kind, specificity of each benign kind)",
 }
 STANDARD_SUBGROUPS: tuple[str, ...] = ("sex", "age_band", "site", "fitzpatrick")
-
-
-# --------------------------------------------------------------------------------------------
-# Plots
-# --------------------------------------------------------------------------------------------
-
-
-def _figure(width: float = 6.0, height: float = 5.0) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: PathLike) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", bbox_inches="tight")
-    return out
-
-
-def _both_classes(y: npt.NDArray[np.int64]) -> bool:
-    return bool(0 < int(y.sum()) < y.size)
-
-
-def plot_roc(
-    curves: Mapping[str, tuple[npt.ArrayLike, npt.ArrayLike]],
-    path: PathLike,
-    title: str = "ROC curve (malignant vs benign)",
-) -> Path:
-    """ROC curves, one per named ``(y, p)`` set, with AUC and n in the legend."""
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
-    for name, (y_raw, p_raw) in curves.items():
-        y = as_labels(y_raw)
-        p = as_probabilities(p_raw, y.size)
-        if not _both_classes(y):
-            ax.plot([], [], label=f"{name} (single class, n={y.size}: no curve)")
-            continue
-        fpr, tpr, _ = roc_curve(y, p)
-        auc = float(sklearn_auc(fpr, tpr))
-        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f}, n={y.size})")
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), title=title)
-    ax.set_xlabel("1 - specificity (false-positive rate)")
-    ax.set_ylabel("sensitivity (true-positive rate)")
-    ax.legend(loc="lower right", fontsize="small")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_pr(
-    curves: Mapping[str, tuple[npt.ArrayLike, npt.ArrayLike]],
-    path: PathLike,
-    title: str = "Precision-recall curve (malignant)",
-) -> Path:
-    """Precision-recall curves with average precision; dashed lines mark each prevalence."""
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
-    for name, (y_raw, p_raw) in curves.items():
-        y = as_labels(y_raw)
-        p = as_probabilities(p_raw, y.size)
-        if not _both_classes(y):
-            ax.plot([], [], label=f"{name} (single class, n={y.size}: no curve)")
-            continue
-        precision, recall, _ = precision_recall_curve(y, p)
-        ap = float(average_precision_score(y, p))
-        (line,) = ax.plot(recall, precision, drawstyle="steps-post", label=f"{name} (AP {ap:.3f})")
-        ax.axhline(float(y.mean()), linestyle="--", linewidth=0.8, color=line.get_color())
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), title=title)
-    ax.set_xlabel("recall (sensitivity)")
-    ax.set_ylabel("precision (PPV)")
-    ax.legend(loc="upper right", fontsize="small")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_confusion(cm: Mapping[str, int], path: PathLike, title: str = "Confusion matrix") -> Path:
-    """2x2 confusion matrix (rows: true class, columns: predicted) with counts and row %."""
-    matrix = np.array(
-        [[cm.get("tn", 0), cm.get("fp", 0)], [cm.get("fn", 0), cm.get("tp", 0)]], dtype=float
-    )
-    rows = matrix.sum(axis=1, keepdims=True)
-    share = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
-    fig = _figure(4.5, 4.0)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for i in range(2):
-        for j in range(2):
-            colour = "white" if share[i, j] > 0.6 else "black"
-            text = f"{int(matrix[i, j])}\n({share[i, j]:.0%})"
-            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=12)
-    ax.set_xticks([0, 1], labels=["benign", "malignant"])
-    ax.set_yticks([0, 1], labels=["benign", "malignant"])
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    return _save(fig, path)
-
-
-def plot_reliability(
-    y: npt.ArrayLike,
-    p_before: npt.ArrayLike,
-    p_after: npt.ArrayLike | None,
-    path: PathLike,
-    n_bins: int = 15,
-) -> Path:
-    """Reliability diagram before/after temperature scaling, with ECE and a count histogram."""
-    labels = as_labels(y)
-    fig = _figure(6.0, 6.5)
-    ax = fig.add_axes((0.12, 0.35, 0.83, 0.6))
-    hist = fig.add_axes((0.12, 0.08, 0.83, 0.18), sharex=ax)
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect calibration")
-    width = 1.0 / n_bins
-    sets = [("before scaling", p_before)]
-    if p_after is not None:
-        sets.append(("after scaling", p_after))
-    for k, (name, p_raw) in enumerate(sets):
-        p = as_probabilities(p_raw, labels.size)
-        _, observed, predicted, counts = reliability_curve(labels, p, n_bins)
-        ece = expected_calibration_error(labels, p, n_bins)
-        filled = counts > 0
-        ax.plot(predicted[filled], observed[filled], marker="o", label=f"{name} (ECE {ece:.3f})")
-        edges = np.arange(n_bins) * width
-        hist.bar(edges + k * width / 2, counts, width=width / 2, align="edge", alpha=0.7)
-    ax.set(xlim=(0, 1), ylim=(0, 1), title="Reliability (malignant probability)")
-    ax.set_ylabel("observed malignant fraction")
-    ax.legend(loc="upper left", fontsize="small")
-    ax.grid(alpha=0.3)
-    hist.set_xlabel("predicted probability")
-    hist.set_ylabel("count")
-    hist.set_yscale("symlog")
-    return _save(fig, path)
-
-
-def plot_training_curves(history: Mapping[str, Sequence[float]], path: PathLike) -> Path:
-    """Loss and AUC per epoch from a Keras-style history; missing keys are skipped."""
-    panels = {
-        "loss": sorted(k for k in history if "loss" in k.lower()),
-        "AUC": sorted(k for k in history if "auc" in k.lower()),
-    }
-    panels = {name: keys for name, keys in panels.items() if keys}
-    fig = _figure(6.0 * max(len(panels), 1), 4.0)
-    if not panels:
-        ax = fig.add_subplot(1, 1, 1)
-        ax.text(0.5, 0.5, "no training history recorded", ha="center", va="center")
-        ax.set_axis_off()
-        return _save(fig, path)
-    for i, (name, keys) in enumerate(panels.items(), start=1):
-        ax = fig.add_subplot(1, len(panels), i)
-        for key in keys:
-            values = np.asarray(list(history[key]), dtype=float)
-            if values.size:
-                ax.plot(np.arange(1, values.size + 1), values, marker=".", label=key)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -917,93 +748,3 @@ def _pct(value: Any) -> str:
     if isinstance(value, int | float) and math.isfinite(float(value)):
         return f"{float(value):.1%}"
     return "n/a"
-
-
-# --------------------------------------------------------------------------------------------
-# ISIC Challenge scorer
-# --------------------------------------------------------------------------------------------
-
-CATEGORIES: tuple[str, str] = ("benign", "malignant")
-
-
-def isic_challenge_score(
-    y_true: npt.ArrayLike, p: npt.ArrayLike, image_ids: Sequence[str]
-) -> dict[str, Any] | None:
-    """Score malignant probabilities with the ISIC Challenge's own scorer.
-
-    Builds a 2-category (benign, malignant) ground-truth CSV and prediction CSV (benign = 1 - p)
-    and scores them with ``isic_challenge_scoring.ClassificationScore``. Returns the malignant
-    category's figures (auc, auc_sens_80, average_precision, sensitivity, specificity, accuracy,
-    ppv, npv, dice) and the scorer's aggregate balanced_accuracy, as plain floats. Its
-    thresholded figures use the scorer's fixed cut (argmax, i.e. p > 0.5). Returns None with a
-    logged warning if the package is not importable or the set has a single class.
-    """
-    try:
-        import isic_challenge_scoring as ics
-        from isic_challenge_scoring import ClassificationMetric, ClassificationScore
-        from isic_challenge_scoring.load_csv import sort_rows, validate_rows
-    except ImportError:
-        logger.warning("isic-challenge-scoring is not installed; ISIC Challenge score skipped")
-        return None
-    import pandas as pd
-
-    y = as_labels(y_true)
-    prob = as_probabilities(p, y.size)
-    ids = [str(i) for i in image_ids]
-    if len(ids) != y.size:
-        raise ValueError(f"{len(ids)} image ids for {y.size} labels")
-    if len(set(ids)) != len(ids):
-        raise ValueError("image ids must be unique")
-    if not _both_classes(y):
-        logger.warning("ISIC Challenge score skipped: the set has a single class")
-        return None
-
-    benign, malignant = CATEGORIES
-    truth = pd.DataFrame({"image": ids, benign: 1.0 - y, malignant: y.astype(float)})
-    pred = pd.DataFrame({"image": ids, benign: 1.0 - prob, malignant: prob})
-    metric = ClassificationMetric.AUC
-    with tempfile.TemporaryDirectory() as tmp:
-        truth_csv, pred_csv = Path(tmp) / "truth.csv", Path(tmp) / "prediction.csv"
-        truth.to_csv(truth_csv, index=False)
-        pred.to_csv(pred_csv, index=False)
-        try:
-            score = ClassificationScore.from_file(truth_csv, pred_csv, metric)
-            route = "csv"
-        except AttributeError:
-            # isic-challenge-scoring <= 5.6 validates prediction CSVs with DataFrame.applymap,
-            # which pandas 3 removed: score the same tables through the scorer's own class.
-            truth_probs = truth.set_index("image")
-            pred_probs = pred.set_index("image").reindex(truth_probs.columns, axis="columns")
-            weights = pd.DataFrame(
-                {"score_weight": 1.0, "validation_weight": 1.0}, index=truth_probs.index
-            )
-            validate_rows(truth_probs, pred_probs)
-            sort_rows(truth_probs)
-            sort_rows(pred_probs)
-            weights = weights.reindex(truth_probs.index)
-            score = ClassificationScore(truth_probs, pred_probs, weights, metric)
-            route = "dataframe"
-
-    row = score.per_category.loc[malignant]
-    result: dict[str, Any] = {
-        key: float(row[src])
-        for key, src in (
-            ("auc", "auc"),
-            ("auc_sens_80", "auc_sens_80"),
-            ("average_precision", "ap"),
-            ("sensitivity", "sensitivity"),
-            ("specificity", "specificity"),
-            ("accuracy", "accuracy"),
-            ("ppv", "ppv"),
-            ("npv", "npv"),
-            ("dice", "dice"),
-        )
-    }
-    result["balanced_accuracy"] = float(score.aggregate["balanced_accuracy"])
-    result["overall"] = float(score.overall)
-    result["decision_rule"] = "scorer's argmax over (benign = 1 - p, malignant = p): p > 0.5"
-    result["n"] = int(y.size)
-    result["n_positive"] = int(y.sum())
-    result["scorer_version"] = str(getattr(ics, "__version__", "unknown"))
-    result["route"] = route
-    return result

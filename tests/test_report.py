@@ -13,16 +13,16 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from model_training.calibration import choose_risk_tiers
+from model_training.isic_score import isic_challenge_score
 from model_training.metrics import binary_metrics, bootstrap_ci, subgroup_metrics
-from model_training.report import (
-    isic_challenge_score,
+from model_training.plots import (
     plot_confusion,
     plot_pr,
     plot_reliability,
     plot_roc,
     plot_training_curves,
-    write_model_card,
 )
+from model_training.report import write_model_card
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
