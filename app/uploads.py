@@ -108,29 +108,13 @@ async def body_chunks(request: Request, limits: BodyLimits) -> AsyncIterator[byt
 
 def missing_field(name: str, sent_as_text: bool = False) -> HTTPException:
     """The 422 FastAPI itself answers for a missing form field, same shape."""
-    if sent_as_text:
-        return HTTPException(
-            status_code=422,
-            detail=[
-                {
-                    "type": "value_error",
-                    "loc": ["body", name],
-                    "msg": "Expected a file upload (a part with a filename), got a text field",
-                    "input": None,
-                }
-            ],
-        )
-    return HTTPException(
-        status_code=422,
-        detail=[
-            {
-                "type": "missing",
-                "loc": ["body", name],
-                "msg": "Field required",
-                "input": None,
-            }
-        ],
+    kind, msg = (
+        ("value_error", "Expected a file upload (a part with a filename), got a text field")
+        if sent_as_text
+        else ("missing", "Field required")
     )
+    detail = [{"type": kind, "loc": ["body", name], "msg": msg, "input": None}]
+    return HTTPException(status_code=422, detail=detail)
 
 
 def empty_files_error(name: str, files: Iterable[FilePart]) -> HTTPException | None:
