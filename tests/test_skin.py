@@ -128,6 +128,43 @@ def test_lesion_copies_are_seeded_and_keep_the_frame() -> None:
     )
 
 
+def test_phone_look_copies_are_seeded_and_keep_the_frame() -> None:
+    from model_training.gates.augment import phone_look
+    from model_training.preprocessing import load_image_file
+
+    photo = load_image_file(sorted(IMAGES.glob("*.jpg"))[0]).resize((640, 480))
+    a, b = phone_look(photo, 3), phone_look(photo, 3)
+    assert a.size == photo.size and a.mode == "RGB"
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(phone_look(photo, 4)))
+
+
+def test_copies_include_phone_looks_of_dermoscopy_only() -> None:
+    import pandas as pd
+
+    from model_training.gates.collect import copy_key, lesion_copies
+
+    class Store:
+        def get(self, tag: str, keys: list[str], make: object) -> dict[str, np.ndarray]:
+            assert len(set(keys)) == len(keys)
+            return {"logit": np.zeros(len(keys), np.float32)}
+
+    train = pd.DataFrame(
+        [
+            {"path": "a.jpg", "dataset": "isic2017", "domain": "dermoscopy", "group": "a"},
+            {"path": "b.jpg", "dataset": "pad-ufes-20", "domain": "phone", "group": "b"},
+        ]
+    )
+    part = lesion_copies(Store(), train, 2, 1, 9)  # type: ignore[arg-type]
+    f = part.frame
+    assert list(f["kind"]).count("varied") == 4
+    looks = f[f["kind"] == "phone_look"]
+    assert list(looks["path"]) == ["a.jpg"] and list(looks["domain"]) == ["phone"]
+    assert list(looks["artefact"]) == [""]
+    # Varied copies keep the cache keys they had before phone-look copies existed.
+    assert copy_key("a.jpg", "varied", 1, 9) == "a.jpg#copy1#9"
+
+
 def test_non_skin_photos_are_split_by_photo_never_by_view() -> None:
     from model_training.gates.photos import photo_views, render_synthetic, split_photos
 

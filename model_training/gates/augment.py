@@ -6,6 +6,11 @@ border; zoom in; a right-angle turn or mirror), at most one everyday artefact fr
 ``model_training.artefacts`` (hair, ink, ruler, vignette, dermatoscope rim), a colour and
 illumination cast (per-channel gains, brightness, gamma, saturation), a mild blur (well
 below what the quality gate refuses) and JPEG recompression.
+
+``phone_look`` makes a dermoscopy photo look like a phone close-up of the same spot (lower
+effective resolution, visible skin grain, specular glints, a warm or cool white balance, an
+uneven light and a flatter, less saturated colour). Without such copies a gate fitted on
+dermoscopy alone refused 9.6% of the phone photos of a source it never saw.
 """
 
 from __future__ import annotations
@@ -112,6 +117,44 @@ def apply_recipe(img: Image.Image, recipe: Recipe, seed: int) -> Image.Image:
         buf.seek(0)
         out = Image.open(buf).convert("RGB")
     return out
+
+
+def phone_look(img: Image.Image, seed: int) -> Image.Image:
+    """A dermoscopy photo made to look like a phone close-up of the same spot (seeded)."""
+    rng = np.random.default_rng(seed)
+    out = img.convert("RGB")
+    w, h = out.size
+    # A phone a hand's width away resolves a spot with a few hundred pixels.
+    s = float(rng.uniform(180, 400)) / max(w, h)
+    if s < 1.0:
+        small = (max(32, round(w * s)), max(32, round(h * s)))
+        out = out.resize(small, Image.Resampling.BILINEAR).resize((w, h), Image.Resampling.BICUBIC)
+    arr = np.asarray(out, dtype=np.float32) / 255.0
+    # Skin grain (pores, fine lines): multiplicative noise at half resolution.
+    grain = rng.normal(0.0, rng.uniform(0.02, 0.06), size=(h // 2 + 1, w // 2 + 1))
+    grain_img = Image.fromarray(grain.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR)
+    arr = arr * (1.0 + np.asarray(grain_img)[..., None])
+    # Specular glints of unpolarised light on skin, which dermatoscopes remove.
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for _ in range(int(rng.integers(0, 4))):
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        r = rng.uniform(0.02, 0.08) * min(w, h)
+        glint = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
+        arr = arr + rng.uniform(0.15, 0.4) * glint[..., None]
+    gains = np.asarray(
+        [rng.uniform(0.95, 1.15), rng.uniform(0.85, 1.02), rng.uniform(0.7, 0.95)], np.float32
+    )
+    # Light falling off across the frame (a lamp or window to one side).
+    tilt_x, tilt_y = rng.uniform(-0.25, 0.25, size=2)
+    light = 1.0 + tilt_x * (xx / w - 0.5) + tilt_y * (yy / h - 0.5)
+    arr = arr * gains * light[..., None]
+    out = Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8))
+    out = ImageEnhance.Color(out).enhance(float(rng.uniform(0.5, 0.9)))
+    out = ImageEnhance.Contrast(out).enhance(float(rng.uniform(0.7, 1.0)))
+    buf = io.BytesIO()
+    out.save(buf, format="JPEG", quality=int(rng.integers(60, 90)))
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
 
 
 def lesion_copy(

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     c = collect(
         store, args.data_dir, args.sets, args.per_set, args.copies, args.artefact_per_set,
-        args.crops, args.seed, args.non_skin_dir,
+        args.crops, args.seed, args.non_skin_dir, args.phone_copies,
     )  # fmt: skip
     t_embed = time.perf_counter() - started
 
@@ -181,6 +181,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "fitted_on": {
             "lesion_photos": len(c.lesions.frame),
             "lesion_copies": len(c.copies.frame),
+            "copies_by_kind": {
+                str(k): int(v) for k, v in c.copies.frame["kind"].value_counts().items()
+            },
             "by_set": {
                 str(s): int(v) for s, v in c.lesions.frame["dataset"].value_counts().items()
             },
@@ -215,6 +218,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-set", type=int, default=250, help="training photos per set")
     p.add_argument("--copies", type=int, default=1, help="varied copies per training photo")
     p.add_argument(
+        "--phone-copies", type=int, default=1,
+        help="phone-look copies per dermoscopy training photo (positives of the phone domain)",
+    )  # fmt: skip
+    p.add_argument(
         "--artefact-per-set", type=int, default=60, help="validation photos given artefacts"
     )
     p.add_argument("--crops", type=int, default=4, help="random crops per non-skin photo")
@@ -230,7 +237,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="held-out non-skin views a variant's LOSO fits must refuse to be preferred",
     )
     p.add_argument("--pca", type=int, default=0, help="PCA components before the heads (0: none)")
-    p.add_argument("--target-frr", type=float, default=0.002, help="lesions refused per domain")
+    p.add_argument("--target-frr", type=float, default=0.001, help="lesions refused per domain")
     p.add_argument("--note-fpr", type=float, default=0.05, help="artefact notes given wrongly")
     p.add_argument("--cost", type=float, default=0.5, help="logistic regression C")
     p.add_argument("--keep", type=float, default=0.99, help="real images kept by the quality gate")

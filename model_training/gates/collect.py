@@ -1,7 +1,9 @@
 """Which images the gates are fitted and measured on, and their serve outputs.
 
 * ``lesions``: a seeded sample of training images, ``per_set`` per source, distinct lesion
-  groups first; ``copies``: ``n_copies`` heavily varied copies of each (``augment``);
+  groups first; ``copies``: ``n_copies`` heavily varied copies of each and, of each
+  dermoscopy photo, ``phone_copies`` copies made to look like phone photos (``augment``;
+  their ``kind`` is "phone_look" and their domain "phone");
 * ``valid``: every validation image; ``valid_artefacts``: a seeded sample of validation
   images per set, each with every artefact of ``model_training.artefacts`` drawn on it;
 * ``views``: the non-skin photos (``photos``), whole and cropped, split by photo.
@@ -17,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from model_training.artefacts import ARTEFACTS, with_artefact
 from model_training.data import read_datasets
-from model_training.gates.augment import draw_recipe, lesion_copy
+from model_training.gates.augment import draw_recipe, lesion_copy, phone_look
 from model_training.gates.features import FeatureStore, stable_seed
 from model_training.gates.photos import non_skin_photos, photo_views, split_photos
 from model_training.preprocessing import load_image_file
@@ -78,6 +81,44 @@ def valid_sample(val: pd.DataFrame, per_set: int, seed: int) -> pd.DataFrame:
     return pd.concat(parts).sort_values("path").reset_index(drop=True)
 
 
+def copy_key(path: str, kind: str, k: int, seed: int) -> str:
+    """Cache key of one copy (varied copies keep the keys they had before phone copies)."""
+    return f"{path}#copy{k}#{seed}" if kind == "varied" else f"{path}#{kind}{k}#{seed}"
+
+
+def lesion_copies(
+    store: FeatureStore, train: pd.DataFrame, n_copies: int, phone_copies: int, seed: int
+) -> Part:
+    """Varied copies of every training photo, phone-look copies of the dermoscopy ones."""
+    rows = []
+    for r in train.to_dict("records"):
+        path = str(r["path"])
+        for k in range(n_copies):
+            s = stable_seed(seed, path, k)
+            recipe = draw_recipe(np.random.default_rng(s))
+            rows.append({**r, "kind": "varied", "copy": k, "seed": s, **vars(recipe)})
+        if r["domain"] != "dermoscopy":
+            continue
+        for k in range(phone_copies):
+            s = stable_seed(seed, path, "phone", k)
+            rows.append(
+                {**r, "domain": "phone", "kind": "phone_look", "copy": k, "seed": s, "artefact": ""}
+            )
+    cf = pd.DataFrame(rows)
+    keys = [
+        copy_key(str(p), str(kind), int(k), seed)
+        for p, kind, k in zip(cf["path"], cf["kind"], cf["copy"], strict=True)
+    ]
+
+    def make(i: int) -> Image.Image:
+        img = load_image_file(cf.at[i, "path"])
+        if cf.at[i, "kind"] == "phone_look":
+            return phone_look(img, int(cf.at[i, "seed"]))
+        return lesion_copy(img, int(cf.at[i, "seed"]))[0]
+
+    return Part(cf, store.get("copies", keys, make))
+
+
 def collect(
     store: FeatureStore,
     data_dir: Path,
@@ -88,6 +129,7 @@ def collect(
     crops: int,
     seed: int,
     extra_photo_dirs: list[Path] | None = None,
+    phone_copies: int = 1,
 ) -> Collected:
     """Choose the images and get their serve outputs (from the cache where possible)."""
     df = read_datasets(data_dir, sets)
@@ -118,22 +160,7 @@ def collect(
     paths = [str(p) for p in train["path"]]
     lesions = Part(train, store.get("lesions", paths, lambda i: load_image_file(paths[i])))
 
-    rows = []
-    for i, path in enumerate(paths):
-        for k in range(n_copies):
-            s = stable_seed(seed, path, k)
-            recipe = draw_recipe(np.random.default_rng(s))
-            rows.append({**train.iloc[i].to_dict(), "copy": k, "seed": s, **vars(recipe)})
-    cf = pd.DataFrame(rows)
-    ckeys = [f"{p}#copy{k}#{seed}" for p, k in zip(cf["path"], cf["copy"], strict=True)]
-    copies = Part(
-        cf,
-        store.get(
-            "copies",
-            ckeys,
-            lambda i: lesion_copy(load_image_file(cf.at[i, "path"]), int(cf.at[i, "seed"]))[0],
-        ),
-    )
+    copies = lesion_copies(store, train, n_copies, phone_copies, seed)
 
     vs = valid_sample(val, artefact_per_set, seed)
     arows = [
