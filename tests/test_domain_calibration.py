@@ -96,3 +96,22 @@ def test_server_model_applies_the_artifacts_domain_calibration(
     (model_dir / FILE).unlink()
     with pytest.raises(ModelLoadError, match="domain calibration"):
         TriageModel.load(model_dir)
+
+
+def test_reads_a_named_output_square_rooted_and_old_files_still_load(tmp_path: Path) -> None:
+    logits, emb, y, domains = _two_domains()
+    feats = np.abs(emb) ** 2  # non-negative, as the pooled mid-level features are
+    dc = fit_domain_calibration(logits, feats, y, domains)
+    assert dc.embedding_output == "ood_embedding" and dc.sqrt
+    assert dc.describe()["embedding_output"] == "ood_embedding"
+    assert dc.describe()["embedding_transform"] == "sqrt"
+    dc.save(tmp_path / FILE)
+    again = DomainCalibration.load(tmp_path / FILE)
+    assert again.embedding_output == "ood_embedding" and again.sqrt
+    np.testing.assert_allclose(again.calibrate(logits, feats), dc.calibrate(logits, feats))
+    # A file from before the output could be chosen: the final embedding, not square-rooted.
+    with np.load(tmp_path / FILE) as data:
+        old = {k: data[k] for k in data.files if k not in ("embedding_output", "sqrt")}
+    np.savez(tmp_path / "old.npz", **old)
+    legacy = DomainCalibration.load(tmp_path / "old.npz")
+    assert legacy.embedding_output == "embedding" and not legacy.sqrt

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from model_training import calibration as cal
 from model_training.evaluate import (
     choose_domain_threshold,
+    choose_thresholds_per_domain,
     choose_tiers,
     crossfit_folds,
     crossfit_operating_point,
@@ -107,3 +109,38 @@ def test_crossfit_with_embeddings_calibrates_per_inferred_domain(tmp_path: Path)
     assert per["sets"]["domain:phone"]["ece"] < single["sets"]["domain:phone"]["ece"]
     card = write_model_card({}, {"crossfit": per}, tmp_path / "card.md").read_text()
     assert "per domain" in card and "domain inferred right" in card
+
+
+def test_thresholds_per_domain_reach_the_target_in_each_inferred_domain() -> None:
+    y = np.array([1, 1, 1, 1, 0, 1, 1, 0, 0, 0])
+    p = np.array([0.9, 0.8, 0.7, 0.2, 0.1, 0.6, 0.4, 0.05, 0.5, 0.3])
+    second = np.array([False] * 5 + [True] * 5)
+    got = choose_thresholds_per_domain(y, p, second, ("d", "p"), 0.75)
+    # d: positives 0.9, 0.8, 0.7, 0.2 -> the 3rd highest (3/4 = 0.75); p: 0.6, 0.4 -> 0.4.
+    assert got == {"d": 0.7, "p": 0.4}
+    # A domain without positives takes the other's threshold.
+    assert choose_thresholds_per_domain(y[:5], p[:5], second[:5], ("d", "p"), 0.75)["p"] == 0.7
+
+
+def test_crossfit_thresholds_per_domain_hold_each_domain_out_of_fold() -> None:
+    """With a shared threshold the averaged rule lets the phone domain (its calibrated
+    probabilities higher: more malignant) carry the average; per-domain thresholds keep
+    each domain near the target out of fold, and what the rule saw in fold is recorded."""
+    df, y, logits = _validation(3000, seed=4)
+    phone = (df["domain"] == "phone").to_numpy()
+    logits = np.where(phone, 3.0 * logits + 1.0, logits)
+    rng = np.random.default_rng(0)
+    emb = np.abs(rng.normal(0, 1, (len(df), 8)))
+    emb[:, 0] += np.where(phone, 4.0, 0.0)
+    per = crossfit_operating_point(
+        df, y, logits, 0.0, 0.9, embeddings=emb, thresholds="per-domain", n_boot=50
+    )
+    assert per["threshold_kind"] == "per-domain" and len(per["thresholds"]) == 5
+    assert set(per["thresholds"][0]) == {"dermoscopy", "phone"}
+    for name in ("domain:dermoscopy", "domain:phone"):
+        assert per["sets"][name]["sensitivity"] == pytest.approx(0.9, abs=0.05)
+        assert "noise_floor" in per["sets"][name]["calibration_report"]
+    assert per["mean_domain_sensitivity"] == pytest.approx(0.9, abs=0.03)
+    assert all(f["domain_accuracy:phone"] > 0.95 for f in per["in_fold"])
+    with pytest.raises(ValueError):
+        crossfit_operating_point(df, y, logits, 0.0, 0.9, thresholds="per-domain")
