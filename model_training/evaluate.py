@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -296,24 +297,54 @@ def _subgroup_columns(part: pd.DataFrame) -> dict[str, list[str]]:
     return groups
 
 
+RANKING_KEYS = ("roc_auc", "average_precision", "sensitivity_at_specificity",
+                "specificity_at_sensitivity")  # fmt: skip
+
+
+def decision_scores(p: np.ndarray, image_thresholds: np.ndarray, threshold: float) -> np.ndarray:
+    """Scores that cross ``threshold`` exactly where each ``p`` crosses its own image's
+    threshold (per inferred domain): the logit of p shifted by the difference of the two
+    thresholds' logits, so the order within a domain is kept. Images whose threshold is
+    ``threshold`` keep p itself; used only for the threshold metrics (sensitivity...)."""
+    prob = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    t_img = np.asarray(image_thresholds, dtype=np.float64)
+    logit = np.log(prob / (1 - prob)) - np.log(t_img / (1 - t_img))
+    moved = cal.sigmoid(logit + math.log(threshold / (1 - threshold)))
+    above = prob >= t_img
+    moved = np.where(
+        above, np.maximum(moved, threshold), np.minimum(moved, np.nextafter(threshold, 0))
+    )
+    return np.where(t_img == threshold, p, moved)
+
+
 def summarise(
     df: pd.DataFrame,
     logits: np.ndarray,
     p: np.ndarray,
     threshold: float,
+    decision: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Per-domain metrics with bootstrap CIs, calibration and subgroups at a threshold.
 
     Calibration "before" is the raw sigmoid(logit); "after" is the calibrated ``p``.
+    ``decision`` (:func:`decision_scores`, when thresholds differ per domain): the
+    threshold metrics and subgroups are read from it, ranking metrics from ``p``.
     """
     y = df["label"].to_numpy().astype(int)
     p_raw = cal.sigmoid(logits)
+    d = p if decision is None else decision
     domains: dict[str, Any] = {}
     calib: dict[str, Any] = {}
     subgroups: dict[str, Any] = {}
     for name, mask in _domain_sets(df).items():
-        entry = mt.binary_metrics(y[mask], p[mask], threshold)
-        entry["ci"] = mt.bootstrap_ci(y[mask], p[mask], threshold, n_boot=1000, seed=0)
+        entry = mt.binary_metrics(y[mask], d[mask], threshold)
+        entry["ci"] = mt.bootstrap_ci(y[mask], d[mask], threshold, n_boot=1000, seed=0)
+        if decision is not None:
+            ranked = mt.binary_metrics(y[mask], p[mask], threshold)
+            entry.update({k: ranked[k] for k in RANKING_KEYS})
+            entry["ci"]["roc_auc"] = mt.bootstrap_ci(
+                y[mask], p[mask], threshold, n_boot=1000, seed=0
+            )["roc_auc"]
         domains[name] = entry
         calib[name] = {
             "before": {
@@ -329,7 +360,7 @@ def summarise(
             part = df[mask]
             groups = _subgroup_columns(part)
             if groups:
-                subgroups[name] = mt.subgroup_metrics(y[mask], p[mask], threshold, groups)
+                subgroups[name] = mt.subgroup_metrics(y[mask], d[mask], threshold, groups)
     return {"domains": domains, "calibration": calib, "subgroups": subgroups}
 
 
@@ -403,7 +434,15 @@ def evaluate_artifact(
         rule = _per_domain_rule(df, y, p, read_second, domain_cal.domains, domain_thresholds,
                                 target_sensitivity)  # fmt: skip
     tiers = choose_tiers(y, p, threshold)
-    result = summarise(df, logits, p, threshold)
+    decision = None
+    if domain_thresholds is not None:
+        image_thresholds = np.where(
+            read_second,
+            domain_thresholds[domain_cal.domains[1]],
+            domain_thresholds[domain_cal.domains[0]],
+        )
+        decision = decision_scores(p, image_thresholds, threshold)
+    result = summarise(df, logits, p, threshold, decision)
     for name, mask in _domain_sets(df).items():
         result["calibration"][name]["single_temperature"] = {
             "ece": cal.expected_calibration_error(y[mask], p_single[mask]),
@@ -484,7 +523,9 @@ def evaluate_artifact(
     plots.plot_pr(curves, plots_dir / "pr.png")
     plots.plot_confusion(
         result["domains"]["pooled"]["confusion"], plots_dir / "confusion.png",
-        f"Pooled validation at threshold {threshold:.3f}",
+        f"Pooled validation at threshold {threshold:.3f}" if not domain_thresholds else
+        "Pooled validation at the thresholds per domain ("
+        + ", ".join(f"{k} {v:.3f}" for k, v in domain_thresholds.items()) + ")",
     )  # fmt: skip
     plots.plot_reliability(y, cal.sigmoid(logits), p, plots_dir / "reliability.png")
     history = meta.get("training", {}).get("history", {})

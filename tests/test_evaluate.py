@@ -15,6 +15,7 @@ from model_training.evaluate import (
     choose_tiers,
     crossfit_folds,
     crossfit_operating_point,
+    decision_scores,
 )
 from model_training.report import write_model_card
 
@@ -144,3 +145,38 @@ def test_crossfit_thresholds_per_domain_hold_each_domain_out_of_fold() -> None:
     assert all(f["domain_accuracy:phone"] > 0.95 for f in per["in_fold"])
     with pytest.raises(ValueError):
         crossfit_operating_point(df, y, logits, 0.0, 0.9, thresholds="per-domain")
+
+
+def test_model_card_shows_domain_thresholds_candidates_and_calibration_intervals(
+    tmp_path: Path,
+) -> None:
+    df, y, logits = _validation(1000, seed=5)
+    phone = (df["domain"] == "phone").to_numpy()
+    emb = np.abs(np.random.default_rng(0).normal(0, 1, (len(df), 4)))
+    emb[:, 0] += np.where(phone, 4.0, 0.0)
+    per = crossfit_operating_point(
+        df, y, logits, 0.0, 0.9, embeddings=emb, thresholds="per-domain", n_boot=20
+    )
+    metrics = {
+        "crossfit": per,
+        "crossfit_candidates": {"per-domain, thresholds per domain": per},
+        "domain_thresholds": {"dermoscopy": 0.0812, "phone": 0.1556},
+    }
+    card = write_model_card({}, metrics, tmp_path / "card.md").read_text()
+    assert "thresholds per inferred domain" in card
+    assert "**Thresholds per inferred photo domain**: dermoscopy 0.0812, phone 0.1556" in card
+    assert "| per-domain, thresholds per domain |" in card
+    assert "noise floor" in card and "adaptive ECE" in card
+
+
+def test_decision_scores_cross_the_threshold_where_each_image_crosses_its_own() -> None:
+    rng = np.random.default_rng(3)
+    p = np.concatenate([rng.random(500), [0.2, 0.1, 0.3]])
+    t_img = np.where(np.arange(p.size) % 3 == 0, 0.2, 0.1)
+    t_img[-3:] = [0.2, 0.1, 0.1]  # images exactly at their own threshold
+    d = decision_scores(p, t_img, 0.1)
+    np.testing.assert_array_equal(d >= 0.1, p >= t_img)
+    same = t_img == 0.1
+    np.testing.assert_array_equal(d[same], p[same])  # untouched where the threshold is shared
+    other = ~same
+    assert np.all(np.diff(d[other][np.argsort(p[other])]) >= 0)  # order kept within a domain
