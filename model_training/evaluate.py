@@ -340,6 +340,7 @@ def summarise(
         entry = mt.binary_metrics(y[mask], d[mask], threshold)
         entry["ci"] = mt.bootstrap_ci(y[mask], d[mask], threshold, n_boot=1000, seed=0)
         if decision is not None:
+            entry["threshold"] = None  # one per inferred domain (decision_scores)
             ranked = mt.binary_metrics(y[mask], p[mask], threshold)
             entry.update({k: ranked[k] for k in RANKING_KEYS})
             entry["ci"]["roc_auc"] = mt.bootstrap_ci(
