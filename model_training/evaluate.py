@@ -266,6 +266,20 @@ def choose_tiers(
     return tiers
 
 
+def _recount_tiers(
+    tiers: list[dict[str, Any]], y: np.ndarray, p: np.ndarray, image_thresholds: np.ndarray
+) -> None:
+    """Validation counts per tier when the lowest tier ends at each image's own threshold."""
+    for i, tier in enumerate(tiers):
+        lower = image_thresholds if i == 1 else tier["lower"]
+        upper = image_thresholds if i == 0 else tier["upper"]
+        band = (p >= lower) & ((p < upper) if i < len(tiers) - 1 else (p <= upper))
+        tier["validation"] = {
+            "n": int(band.sum()), "n_positive": int(y[band].sum()),
+            "malignant_fraction": float(y[band].mean()) if band.any() else None,
+        }  # fmt: skip
+
+
 def _domain_sets(df: pd.DataFrame) -> dict[str, np.ndarray]:
     """Row masks: each data set, each domain (dermoscopy / phone) and everything pooled."""
     sets: dict[str, np.ndarray] = {}
@@ -443,6 +457,7 @@ def evaluate_artifact(
             domain_thresholds[domain_cal.domains[0]],
         )
         decision = decision_scores(p, image_thresholds, threshold)
+        _recount_tiers(tiers, y, p, image_thresholds)
     result = summarise(df, logits, p, threshold, decision)
     for name, mask in _domain_sets(df).items():
         result["calibration"][name]["single_temperature"] = {

@@ -180,3 +180,15 @@ def test_decision_scores_cross_the_threshold_where_each_image_crosses_its_own() 
     np.testing.assert_array_equal(d[same], p[same])  # untouched where the threshold is shared
     other = ~same
     assert np.all(np.diff(d[other][np.argsort(p[other])]) >= 0)  # order kept within a domain
+
+
+def test_tier_counts_follow_each_images_own_threshold() -> None:
+    from model_training.evaluate import _recount_tiers
+
+    y = np.array([0, 1, 0, 1, 1])
+    p = np.array([0.05, 0.12, 0.12, 0.5, 0.9])
+    tiers = choose_tiers(y, p, 0.1)
+    _recount_tiers(tiers, y, p, np.array([0.1, 0.1, 0.2, 0.2, 0.2]))
+    counts = [t["validation"]["n"] for t in tiers]
+    assert sum(counts) == 5
+    assert counts[0] == 2  # 0.05 (threshold 0.1) and 0.12 (its own threshold 0.2)
