@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +240,9 @@ class Inference:
     embeddings: np.ndarray | None
     # [n, h, w] class-activation maps, when the runtime computes Grad-CAM forward
     cams: np.ndarray | None = None
+    # [n] decision threshold of each photo's inferred domain, when the artifact has one per
+    # domain (metadata domain_calibration.thresholds); None: metadata's threshold for all
+    thresholds: np.ndarray | None = None
 
 
 @dataclass
@@ -272,6 +275,7 @@ class TriageModel:
         self.model_dir = model_dir
         self.report = LoadReport()
         self.domain_calibration = load_domain_calibration(metadata, model_dir)
+        self.domain_thresholds = load_domain_thresholds(metadata, self.domain_calibration)
         self.batch_sizes: list[int] = []  # recent batch sizes (metrics; bounded below)
         self._batcher = Batcher(
             runtime.serve,
@@ -384,15 +388,23 @@ class TriageModel:
         # The output the OOD statistics were fitted on (metadata ood.embedding_output).
         embedding = outputs.get(self.metadata.ood_embedding_output)
         probabilities = self.calibrate(logits)
-        if self.domain_calibration is not None:
-            # Per-domain calibration reads the domain off the un-flipped view's embedding.
-            probabilities = self.domain_calibration.calibrate(logits, outputs["embedding"][:n])
+        thresholds = None
+        dc = self.domain_calibration
+        if dc is not None:
+            # Per-domain calibration reads the domain off the un-flipped view's output.
+            features = outputs[dc.embedding_output][:n]
+            probabilities = dc.calibrate(logits, features)
+            if self.domain_thresholds is not None:
+                second = dc.second_domain_probability(features) >= 0.5
+                low, high = self.domain_thresholds
+                thresholds = np.where(second, high, low)
         cams = outputs.get("cam") if self.runtime.forward_cam else None
         return Inference(
             logits=logits,
             probabilities=probabilities,
             embeddings=None if embedding is None else embedding[:n],
             cams=None if cams is None else cams[:n],
+            thresholds=thresholds,
         )
 
     def explain(
@@ -430,26 +442,47 @@ class TriageModel:
         return np.clip(np.nan_to_num(heat.astype(np.float32)), 0.0, 1.0), wanted
 
     # -- interpretation --------------------------------------------------------------------
-    def label_for(self, probability: float) -> str:
-        """Positive label when ``probability >= threshold``."""
+    def label_for(self, probability: float, threshold: float | None = None) -> str:
+        """Positive label when ``probability >= threshold`` (default: metadata's; a photo's own
+        is ``Inference.thresholds`` when the artifact has one per domain)."""
         meta = self.metadata
-        return meta.positive_label if probability >= meta.threshold else meta.negative_label
+        cut = meta.threshold if threshold is None else threshold
+        return meta.positive_label if probability >= cut else meta.negative_label
 
-    def tier_for(self, probability: float) -> RiskTier:
+    def tiers_for(self, threshold: float | None = None) -> tuple[RiskTier, ...]:
+        """The risk tiers with the decision threshold at ``threshold``: the tier boundary at
+        metadata's threshold moves there (load checked it stays inside its neighbours), so
+        the lowest tier is always exactly what the label calls negative."""
+        tiers = self.metadata.risk_tiers
+        old = self.metadata.threshold
+        if threshold is None or threshold == old:
+            return tiers
+        return tuple(
+            replace(
+                t,
+                lower=threshold if math.isclose(t.lower, old, abs_tol=1e-12) else t.lower,
+                upper=threshold if math.isclose(t.upper, old, abs_tol=1e-12) else t.upper,
+            )
+            for t in tiers
+        )
+
+    def tier_for(self, probability: float, threshold: float | None = None) -> RiskTier:
         """The tier whose [lower, upper) holds ``probability`` (the top tier includes 1.0)."""
-        for tier in self.metadata.risk_tiers:
+        tiers = self.tiers_for(threshold)
+        for tier in tiers:
             if tier.lower <= probability < tier.upper:
                 return tier
-        return self.metadata.risk_tiers[-1]
+        return tiers[-1]
 
-    def tier_position(self, tier: RiskTier) -> str:
+    def tier_position(self, tier: RiskTier, threshold: float | None = None) -> str:
         """Where a tier sits relative to the threshold: 'above', 'lowest' or 'between'.
 
         Used to pick default advice wording without relying on tier names.
         """
-        if tier.lower >= self.metadata.threshold - 1e-12:
+        cut = self.metadata.threshold if threshold is None else threshold
+        if tier.lower >= cut - 1e-12:
             return "above"
-        if tier == self.metadata.risk_tiers[0]:
+        if tier.name == self.metadata.risk_tiers[0].name:
             return "lowest"
         return "between"
 
@@ -463,13 +496,46 @@ def load_domain_calibration(metadata: ModelMetadata, model_dir: Path) -> DomainC
         return None
     if not isinstance(spec, Mapping) or not spec.get("file"):
         raise ModelLoadError("metadata.json domain_calibration must name its file")
-    if "embedding" not in metadata.endpoints["serve"]:
-        raise ModelLoadError("domain_calibration needs the serve endpoint's embedding output")
     path = model_dir / str(spec["file"])
     try:
-        return DomainCalibration.load(path)
+        dc = DomainCalibration.load(path)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load domain calibration {path}: {exc}") from exc
+    if dc.embedding_output not in metadata.endpoints["serve"]:
+        raise ModelLoadError(
+            f"domain_calibration needs the serve endpoint's {dc.embedding_output} output"
+        )
+    return dc
+
+
+def load_domain_thresholds(
+    metadata: ModelMetadata, dc: DomainCalibration | None
+) -> tuple[float, float] | None:
+    """(threshold of domains[0], of domains[1]) from ``domain_calibration.thresholds``, or
+    None (one threshold for every photo). Each must lie strictly inside the two tiers that
+    meet at metadata's threshold, so moving that boundary never empties or inverts a tier."""
+    spec = metadata.raw.get("domain_calibration")
+    raw = spec.get("thresholds") if isinstance(spec, Mapping) else None
+    if raw is None or dc is None:
+        return None
+    if not isinstance(raw, Mapping) or set(raw) != set(dc.domains):
+        raise ModelLoadError(f"domain_calibration.thresholds must name the domains {dc.domains}")
+    tiers = metadata.risk_tiers
+    below = [t.lower for t in tiers if math.isclose(t.upper, metadata.threshold, abs_tol=1e-12)]
+    above = [t.upper for t in tiers if math.isclose(t.lower, metadata.threshold, abs_tol=1e-12)]
+    lo, hi = (below[0] if below else 0.0), (above[0] if above else 1.0)
+    values = []
+    for name in dc.domains:
+        value = raw[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ModelLoadError(f"domain_calibration.thresholds.{name} must be a number")
+        if not lo < float(value) < hi:
+            raise ModelLoadError(
+                f"domain_calibration.thresholds.{name} = {value} is outside ({lo}, {hi}), "
+                "the tiers around the threshold"
+            )
+        values.append(float(value))
+    return values[0], values[1]
 
 
 def _check_input_signature(function: Any, endpoint: str, metadata: ModelMetadata) -> None:

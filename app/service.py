@@ -137,6 +137,7 @@ class TriageService:
         runnable = [it for it in items if it.model_input is not None]
         inference_ms = explain_ms = 0.0
         probabilities: dict[int, float] = {}
+        thresholds: dict[int, float] = {}  # a photo's own threshold (per inferred domain)
         outliers: set[int] = set()
         notes: dict[int, list[Reason]] = {}  # artefacts noted on assessed photos
         heatmaps: dict[int, tuple[np.ndarray, bool]] = {}  # map, shows evidence against
@@ -153,15 +154,20 @@ class TriageService:
                     runnable, self.gates.ood.notes(inference.embeddings), strict=True
                 ):
                     notes[it.index] = found
-            for it, p in zip(runnable, inference.probabilities, strict=True):
+            for row, (it, p) in enumerate(zip(runnable, inference.probabilities, strict=True)):
                 probabilities[it.index] = float(p)
+                if inference.thresholds is not None:
+                    thresholds[it.index] = float(inference.thresholds[row])
             to_explain = [i for i, it in enumerate(runnable) if it.index not in outliers]
             if options.explain and to_explain:
                 # A negative answer shows the evidence against the positive label: the map of
                 # evidence for it is blank (all zero after Grad-CAM's ReLU) on a clear case.
                 positive = self.model.metadata.positive_label
                 against = [
-                    self.model.label_for(probabilities[runnable[i].index]) != positive
+                    self.model.label_for(
+                        probabilities[runnable[i].index], thresholds.get(runnable[i].index)
+                    )
+                    != positive
                     for i in to_explain
                 ]
                 t0 = time.perf_counter()
@@ -190,7 +196,11 @@ class TriageService:
                 result = self._rejected("not_a_lesion", [OODGate.reason()], it.info, request_id)
             else:
                 result = self._assessed(
-                    probabilities[it.index], heatmaps.get(it.index), it.info, request_id
+                    probabilities[it.index],
+                    heatmaps.get(it.index),
+                    it.info,
+                    request_id,
+                    thresholds.get(it.index),
                 )
                 result.notes = [NoteOut(**vars(n)) for n in notes.get(it.index, [])]
             if options.preview:
@@ -242,10 +252,10 @@ class TriageService:
         item.image = img
         return item
 
-    def _base(self, request_id: str, info: ImageInfo) -> _Common:
+    def _base(self, request_id: str, info: ImageInfo, threshold: float | None = None) -> _Common:
         meta = self.model.metadata
         return {
-            "threshold": meta.threshold,
+            "threshold": meta.threshold if threshold is None else threshold,
             "model_name": meta.name,
             "model_version": meta.version,
             "request_id": request_id,
@@ -260,11 +270,13 @@ class TriageService:
         heat: tuple[np.ndarray, bool] | None,
         info: ImageInfo,
         request_id: str,
+        threshold: float | None = None,
     ) -> PredictionResult:
+        """An assessed photo's answer; ``threshold``: its own (per inferred domain), if any."""
         model = self.model
-        label = model.label_for(p)
-        tier = model.tier_for(p)
-        advice = tier.advice or TIER_ADVICE[model.tier_position(tier)]
+        label = model.label_for(p, threshold)
+        tier = model.tier_for(p, threshold)
+        advice = tier.advice or TIER_ADVICE[model.tier_position(tier, threshold)]
         positive = label == model.metadata.positive_label
         heatmap_b64 = None
         evidence: Literal["for", "against", "none"] | None = None
@@ -288,7 +300,7 @@ class TriageService:
             advice=advice,
             heatmap_png_base64=heatmap_b64,
             heatmap_evidence=evidence,
-            **self._base(request_id, info),
+            **self._base(request_id, info, threshold),
         )
 
     def _rejected(

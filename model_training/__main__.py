@@ -197,6 +197,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         update_metadata=not args.no_update,
         reuse_predictions=args.reuse_predictions,
         calibration=args.calibration,
+        thresholds=args.thresholds,
     )
     return 0
 
@@ -297,7 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--calibration", choices=["single", "per-domain"], default="single",
-        help="one temperature, or one scaling per photo domain (domain read off the embedding)",
+        help="one temperature, or one scaling per photo domain (domain read off the network's "
+        "mid-level features)",
+    )  # fmt: skip
+    p.add_argument(
+        "--thresholds", choices=["shared", "per-domain"], default="shared",
+        help="one threshold (sensitivity averaged over the domains), or one per inferred domain "
+        "(each domain's sensitivity; needs --calibration per-domain)",
     )  # fmt: skip
     p.set_defaults(func=cmd_evaluate)
 

@@ -3,7 +3,9 @@
 Dermoscopy and phone photos need different calibrations: the same logit means a different
 probability in each (different class mixes, different confidence). The server is never told
 which kind a photo is, so the artifact carries a small logistic model that reads the domain
-from the network's own embedding (which the ``serve`` endpoint returns anyway), and one
+from one of the network's own ``serve`` outputs (returned anyway: the mid-level
+``ood_embedding``, square-rooted as the skin gate reads it, tells the domains apart far better
+than the final ``embedding``, which training made largely domain-blind), and one
 Platt scaling per domain, ``sigmoid((logit + bias_d) / T_d)``. The answer is the mixture of
 the per-domain probabilities weighted by the domain probability, so a photo that looks half
 like each gets a blend rather than a jump.
@@ -23,6 +25,8 @@ import numpy as np
 import numpy.typing as npt
 
 FILE = "domain_calibration.npz"
+# What the domain classifier reads: the serve output and whether it is square-rooted first.
+DEFAULT_OUTPUT = "ood_embedding"
 
 
 def _sigmoid(x: npt.ArrayLike) -> npt.NDArray[np.float64]:
@@ -40,10 +44,13 @@ class DomainCalibration:
     intercept: float
     bias: tuple[float, float]
     temperature: tuple[float, float]
+    embedding_output: str = "embedding"  # the serve output the classifier reads
+    sqrt: bool = False  # square-root that output (clipped at 0) before standardising
 
     def second_domain_probability(self, embeddings: npt.ArrayLike) -> npt.NDArray[np.float64]:
-        """P(domains[1] | embedding) for each row of ``embeddings`` [n, d]."""
-        x = (np.asarray(embeddings, dtype=np.float64) - self.mean) / self.scale
+        """P(domains[1] | embedding) for each row of ``embeddings`` [n, d] (the serve output
+        named by ``embedding_output``)."""
+        x = (_features(embeddings, self.sqrt) - self.mean) / self.scale
         return _sigmoid(x @ self.coef + self.intercept)
 
     def per_domain(self, logits: npt.ArrayLike) -> npt.NDArray[np.float64]:
@@ -65,6 +72,7 @@ class DomainCalibration:
             path, domains=np.asarray(self.domains), mean=self.mean, scale=self.scale,
             coef=self.coef, intercept=np.float64(self.intercept), bias=np.asarray(self.bias),
             temperature=np.asarray(self.temperature),
+            embedding_output=np.asarray(self.embedding_output), sqrt=np.asarray(self.sqrt),
         )  # fmt: skip
 
     @classmethod
@@ -75,6 +83,9 @@ class DomainCalibration:
             mean, scale, coef = (np.asarray(data[k], np.float64) for k in ("mean", "scale", "coef"))
             bias, temperature = data["bias"], data["temperature"]
             intercept = float(data["intercept"])
+            # Files written before the classifier could read another output: the embedding.
+            output = str(data["embedding_output"]) if "embedding_output" in data else "embedding"
+            sqrt = bool(data["sqrt"]) if "sqrt" in data else False
         if len(domains) != 2 or not mean.shape == scale.shape == coef.shape:
             raise ValueError(f"{path}: inconsistent domain calibration")
         if np.any(np.asarray(temperature) <= 0) or np.any(scale <= 0):
@@ -82,13 +93,15 @@ class DomainCalibration:
         return cls(
             (domains[0], domains[1]), mean, scale, coef, intercept,
             (float(bias[0]), float(bias[1])), (float(temperature[0]), float(temperature[1])),
+            output, sqrt,
         )  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary for metadata.json."""
         return {
             "file": FILE,
-            "embedding_output": "embedding",
+            "embedding_output": self.embedding_output,
+            "embedding_transform": "sqrt" if self.sqrt else "none",
             "domains": list(self.domains),
             "per_domain": {
                 d: {"logit_bias": b, "temperature": t}
@@ -96,10 +109,15 @@ class DomainCalibration:
             },
             "method": (
                 "p = (1 - w) * sigmoid((logit + b_1) / T_1) + w * sigmoid((logit + b_2) / T_2), "
-                "w = P(second domain | embedding) from a logistic model; (b_d, T_d) fitted by "
-                "NLL on validation images of domain d"
+                f"w = P(second domain | {'sqrt ' if self.sqrt else ''}{self.embedding_output}) "
+                "from a logistic model; (b_d, T_d) fitted by NLL on validation images of domain d"
             ),
         }
+
+
+def _features(embeddings: npt.ArrayLike, sqrt: bool) -> npt.NDArray[np.float64]:
+    x = np.asarray(embeddings, dtype=np.float64)
+    return np.sqrt(np.maximum(x, 0.0)) if sqrt else x
 
 
 def fit_platt(logits: npt.ArrayLike, y: npt.ArrayLike) -> tuple[float, float]:
@@ -123,15 +141,19 @@ def fit_domain_calibration(
     y: npt.ArrayLike,
     domains: npt.ArrayLike,
     c: float = 0.05,
+    embedding_output: str = DEFAULT_OUTPUT,
+    sqrt: bool = True,
 ) -> DomainCalibration:
     """Fit the domain classifier and the per-domain Platt scalings on labelled images.
 
-    The classifier is L2-regularised (``c``) on standardised embeddings, and its classes are
-    weighted equally: phone photos are few, and a user's domain is not the training mix.
+    ``embeddings`` are the serve output ``embedding_output`` of the same images. The
+    classifier is L2-regularised (``c``) on standardised (optionally square-rooted) features,
+    and its classes are weighted equally: phone photos are few, and a user's domain is not
+    the training mix.
     """
     from sklearn.linear_model import LogisticRegression
 
-    emb = np.asarray(embeddings, dtype=np.float64)
+    emb = _features(embeddings, sqrt)
     names = np.asarray(domains).astype(str)
     order = tuple(sorted(set(names.tolist())))
     if len(order) != 2:
@@ -144,5 +166,5 @@ def fit_domain_calibration(
     params = [fit_platt(z[names == d], labels[names == d]) for d in order]
     return DomainCalibration(
         (order[0], order[1]), mean, scale, clf.coef_.reshape(-1), float(clf.intercept_[0]),
-        (params[0][0], params[1][0]), (params[0][1], params[1][1]),
+        (params[0][0], params[1][0]), (params[0][1], params[1][1]), embedding_output, sqrt,
     )  # fmt: skip

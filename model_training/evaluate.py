@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,9 @@ import pandas as pd
 from model_training import calibration as cal
 from model_training import isic_score, plots, report
 from model_training import metrics as mt
+from model_training.calibration_stats import calibration_report
 from model_training.data import group_bucket, read_datasets
+from model_training.domain_calibration import DEFAULT_OUTPUT as DOMAIN_OUTPUT
 from model_training.domain_calibration import FILE as DOMAIN_FILE
 from model_training.domain_calibration import fit_domain_calibration
 from model_training.export import read_metadata, write_metadata
@@ -52,7 +55,9 @@ def predict_artifact(
 
 def scores_cache(artifact: Path, image_ids: Sequence[str]) -> Path:
     """Where this SavedModel's logits and embeddings of these images are kept (outside the
-    repository: 14 MB of embeddings), keyed by the graph, its weights and the image list."""
+    repository: 14 MB of embeddings), keyed by the graph, its weights and the image list.
+    The file holds ``logits`` and ``<serve output>`` arrays (``ood_embedding``, which the
+    domain classifier reads); one without the output needed is scored again."""
     from model_training.runner import saved_model_fingerprint
 
     ids = hashlib.sha256("\n".join(image_ids).encode()).hexdigest()[:12]
@@ -95,6 +100,29 @@ def choose_domain_threshold(
     return threshold, rule
 
 
+def choose_thresholds_per_domain(
+    y: np.ndarray,
+    p: np.ndarray,
+    second: np.ndarray,
+    domains: tuple[str, str],
+    target_sensitivity: float,
+) -> dict[str, float]:
+    """One threshold per *inferred* domain: in each, the highest whose sensitivity is >= the
+    target. ``second``: whether each image was read as ``domains[1]`` (domain probability
+    >= 0.5, as the server reads it). A domain with no malignant image keeps the other's."""
+    out: dict[str, float] = {}
+    for name, mask in ((domains[0], ~second), (domains[1], second)):
+        pos = np.sort(p[mask & (y == 1)])[::-1]
+        if pos.size:
+            k = max(0, int(np.ceil(target_sensitivity * pos.size)) - 1)
+            out[name] = float(pos[k])
+    if not out:
+        raise ValueError("no malignant image to set a threshold on")
+    for name in domains:
+        out.setdefault(name, min(out.values()))
+    return out
+
+
 def crossfit_folds(groups: Sequence[str], folds: int) -> np.ndarray:
     """Fold of each row, by md5 of its group: a lesion's or patient's images stay together."""
     return np.asarray([group_bucket(str(g), folds) for g in groups], dtype=int)
@@ -108,6 +136,8 @@ def crossfit_operating_point(
     target_sensitivity: float,
     folds: int = 5,
     embeddings: np.ndarray | None = None,
+    thresholds: str = "shared",
+    n_boot: int = 0,
 ) -> dict[str, Any]:
     """Out-of-fold figures for the calibration and threshold that validation chose.
 
@@ -115,16 +145,27 @@ def crossfit_operating_point(
     reported on, which flatters them. Here each fold is scored with a calibration and a
     threshold fitted, by the same rules, on the other folds only (folds grouped by lesion or
     patient); the pooled held-out answers give sensitivity, specificity and ECE that did not
-    see their own images. With ``embeddings`` the calibration is the per-domain one (domain
-    classifier and per-domain scalings refitted per fold; the held-out fold's domain is
-    inferred, never looked up) and the single-temperature ECE is reported beside it.
+    see their own images. With ``embeddings`` (the serve output the domain classifier reads)
+    the calibration is the per-domain one (domain classifier and per-domain scalings refitted
+    per fold; the held-out fold's domain is inferred, never looked up) and the
+    single-temperature ECE is reported beside it. ``thresholds``: "shared" (one, by the
+    averaged-over-domains rule) or "per-domain" (:func:`choose_thresholds_per_domain`, applied
+    by inferred domain; needs ``embeddings``). ``in_fold`` records what each fold's rule saw on
+    its own fitting images, to compare with what held out. ``n_boot`` > 0 adds
+    :func:`calibration_stats.calibration_report` per set (intervals, noise floor).
     """
+    if thresholds not in ("shared", "per-domain"):
+        raise ValueError(f"thresholds must be 'shared' or 'per-domain', not {thresholds!r}")
+    if thresholds == "per-domain" and embeddings is None:
+        raise ValueError("per-domain thresholds need the domain classifier's embeddings")
     fold = crossfit_folds(df["group"].tolist(), folds)
+    domain = df["domain"].astype(str).to_numpy()
     p_out = np.zeros(len(y))
     p_single = np.zeros(len(y))
     pred = np.zeros(len(y), dtype=bool)
     domain_hits = np.zeros(len(y), dtype=bool)
-    thresholds = []
+    chosen: list[Any] = []
+    in_fold: list[dict[str, Any]] = []
     for k in range(folds):
         held, fit = fold == k, fold != k
         if not held.any():
@@ -133,23 +174,46 @@ def crossfit_operating_point(
         p_single[held] = cal.calibrate(logits[held], bias, t_k)
         p_fit = cal.calibrate(logits[fit], bias, t_k)
         p_out[held] = p_single[held]
+        read_fit: np.ndarray | None = None
         if embeddings is not None:
-            dc = fit_domain_calibration(
-                logits[fit], embeddings[fit], y[fit], df.loc[fit, "domain"].to_numpy()
-            )
+            dc = fit_domain_calibration(logits[fit], embeddings[fit], y[fit], domain[fit])
             p_fit = dc.calibrate(logits[fit], embeddings[fit])
             p_out[held] = dc.calibrate(logits[held], embeddings[held])
+            read_fit = dc.second_domain_probability(embeddings[fit]) >= 0.5
             second = dc.second_domain_probability(embeddings[held]) >= 0.5
-            domain_hits[held] = second == (df.loc[held, "domain"] == dc.domains[1]).to_numpy()
-        thr_k, _ = choose_domain_threshold(
-            df[fit].reset_index(drop=True), y[fit], p_fit, target_sensitivity
-        )
-        pred[held] = p_out[held] >= thr_k
-        thresholds.append(thr_k)
+            domain_hits[held] = second == (domain[held] == dc.domains[1])
+        if thresholds == "per-domain":
+            assert read_fit is not None
+            per = choose_thresholds_per_domain(
+                y[fit], p_fit, read_fit, dc.domains, target_sensitivity
+            )
+            pred_fit = p_fit >= np.where(read_fit, per[dc.domains[1]], per[dc.domains[0]])
+            pred[held] = p_out[held] >= np.where(second, per[dc.domains[1]], per[dc.domains[0]])
+            chosen.append(per)
+        else:
+            thr_k, _ = choose_domain_threshold(
+                df[fit].reset_index(drop=True), y[fit], p_fit, target_sensitivity
+            )
+            pred_fit = p_fit >= thr_k
+            pred[held] = p_out[held] >= thr_k
+            chosen.append(thr_k)
+        seen: dict[str, Any] = {}
+        for name in sorted(set(domain[fit].tolist())):
+            m = (domain[fit] == name) & (y[fit] == 1)
+            seen[f"sensitivity:{name}"] = float(pred_fit[m].mean()) if m.any() else None
+            if read_fit is not None:
+                truly = domain[fit] == name
+                seen[f"domain_accuracy:{name}"] = float(
+                    np.mean(read_fit[truly] == (name == dc.domains[1]))
+                )
+        in_fold.append(seen)
     out: dict[str, Any] = {"folds": folds, "grouped_by": "lesion or patient"}
     out["calibration"] = "per domain" if embeddings is not None else "single temperature"
-    out["thresholds"] = thresholds
+    out["threshold_kind"] = thresholds
+    out["thresholds"] = chosen
+    out["in_fold"] = in_fold
     out["sets"] = {}
+    groups = df["group"].astype(str).to_numpy()
     for name, mask in _domain_sets(df).items():
         pos, neg = mask & (y == 1), mask & (y == 0)
         out["sets"][name] = {
@@ -157,9 +221,18 @@ def crossfit_operating_point(
             "specificity": float(np.mean(~pred[neg])) if neg.any() else None,
             "ece": cal.expected_calibration_error(y[mask], p_out[mask]),
             "ece_single_temperature": cal.expected_calibration_error(y[mask], p_single[mask]),
+            "brier": cal.brier_score(y[mask], p_out[mask]),
         }
         if embeddings is not None:
             out["sets"][name]["domain_accuracy"] = float(domain_hits[mask].mean())
+        if n_boot > 0:
+            out["sets"][name]["calibration_report"] = calibration_report(
+                y[mask], p_out[mask], groups[mask].tolist(), n_boot=n_boot
+            )
+    names = [n for n in out["sets"] if n.startswith("domain:")]
+    sens = [out["sets"][n]["sensitivity"] for n in names]
+    if sens and all(s is not None for s in sens):
+        out["mean_domain_sensitivity"] = float(np.mean(sens))
     return out
 
 
@@ -193,6 +266,20 @@ def choose_tiers(
     return tiers
 
 
+def _recount_tiers(
+    tiers: list[dict[str, Any]], y: np.ndarray, p: np.ndarray, image_thresholds: np.ndarray
+) -> None:
+    """Validation counts per tier when the lowest tier ends at each image's own threshold."""
+    for i, tier in enumerate(tiers):
+        lower = image_thresholds if i == 1 else tier["lower"]
+        upper = image_thresholds if i == 0 else tier["upper"]
+        band = (p >= lower) & ((p < upper) if i < len(tiers) - 1 else (p <= upper))
+        tier["validation"] = {
+            "n": int(band.sum()), "n_positive": int(y[band].sum()),
+            "malignant_fraction": float(y[band].mean()) if band.any() else None,
+        }  # fmt: skip
+
+
 def _domain_sets(df: pd.DataFrame) -> dict[str, np.ndarray]:
     """Row masks: each data set, each domain (dermoscopy / phone) and everything pooled."""
     sets: dict[str, np.ndarray] = {}
@@ -224,24 +311,55 @@ def _subgroup_columns(part: pd.DataFrame) -> dict[str, list[str]]:
     return groups
 
 
+RANKING_KEYS = ("roc_auc", "average_precision", "sensitivity_at_specificity",
+                "specificity_at_sensitivity")  # fmt: skip
+
+
+def decision_scores(p: np.ndarray, image_thresholds: np.ndarray, threshold: float) -> np.ndarray:
+    """Scores that cross ``threshold`` exactly where each ``p`` crosses its own image's
+    threshold (per inferred domain): the logit of p shifted by the difference of the two
+    thresholds' logits, so the order within a domain is kept. Images whose threshold is
+    ``threshold`` keep p itself; used only for the threshold metrics (sensitivity...)."""
+    prob = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    t_img = np.asarray(image_thresholds, dtype=np.float64)
+    logit = np.log(prob / (1 - prob)) - np.log(t_img / (1 - t_img))
+    moved = cal.sigmoid(logit + math.log(threshold / (1 - threshold)))
+    above = prob >= t_img
+    moved = np.where(
+        above, np.maximum(moved, threshold), np.minimum(moved, np.nextafter(threshold, 0))
+    )
+    return np.where(t_img == threshold, p, moved)
+
+
 def summarise(
     df: pd.DataFrame,
     logits: np.ndarray,
     p: np.ndarray,
     threshold: float,
+    decision: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Per-domain metrics with bootstrap CIs, calibration and subgroups at a threshold.
 
     Calibration "before" is the raw sigmoid(logit); "after" is the calibrated ``p``.
+    ``decision`` (:func:`decision_scores`, when thresholds differ per domain): the
+    threshold metrics and subgroups are read from it, ranking metrics from ``p``.
     """
     y = df["label"].to_numpy().astype(int)
     p_raw = cal.sigmoid(logits)
+    d = p if decision is None else decision
     domains: dict[str, Any] = {}
     calib: dict[str, Any] = {}
     subgroups: dict[str, Any] = {}
     for name, mask in _domain_sets(df).items():
-        entry = mt.binary_metrics(y[mask], p[mask], threshold)
-        entry["ci"] = mt.bootstrap_ci(y[mask], p[mask], threshold, n_boot=1000, seed=0)
+        entry = mt.binary_metrics(y[mask], d[mask], threshold)
+        entry["ci"] = mt.bootstrap_ci(y[mask], d[mask], threshold, n_boot=1000, seed=0)
+        if decision is not None:
+            entry["threshold"] = None  # one per inferred domain (decision_scores)
+            ranked = mt.binary_metrics(y[mask], p[mask], threshold)
+            entry.update({k: ranked[k] for k in RANKING_KEYS})
+            entry["ci"]["roc_auc"] = mt.bootstrap_ci(
+                y[mask], p[mask], threshold, n_boot=1000, seed=0
+            )["roc_auc"]
         domains[name] = entry
         calib[name] = {
             "before": {
@@ -257,7 +375,7 @@ def summarise(
             part = df[mask]
             groups = _subgroup_columns(part)
             if groups:
-                subgroups[name] = mt.subgroup_metrics(y[mask], p[mask], threshold, groups)
+                subgroups[name] = mt.subgroup_metrics(y[mask], d[mask], threshold, groups)
     return {"domains": domains, "calibration": calib, "subgroups": subgroups}
 
 
@@ -270,6 +388,7 @@ def evaluate_artifact(
     update_metadata: bool = True,
     reuse_predictions: bool = False,
     calibration: str = "single",
+    thresholds: str = "shared",
 ) -> dict[str, Any]:
     """Validate, calibrate, choose threshold and tiers, write metrics.json, plots, model card.
 
@@ -277,6 +396,11 @@ def evaluate_artifact(
     (``model_training.domain_calibration``). Both are measured out of fold either way
     (``crossfit`` for the one chosen, ``crossfit_alternative`` for the other), so the choice
     is documented by figures that did not see their own images.
+    ``thresholds``: "shared" (one threshold, sensitivity averaged over the domains >= the
+    target) or "per-domain" (with per-domain calibration only: one threshold per inferred
+    domain, each domain's sensitivity >= the target; :func:`choose_thresholds_per_domain`).
+    ``crossfit_candidates`` holds all three combinations out of fold, with calibration
+    intervals and noise floors (``calibration_stats``).
 
     ``reuse_predictions`` re-reads the logits this artifact's SavedModel produced in an earlier
     run (``validation_predictions.csv``) instead of scoring again, e.g. after changing a
@@ -288,15 +412,23 @@ def evaluate_artifact(
     previous: dict[str, Any] = {}
     if (artifact / "metrics.json").exists():
         previous = json.loads((artifact / "metrics.json").read_text())
+    if thresholds not in ("shared", "per-domain"):
+        raise ValueError(f"thresholds must be 'shared' or 'per-domain', not {thresholds!r}")
+    if thresholds == "per-domain" and calibration != "per-domain":
+        raise ValueError("per-domain thresholds need --calibration per-domain")
     cache = scores_cache(artifact, df["image_id"].tolist())
+    cached: dict[str, np.ndarray] = {}
     if reuse_predictions and cache.exists():
         with np.load(cache, allow_pickle=False) as data:
-            logits, embeddings = data["logits"], data["embeddings"]
+            cached = {k: data[k] for k in data.files}
+    if "logits" in cached and DOMAIN_OUTPUT in cached:
+        logits, embeddings = cached["logits"], cached[DOMAIN_OUTPUT]
         sec_per_image = float(previous.get("inference_seconds_per_image", float("nan")))
     else:
         logits, embeddings, sec_per_image = predict_artifact(artifact, df["path"].tolist())
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, logits=logits, embeddings=embeddings)
+        arrays: dict[str, Any] = {**cached, "logits": logits, DOMAIN_OUTPUT: embeddings}
+        np.savez(cache, **arrays)
 
     meta = read_metadata(artifact)
     bias = float(meta.get("logit_bias", 0.0))
@@ -307,8 +439,26 @@ def evaluate_artifact(
     per_domain = calibration == "per-domain"
     p = domain_cal.calibrate(logits, embeddings) if per_domain else p_single
     threshold, rule = choose_domain_threshold(df, y, p, target_sensitivity)
+    domain_thresholds: dict[str, float] | None = None
+    read_second = domain_cal.second_domain_probability(embeddings) >= 0.5
+    if thresholds == "per-domain":
+        domain_thresholds = choose_thresholds_per_domain(
+            y, p, read_second, domain_cal.domains, target_sensitivity
+        )
+        threshold = domain_thresholds[domain_cal.domains[0]]
+        rule = _per_domain_rule(df, y, p, read_second, domain_cal.domains, domain_thresholds,
+                                target_sensitivity)  # fmt: skip
     tiers = choose_tiers(y, p, threshold)
-    result = summarise(df, logits, p, threshold)
+    decision = None
+    if domain_thresholds is not None:
+        image_thresholds = np.where(
+            read_second,
+            domain_thresholds[domain_cal.domains[1]],
+            domain_thresholds[domain_cal.domains[0]],
+        )
+        decision = decision_scores(p, image_thresholds, threshold)
+        _recount_tiers(tiers, y, p, image_thresholds)
+    result = summarise(df, logits, p, threshold, decision)
     for name, mask in _domain_sets(df).items():
         result["calibration"][name]["single_temperature"] = {
             "ece": cal.expected_calibration_error(y[mask], p_single[mask]),
@@ -324,14 +474,27 @@ def evaluate_artifact(
         result["calibration"]["method"] = SINGLE_METHOD
         result["calibration"]["fitted_on"] = "pooled validation splits"
     result.update(threshold=threshold, threshold_rule=rule, risk_tiers=tiers)
+    if domain_thresholds is not None:
+        result["domain_thresholds"] = domain_thresholds
     result["inference_seconds_per_image"] = sec_per_image
-    chosen, other = (embeddings, None) if per_domain else (None, embeddings)
-    result["crossfit"] = crossfit_operating_point(
-        df, y, logits, bias, target_sensitivity, embeddings=chosen
-    )
-    alternative = crossfit_operating_point(
-        df, y, logits, bias, target_sensitivity, embeddings=other
-    )
+    # Every candidate out of fold (docs/calibration.md: the rule that chose among them).
+    candidates = {
+        "single": (None, "shared"),
+        "per-domain": (embeddings, "shared"),
+        "per-domain, thresholds per domain": (embeddings, "per-domain"),
+    }
+    measured = {
+        name: crossfit_operating_point(
+            df, y, logits, bias, target_sensitivity, embeddings=emb, thresholds=kind, n_boot=1000
+        )
+        for name, (emb, kind) in candidates.items()
+    }
+    chosen_name = "single" if not per_domain else (
+        "per-domain, thresholds per domain" if domain_thresholds else "per-domain"
+    )  # fmt: skip
+    result["crossfit"] = measured[chosen_name]
+    result["crossfit_candidates"] = measured
+    alternative = measured["per-domain" if not per_domain else "single"]
     alternative["roc_auc"] = {
         name: mt.binary_metrics(y[m], p_alt[m], threshold)["roc_auc"]
         for p_alt in [p_single if per_domain else domain_cal.calibrate(logits, embeddings)]
@@ -376,7 +539,9 @@ def evaluate_artifact(
     plots.plot_pr(curves, plots_dir / "pr.png")
     plots.plot_confusion(
         result["domains"]["pooled"]["confusion"], plots_dir / "confusion.png",
-        f"Pooled validation at threshold {threshold:.3f}",
+        f"Pooled validation at threshold {threshold:.3f}" if not domain_thresholds else
+        "Pooled validation at the thresholds per domain ("
+        + ", ".join(f"{k} {v:.3f}" for k, v in domain_thresholds.items()) + ")",
     )  # fmt: skip
     plots.plot_reliability(y, cal.sigmoid(logits), p, plots_dir / "reliability.png")
     history = meta.get("training", {}).get("history", {})
@@ -404,6 +569,8 @@ def evaluate_artifact(
         if per_domain:
             domain_cal.save(artifact / DOMAIN_FILE)
             meta["domain_calibration"] = domain_cal.describe()
+            if domain_thresholds is not None:
+                meta["domain_calibration"]["thresholds"] = domain_thresholds
         else:
             (artifact / DOMAIN_FILE).unlink(missing_ok=True)
             meta.pop("domain_calibration", None)
@@ -418,6 +585,37 @@ def evaluate_artifact(
         write_metadata(artifact, meta)
     report.write_model_card(meta, result, artifact / "MODEL_CARD.md")
     return result
+
+
+def _per_domain_rule(
+    df: pd.DataFrame,
+    y: np.ndarray,
+    p: np.ndarray,
+    read_second: np.ndarray,
+    domains: tuple[str, str],
+    thresholds: dict[str, float],
+    target_sensitivity: float,
+) -> str:
+    """The threshold rule's text, with the validation figures it gives."""
+    t = np.where(read_second, thresholds[domains[1]], thresholds[domains[0]])
+    pred = p >= t
+    parts = []
+    for name in domains:
+        m = (df["domain"] == name).to_numpy()
+        parts.append(
+            f"{name}: sensitivity {np.mean(pred[m & (y == 1)]):.3f}, "
+            f"specificity {np.mean(~pred[m & (y == 0)]):.3f}"
+        )
+    pooled = (
+        f"pooled: sensitivity {np.mean(pred[y == 1]):.3f}, specificity {np.mean(~pred[y == 0]):.3f}"
+    )
+    return (
+        "label malignant when calibrated p >= the threshold of the photo's inferred domain ("
+        + ", ".join(f"{d} {thresholds[d]:.4f}" for d in domains)
+        + f"; domain read by the calibration's domain model, P >= 0.5): in each domain the "
+        f"highest threshold whose validation sensitivity is >= {target_sensitivity:.2f} (so "
+        f"the average over the domains is too); " + "; ".join([*parts, pooled])
+    )
 
 
 def _headline(result: dict[str, Any]) -> dict[str, Any]:

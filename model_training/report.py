@@ -344,8 +344,14 @@ def _crossfit_lines(crossfit: Any) -> list[str]:
     lines = [
         f"Out of fold ({_fmt(crossfit.get('folds'))} folds grouped by "
         f"{crossfit.get('grouped_by', 'group')}; each fold answered with a calibration "
-        f"({crossfit.get('calibration', 'single temperature')}) and a threshold fitted by the "
-        "same rules on the other folds), so these figures did not see their own images:",
+        f"({crossfit.get('calibration', 'single temperature')}) and "
+        + (
+            "thresholds per inferred domain"
+            if crossfit.get("threshold_kind") == "per-domain"
+            else "a threshold"
+        )
+        + " fitted by the same rules on the other folds), so these figures did not see their "
+        "own images:",
         "",
     ]
     sets = crossfit["sets"]
@@ -356,6 +362,75 @@ def _crossfit_lines(crossfit: Any) -> list[str]:
         for v in [sets[name]]
     ]  # fmt: skip
     head = ["Set", "sensitivity", "specificity", "ECE", "ECE single T", "domain inferred right"]
+    lines += _table(head, rows)
+    return lines + _calibration_interval_lines(sets)
+
+
+def _interval(entry: Any, digits: int = 3) -> str:
+    if not isinstance(entry, Mapping):
+        return "n/a"
+    return (
+        f"{_fmt(entry.get('estimate'), digits)} "
+        f"({_fmt(entry.get('lower'), digits)}-{_fmt(entry.get('upper'), digits)})"
+    )
+
+
+def _calibration_interval_lines(sets: Mapping[str, Any]) -> list[str]:
+    """Out-of-fold calibration per set with 95% intervals and the noise floor, if measured."""
+    reports = {
+        name: v["calibration_report"]
+        for name, v in sets.items()
+        if isinstance(v, Mapping) and isinstance(v.get("calibration_report"), Mapping)
+    }
+    if not reports:
+        return []
+    lines = [
+        "Out-of-fold calibration with 95% bootstrap intervals (whole lesions or patients "
+        "resampled). ECE: 15 equal-width bins; adaptive ECE: 5 equal-mass bins; intercept and "
+        "slope of sigmoid(a + b logit p) (perfect: 0 and 1). The noise floor is the mean "
+        "(95th percentile) ECE of these same probabilities against labels drawn from "
+        "themselves, i.e. what perfect calibration scores at this n: an ECE below it cannot "
+        "be told from perfect calibration. Binned ECEs are biased upwards, more so on "
+        "resamples, so their intervals can sit above the estimate.",
+        "",
+    ]
+    rows = []
+    for name in _ordered(list(reports), DOMAIN_ORDER, last=("pooled",)):
+        r = reports[name]
+        floor = r.get("noise_floor", {})
+        rows.append([
+            _cell(name), _fmt(r.get("n")), _interval(r.get("ece")),
+            f"{_fmt(floor.get('ece_mean'))} ({_fmt(floor.get('ece_upper'))})",
+            _interval(r.get("ece_adaptive")),
+            f"{_fmt(floor.get('ece_adaptive_mean'))} ({_fmt(floor.get('ece_adaptive_upper'))})",
+            _interval(r.get("brier"), 4), _interval(r.get("intercept"), 2),
+            _interval(r.get("slope"), 2),
+        ])  # fmt: skip
+    head = ["Set", "n", "ECE", "noise floor", "adaptive ECE", "noise floor", "Brier",
+            "intercept", "slope"]  # fmt: skip
+    return lines + _table(head, rows)
+
+
+def _candidate_lines(candidates: Any) -> list[str]:
+    """Every calibration/threshold combination out of fold (docs/calibration.md's rule)."""
+    if not isinstance(candidates, Mapping) or not candidates:
+        return []
+    lines = [
+        "Every candidate out of fold (the rule that chose among them, fixed before they were "
+        "compared, is in docs/calibration.md); sensitivity / specificity / ECE:",
+        "",
+    ]
+    rows = []
+    for name, c in candidates.items():
+        sets = c.get("sets", {}) if isinstance(c, Mapping) else {}
+        cells = [
+            f"{_fmt(v.get('sensitivity'))} / {_fmt(v.get('specificity'))} / {_fmt(v.get('ece'))}"
+            for key in ("domain:dermoscopy", "domain:phone", "pooled")
+            for v in [sets.get(key, {})]
+        ]
+        rows.append([_cell(name), _fmt(c.get("mean_domain_sensitivity")), *cells])
+    head = ["Calibration, threshold", "mean of domains' sensitivity", "dermoscopy", "phone",
+            "pooled"]  # fmt: skip
     return lines + _table(head, rows)
 
 
@@ -367,9 +442,18 @@ def _section_threshold(metadata: Mapping[str, Any], metrics: Mapping[str, Any]) 
         rule = thr.get("rule", rule)
         thr = thr.get("value")
     lines.append(f"- **Threshold**: {_fmt(thr, 4) if thr is not None else NOT_MEASURED}")
+    per_domain = metrics.get("domain_thresholds")
+    if isinstance(per_domain, Mapping):
+        lines.append(
+            "- **Thresholds per inferred photo domain**: "
+            + ", ".join(f"{k} {_fmt(v, 4)}" for k, v in per_domain.items())
+            + " (the risk tiers' lowest boundary moves with them; the threshold above is the "
+            "first domain's)"
+        )
     lines.append(f"- **Rule**: {_cell(str(rule)) if rule else NOT_MEASURED}")
     lines.append("")
     lines += _crossfit_lines(metrics.get("crossfit"))
+    lines += _candidate_lines(metrics.get("crossfit_candidates"))
     tiers = metrics.get("risk_tiers") or metadata.get("risk_tiers")
     if not tiers:
         return [*lines, f"Risk tiers: {NOT_MEASURED}.", ""]

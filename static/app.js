@@ -218,8 +218,26 @@
   // it: each risk tier gets an equal-width segment and p is placed linearly inside its tier,
   // clear of the segment's edges, so a small tier (e.g. 0–5%) stays readable on a phone and
   // the marker never sits on the threshold; tick labels give the real percentages.
-  function barPosition(p) {
+  // The model's tiers with the decision threshold at the result's own (one per inferred photo
+  // domain in some artifacts), as app.model.TriageModel.tiers_for moves it.
+  function tiersFor(r) {
     var tiers = model ? model.tiers : [];
+    if (!model || typeof r.threshold !== "number" || r.threshold === model.threshold) return tiers;
+    return tiers.map(function (t) {
+      var c = Object.assign({}, t);
+      if (Math.abs(t.lower - model.threshold) < 1e-12) {
+        c.lower = r.threshold;
+        c.lower_label = bound(r.threshold);
+      }
+      if (Math.abs(t.upper - model.threshold) < 1e-12) {
+        c.upper = r.threshold;
+        c.upper_label = bound(r.threshold);
+      }
+      return c;
+    });
+  }
+
+  function barPosition(p, tiers) {
     var n = tiers.length;
     var inset = model ? model.bar_inset || 0 : 0;
     p = Math.min(Math.max(p, 0), 1);
@@ -236,7 +254,7 @@
 
   function probabilityBar(r) {
     var p = r.probability_malignant;
-    var tiers = model ? model.tiers : [];
+    var tiers = tiersFor(r);
     var range = bound(r.risk_tier.lower) + "–" + bound(r.risk_tier.upper);
     // Coordinates in percent of the width (no viewBox: the value label is not stretched).
     var bar = svg("svg", {
@@ -250,10 +268,10 @@
       bar.appendChild(svg("rect", { class: "band level-" + t.level, x: t.x, y: 22, width: t.width, height: 30 }));
     });
     bar.appendChild(svg("rect", { class: "frame", x: 0, y: 22, width: "100%", height: 30 }));
-    var position = barPosition(p);
+    var position = barPosition(p, tiers);
     var x = (position * 100).toFixed(3) + "%";
     bar.appendChild(svg("rect", { class: "fill", x: 0, y: 33, width: x, height: 8 }));
-    var t = model && model.threshold_x ? model.threshold_x : (barPosition(r.threshold) * 100).toFixed(3) + "%";
+    var t = model && model.threshold_x ? model.threshold_x : (barPosition(r.threshold, tiers) * 100).toFixed(3) + "%";
     bar.appendChild(svg("line", { class: "threshold", x1: t, x2: t, y1: 18, y2: 56 }));
     ["needle-halo", "needle"].forEach(function (cls) {
       bar.appendChild(svg("line", { class: cls, x1: x, x2: x, y1: 17, y2: 55 }));

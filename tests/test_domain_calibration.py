@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -96,3 +97,109 @@ def test_server_model_applies_the_artifacts_domain_calibration(
     (model_dir / FILE).unlink()
     with pytest.raises(ModelLoadError, match="domain calibration"):
         TriageModel.load(model_dir)
+
+
+def test_reads_a_named_output_square_rooted_and_old_files_still_load(tmp_path: Path) -> None:
+    logits, emb, y, domains = _two_domains()
+    feats = np.abs(emb) ** 2  # non-negative, as the pooled mid-level features are
+    dc = fit_domain_calibration(logits, feats, y, domains)
+    assert dc.embedding_output == "ood_embedding" and dc.sqrt
+    assert dc.describe()["embedding_output"] == "ood_embedding"
+    assert dc.describe()["embedding_transform"] == "sqrt"
+    dc.save(tmp_path / FILE)
+    again = DomainCalibration.load(tmp_path / FILE)
+    assert again.embedding_output == "ood_embedding" and again.sqrt
+    np.testing.assert_allclose(again.calibrate(logits, feats), dc.calibrate(logits, feats))
+    # A file from before the output could be chosen: the final embedding, not square-rooted.
+    with np.load(tmp_path / FILE) as data:
+        old = {k: data[k] for k in data.files if k not in ("embedding_output", "sqrt")}
+    np.savez(tmp_path / "old.npz", **old)
+    legacy = DomainCalibration.load(tmp_path / "old.npz")
+    assert legacy.embedding_output == "embedding" and not legacy.sqrt
+
+
+def _reading_half_as_phone(served: dict[str, np.ndarray]) -> DomainCalibration:
+    """A calibration on sqrt(ood_embedding) whose domain model reads about half the photos
+    as phone photos (intercept at the median score)."""
+    feats = np.sqrt(np.maximum(served["ood_embedding"].astype(np.float64), 0.0))
+    dim = feats.shape[1]
+    coef = np.random.default_rng(1).normal(0, 1, dim)
+    mean, scale = feats.mean(axis=0), feats.std(axis=0) + 1e-6
+    scores = ((feats - mean) / scale) @ coef
+    return DomainCalibration(
+        ("dermoscopy", "phone"), mean, scale, coef, -float(np.median(scores)), (-0.5, 0.8),
+        (1.3, 2.5), "ood_embedding", True,
+    )  # fmt: skip
+
+
+def test_server_applies_a_threshold_per_inferred_domain(
+    artifact_copy: Callable[..., Path],
+    server_factory: Callable[..., Any],
+    image_bytes: dict[str, bytes],
+) -> None:
+    """metadata domain_calibration.thresholds: each photo is labelled, tiered and answered
+    with the threshold of the domain its own features are read as, over HTTP too."""
+    plain = TriageModel.load(artifact_copy("plain"))
+    names = [p.name for p in IMAGES[:6]]
+    batch = np.stack(
+        [resize_to_input(Image.open(p), plain.metadata.input_size) for p in IMAGES[:6]]
+    ).astype(np.float32)
+    served = plain._call("serve", batch)
+    dc = _reading_half_as_phone(served)
+    phone = dc.second_domain_probability(served["ood_embedding"]) >= 0.5
+    assert 0 < phone.sum() < len(phone)
+    spec = {**dc.describe(), "thresholds": {"dermoscopy": 0.25, "phone": 0.9}}
+    model_dir = artifact_copy("per-domain-thresholds", domain_calibration=spec)
+    dc.save(model_dir / FILE)
+    model = TriageModel.load(model_dir)
+    out = model.infer(batch)
+    np.testing.assert_allclose(
+        out.probabilities, dc.calibrate(served["logit"], served["ood_embedding"]), rtol=1e-5
+    )
+    assert out.thresholds is not None
+    np.testing.assert_array_equal(out.thresholds, np.where(phone, 0.9, 0.25))
+    # The tiers (low 0-0.2, moderate 0.2-0.4, high 0.4-1, threshold 0.4) follow the threshold.
+    assert [(t.name, t.lower, t.upper) for t in model.tiers_for(0.9)] == [
+        ("low", 0.0, 0.2), ("moderate", 0.2, 0.9), ("high", 0.9, 1.0)
+    ]  # fmt: skip
+    assert model.tier_for(0.5, 0.9).name == "moderate" and model.tier_for(0.5).name == "high"
+    assert model.label_for(0.5, 0.9) == "benign" and model.label_for(0.5) == "malignant"
+    assert model.tier_position(model.tier_for(0.95, 0.9), 0.9) == "above"
+
+    with server_factory(model_dir=model_dir) as live, live.client() as c:
+        for name, p, t in zip(names, out.probabilities, out.thresholds, strict=True):
+            body = c.post(
+                "/predict?explain=false", files={"file": (name, image_bytes[name], "image/jpeg")}
+            ).json()
+            assert body["status"] == "ok", body
+            assert body["threshold"] == pytest.approx(t)
+            assert body["label"] == ("malignant" if p >= t else "benign")
+            tier = model.tier_for(float(p), float(t))
+            assert body["risk_tier"]["name"] == tier.name
+            assert body["risk_tier"]["upper"] == pytest.approx(tier.upper)
+        page = c.post("/assess", files={"file": (names[0], image_bytes[names[0]], "image/jpeg")})
+        assert page.status_code == 200
+        want = "90%" if phone[0] else "25%"
+        assert f"doctor's check from {want}" in page.text
+
+
+def test_domain_thresholds_outside_the_neighbouring_tiers_are_refused(
+    artifact_copy: Callable[..., Path],
+) -> None:
+    plain = TriageModel.load(artifact_copy("plain"))
+    batch = np.stack(
+        [resize_to_input(Image.open(p), plain.metadata.input_size) for p in IMAGES[:4]]
+    ).astype(np.float32)
+    dc = _reading_half_as_phone(plain._call("serve", batch))
+    bad_thresholds: list[dict[str, Any]] = [
+        {"dermoscopy": 0.1, "phone": 0.5},  # below the tier under the threshold (0.2-0.4)
+        {"dermoscopy": 0.3},  # a domain missing
+        {"dermoscopy": "x", "phone": 0.5},
+    ]
+    for i, bad in enumerate(bad_thresholds):
+        model_dir = artifact_copy(
+            f"bad-{i}", domain_calibration={**dc.describe(), "thresholds": bad}
+        )
+        dc.save(model_dir / FILE)
+        with pytest.raises(ModelLoadError, match="thresholds"):
+            TriageModel.load(model_dir)

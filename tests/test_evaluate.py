@@ -6,13 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from model_training import calibration as cal
 from model_training.evaluate import (
     choose_domain_threshold,
+    choose_thresholds_per_domain,
     choose_tiers,
     crossfit_folds,
     crossfit_operating_point,
+    decision_scores,
 )
 from model_training.report import write_model_card
 
@@ -107,3 +110,85 @@ def test_crossfit_with_embeddings_calibrates_per_inferred_domain(tmp_path: Path)
     assert per["sets"]["domain:phone"]["ece"] < single["sets"]["domain:phone"]["ece"]
     card = write_model_card({}, {"crossfit": per}, tmp_path / "card.md").read_text()
     assert "per domain" in card and "domain inferred right" in card
+
+
+def test_thresholds_per_domain_reach_the_target_in_each_inferred_domain() -> None:
+    y = np.array([1, 1, 1, 1, 0, 1, 1, 0, 0, 0])
+    p = np.array([0.9, 0.8, 0.7, 0.2, 0.1, 0.6, 0.4, 0.05, 0.5, 0.3])
+    second = np.array([False] * 5 + [True] * 5)
+    got = choose_thresholds_per_domain(y, p, second, ("d", "p"), 0.75)
+    # d: positives 0.9, 0.8, 0.7, 0.2 -> the 3rd highest (3/4 = 0.75); p: 0.6, 0.4 -> 0.4.
+    assert got == {"d": 0.7, "p": 0.4}
+    # A domain without positives takes the other's threshold.
+    assert choose_thresholds_per_domain(y[:5], p[:5], second[:5], ("d", "p"), 0.75)["p"] == 0.7
+
+
+def test_crossfit_thresholds_per_domain_hold_each_domain_out_of_fold() -> None:
+    """With a shared threshold the averaged rule lets the phone domain (its calibrated
+    probabilities higher: more malignant) carry the average; per-domain thresholds keep
+    each domain near the target out of fold, and what the rule saw in fold is recorded."""
+    df, y, logits = _validation(3000, seed=4)
+    phone = (df["domain"] == "phone").to_numpy()
+    logits = np.where(phone, 3.0 * logits + 1.0, logits)
+    rng = np.random.default_rng(0)
+    emb = np.abs(rng.normal(0, 1, (len(df), 8)))
+    emb[:, 0] += np.where(phone, 4.0, 0.0)
+    per = crossfit_operating_point(
+        df, y, logits, 0.0, 0.9, embeddings=emb, thresholds="per-domain", n_boot=50
+    )
+    assert per["threshold_kind"] == "per-domain" and len(per["thresholds"]) == 5
+    assert set(per["thresholds"][0]) == {"dermoscopy", "phone"}
+    for name in ("domain:dermoscopy", "domain:phone"):
+        assert per["sets"][name]["sensitivity"] == pytest.approx(0.9, abs=0.05)
+        assert "noise_floor" in per["sets"][name]["calibration_report"]
+    assert per["mean_domain_sensitivity"] == pytest.approx(0.9, abs=0.03)
+    assert all(f["domain_accuracy:phone"] > 0.95 for f in per["in_fold"])
+    with pytest.raises(ValueError):
+        crossfit_operating_point(df, y, logits, 0.0, 0.9, thresholds="per-domain")
+
+
+def test_model_card_shows_domain_thresholds_candidates_and_calibration_intervals(
+    tmp_path: Path,
+) -> None:
+    df, y, logits = _validation(1000, seed=5)
+    phone = (df["domain"] == "phone").to_numpy()
+    emb = np.abs(np.random.default_rng(0).normal(0, 1, (len(df), 4)))
+    emb[:, 0] += np.where(phone, 4.0, 0.0)
+    per = crossfit_operating_point(
+        df, y, logits, 0.0, 0.9, embeddings=emb, thresholds="per-domain", n_boot=20
+    )
+    metrics = {
+        "crossfit": per,
+        "crossfit_candidates": {"per-domain, thresholds per domain": per},
+        "domain_thresholds": {"dermoscopy": 0.0812, "phone": 0.1556},
+    }
+    card = write_model_card({}, metrics, tmp_path / "card.md").read_text()
+    assert "thresholds per inferred domain" in card
+    assert "**Thresholds per inferred photo domain**: dermoscopy 0.0812, phone 0.1556" in card
+    assert "| per-domain, thresholds per domain |" in card
+    assert "noise floor" in card and "adaptive ECE" in card
+
+
+def test_decision_scores_cross_the_threshold_where_each_image_crosses_its_own() -> None:
+    rng = np.random.default_rng(3)
+    p = np.concatenate([rng.random(500), [0.2, 0.1, 0.3]])
+    t_img = np.where(np.arange(p.size) % 3 == 0, 0.2, 0.1)
+    t_img[-3:] = [0.2, 0.1, 0.1]  # images exactly at their own threshold
+    d = decision_scores(p, t_img, 0.1)
+    np.testing.assert_array_equal(d >= 0.1, p >= t_img)
+    same = t_img == 0.1
+    np.testing.assert_array_equal(d[same], p[same])  # untouched where the threshold is shared
+    other = ~same
+    assert np.all(np.diff(d[other][np.argsort(p[other])]) >= 0)  # order kept within a domain
+
+
+def test_tier_counts_follow_each_images_own_threshold() -> None:
+    from model_training.evaluate import _recount_tiers
+
+    y = np.array([0, 1, 0, 1, 1])
+    p = np.array([0.05, 0.12, 0.12, 0.5, 0.9])
+    tiers = choose_tiers(y, p, 0.1)
+    _recount_tiers(tiers, y, p, np.array([0.1, 0.1, 0.2, 0.2, 0.2]))
+    counts = [t["validation"]["n"] for t in tiers]
+    assert sum(counts) == 5
+    assert counts[0] == 2  # 0.05 (threshold 0.1) and 0.12 (its own threshold 0.2)

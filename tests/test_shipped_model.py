@@ -109,8 +109,11 @@ def test_threshold_and_risk_tiers_are_consistent(metadata: dict[str, Any]) -> No
     assert len({t["name"] for t in tiers}) == len(tiers)
 
 
-def rescore(artifact: Path, paths: Sequence[str], batch_size: int = 16) -> np.ndarray:
-    """Logits of the SavedModel's ``serve`` as predict_artifact computes them (identity view)."""
+def rescore(
+    artifact: Path, paths: Sequence[str], batch_size: int = 16, output: str = "embedding"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of the SavedModel's ``serve`` as predict_artifact computes them (identity view),
+    and its ``output`` (what a per-domain calibration reads)."""
     import tensorflow as tf
 
     from model_training.preprocessing import image_to_input
@@ -118,14 +121,41 @@ def rescore(artifact: Path, paths: Sequence[str], batch_size: int = 16) -> np.nd
     meta = json.loads((artifact / "metadata.json").read_text())
     size = (meta["input"]["height"], meta["input"]["width"])
     model = tf.saved_model.load(str(artifact / "saved_model"))
-    logits = []
+    logits, features = [], []
     for start in range(0, len(paths), batch_size):
         batch = np.stack([image_to_input(p, size) for p in paths[start : start + batch_size]])
-        logits.append(model.serve(tf.constant(batch))["logit"].numpy())
-    return np.concatenate(logits).astype(np.float64)
+        out = model.serve(tf.constant(batch))
+        logits.append(out["logit"].numpy())
+        features.append(out[output].numpy())
+    return np.concatenate(logits).astype(np.float64), np.concatenate(features)
 
 
-def _rate_bounds(p: np.ndarray, threshold: float, positive: bool) -> tuple[float, float]:
+def served_probabilities(
+    artifact: Path, metadata: dict[str, Any], paths: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(calibrated p, each image's decision threshold) as the server computes them: the
+    single temperature, or the per-domain calibration and thresholds metadata names."""
+    spec = metadata.get("domain_calibration")
+    if spec is None:
+        logits, _ = rescore(artifact, paths)
+        shifted = logits + float(metadata.get("logit_bias", 0.0))
+        p = 1.0 / (1.0 + np.exp(-shifted / float(metadata["temperature"])))
+        return p, np.full(p.shape, float(metadata["threshold"]))
+    from model_training.domain_calibration import DomainCalibration
+
+    dc = DomainCalibration.load(artifact / spec["file"])
+    logits, features = rescore(artifact, paths, output=dc.embedding_output)
+    p = dc.calibrate(logits, features)
+    thresholds = spec.get("thresholds")
+    if thresholds is None:
+        return p, np.full(p.shape, float(metadata["threshold"]))
+    second = dc.second_domain_probability(features) >= 0.5
+    return p, np.where(second, thresholds[dc.domains[1]], thresholds[dc.domains[0]])
+
+
+def _rate_bounds(
+    p: np.ndarray, threshold: float | np.ndarray, positive: bool
+) -> tuple[float, float]:
     """(lowest, highest) rate of ``p >= threshold`` (or ``<``) when ties may go either way."""
     above_surely = p >= threshold + TIE_BAND
     above_maybe = p >= threshold - TIE_BAND
@@ -137,16 +167,13 @@ def _rate_bounds(p: np.ndarray, threshold: float, positive: bool) -> tuple[float
 @needs_data
 @pytest.mark.parametrize("name", ["isic2017", "pad-ufes-20"])
 def test_validation_metrics_reproduce(artifact: Path, metadata: dict[str, Any], name: str) -> None:
-    """ROC-AUC, sensitivity and specificity at the shipped threshold match metadata.json."""
+    """ROC-AUC, sensitivity and specificity at the shipped threshold(s) match metadata.json."""
     from model_training.data import read_dataset
 
     df = read_dataset(DATA_DIR / name, name)
     df = df[df["split"] == "valid"].reset_index(drop=True)
     y = df["label"].to_numpy().astype(int)
-    logits = rescore(artifact, df["path"].tolist())
-    shifted = logits + float(metadata.get("logit_bias", 0.0))
-    p = 1.0 / (1.0 + np.exp(-shifted / float(metadata["temperature"])))
-    threshold = float(metadata["threshold"])
+    p, threshold = served_probabilities(artifact, metadata, df["path"].tolist())
     stored = metadata["metrics"]["validation"][name]
 
     assert stored["n"] == len(df)
@@ -155,7 +182,8 @@ def test_validation_metrics_reproduce(artifact: Path, metadata: dict[str, Any], 
     ties = int(np.sum(np.abs(p - threshold) < TIE_BAND))
     assert ties <= 2, f"{ties} validation cases sit on the threshold"
     for key, positive in (("sensitivity", True), ("specificity", False)):
-        low, high = _rate_bounds(p[y == (1 if positive else 0)], threshold, positive)
+        mask = y == (1 if positive else 0)
+        low, high = _rate_bounds(p[mask], threshold[mask], positive)
         assert low - TOLERANCE <= stored[key] <= high + TOLERANCE, (key, low, high, stored[key])
 
 

@@ -153,26 +153,33 @@ def _svg_percent(fraction: float) -> str:
     return f"{100 * fraction:.3f}%"
 
 
-def _model_context(service: TriageService | None) -> dict[str, Any]:
-    """What every page shows about the model (if loaded)."""
-    if service is None:
-        return {"model": None}
-    meta = service.model.metadata
-    n = len(meta.risk_tiers)
-    tiers = [
+def _tier_views(service: TriageService, threshold: float | None) -> list[dict[str, Any]]:
+    """The risk tiers as the bar draws them, with the decision threshold at ``threshold`` (a
+    photo's own, when the artifact has one per photo domain; None: metadata's)."""
+    tiers = service.model.tiers_for(threshold)
+    n = len(tiers)
+    return [
         {
             "name": t.name,
             "lower": t.lower,
             "upper": t.upper,
-            "position": service.model.tier_position(t),
+            "position": service.model.tier_position(t, threshold),
             "level": tier_level(i, n),
             "x": _svg_percent(i / n),
             "width": _svg_percent(1 / n),
             "lower_label": bound_percent(t.lower),
             "upper_label": bound_percent(t.upper),
         }
-        for i, t in enumerate(meta.risk_tiers)
+        for i, t in enumerate(tiers)
     ]
+
+
+def _model_context(service: TriageService | None) -> dict[str, Any]:
+    """What every page shows about the model (if loaded)."""
+    if service is None:
+        return {"model": None}
+    meta = service.model.metadata
+    tiers = _tier_views(service, None)
     return {
         "model": {
             "name": meta.name,
@@ -312,15 +319,20 @@ def _result_view(result: PredictionResult, service: TriageService) -> dict[str, 
     """The result plus display helpers the template needs."""
     view = result.model_dump()
     meta = service.model.metadata
+    # The photo's own threshold (one per inferred domain in some artifacts) moves the boundary
+    # between the lowest tier and the next; the bar and its ticks follow it.
+    threshold = result.threshold if result.status == "ok" else None
+    tiers = service.model.tiers_for(threshold)
+    view["tiers"] = _tier_views(service, threshold)
     view["tier_position"] = ""
     view["tier_level"] = None
-    for i, tier in enumerate(meta.risk_tiers):
+    for i, tier in enumerate(tiers):
         if result.risk_tier is not None and tier.name == result.risk_tier.name:
-            view["tier_position"] = service.model.tier_position(tier)
-            view["tier_level"] = tier_level(i, len(meta.risk_tiers))
+            view["tier_position"] = service.model.tier_position(tier, threshold)
+            view["tier_level"] = tier_level(i, len(tiers))
             view["tier_range"] = f"{bound_percent(tier.lower)}–{bound_percent(tier.upper)}"
     if result.probability_malignant is not None:
-        position = bar_position(result.probability_malignant, meta.risk_tiers)
+        position = bar_position(result.probability_malignant, tiers)
         view["bar_x"] = _svg_percent(position)
         # The value label above the marker: centred, or anchored inwards near an end.
         view["bar_anchor"] = "start" if position < 0.1 else "end" if position > 0.9 else "middle"
