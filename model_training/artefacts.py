@@ -169,23 +169,31 @@ def with_artefact(img: Image.Image, name: str, seed: int) -> Image.Image:
     return ARTEFACTS[name](img, seed)
 
 
-def answer_changes(p0: np.ndarray, p1: np.ndarray, threshold: float) -> dict[str, Any]:
+def answer_changes(
+    p0: np.ndarray,
+    p1: np.ndarray,
+    threshold: float | np.ndarray,
+    threshold1: float | np.ndarray | None = None,
+) -> dict[str, Any]:
     """How answers move from ``p0`` (without the artefact) to ``p1`` (with it).
 
     Mean and mean absolute change of the calibrated probability, and the share of benign
-    answers turned malignant and of malignant answers turned benign at ``threshold``.
+    answers turned malignant and of malignant answers turned benign. Each answer is read at
+    its own threshold: ``threshold`` for ``p0`` and ``threshold1`` (default the same) for
+    ``p1``, a number or one per image (per-domain thresholds follow the inferred domain,
+    which an artefact can change).
     """
     p0, p1 = np.asarray(p0, dtype=np.float64), np.asarray(p1, dtype=np.float64)
-    benign0 = p0 < threshold
+    t0 = np.broadcast_to(np.asarray(threshold, dtype=np.float64), p0.shape)
+    t1 = t0 if threshold1 is None else np.broadcast_to(np.asarray(threshold1, np.float64), p1.shape)
+    benign0, benign1 = p0 < t0, p1 < t1
     return {
         "n": len(p0),
         "mean_probability_change": float(np.mean(p1 - p0)) if len(p0) else None,
         "mean_abs_probability_change": float(np.mean(np.abs(p1 - p0))) if len(p0) else None,
-        "benign_to_malignant": float(np.mean(p1[benign0] >= threshold)) if benign0.any() else None,
-        "malignant_to_benign": float(np.mean(p1[~benign0] < threshold))
-        if (~benign0).any()
-        else None,
-        "answers_flipped": float(np.mean(benign0 != (p1 < threshold))) if len(p0) else None,
+        "benign_to_malignant": float(np.mean(~benign1[benign0])) if benign0.any() else None,
+        "malignant_to_benign": float(np.mean(benign1[~benign0])) if (~benign0).any() else None,
+        "answers_flipped": float(np.mean(benign0 != benign1)) if len(p0) else None,
     }
 
 

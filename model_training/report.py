@@ -812,7 +812,8 @@ def _section_gates(metadata: Mapping[str, Any], gates: Mapping[str, Any] | None)
     lines += [
         "",
         "**Effect of each artefact on the estimate** (the same validation photos with and "
-        "without it drawn on; calibrated probability, shipped threshold):",
+        "without it drawn on; probability and threshold as the server gives them, so "
+        "with per-domain calibration each photo is read at its inferred domain's threshold):",
         "",
         "| artefact | domain | n | mean change in p | mean abs. change | benign → malignant "
         "| malignant → benign |",

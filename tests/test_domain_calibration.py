@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from model_training.domain_calibration import (
     fit_platt,
 )
 from model_training.preprocessing import resize_to_input
+from model_training.served import ServedAnswer
 
 IMAGES = sorted((Path(__file__).parent / "fixtures" / "images").glob("*.jpg"))
 
@@ -139,7 +141,8 @@ def test_server_applies_a_threshold_per_inferred_domain(
 ) -> None:
     """metadata domain_calibration.thresholds: each photo is labelled, tiered and answered
     with the threshold of the domain its own features are read as, over HTTP too."""
-    plain = TriageModel.load(artifact_copy("plain"))
+    plain_dir = artifact_copy("plain")
+    plain = TriageModel.load(plain_dir)
     names = [p.name for p in IMAGES[:6]]
     batch = np.stack(
         [resize_to_input(Image.open(p), plain.metadata.input_size) for p in IMAGES[:6]]
@@ -158,6 +161,14 @@ def test_server_applies_a_threshold_per_inferred_domain(
     )
     assert out.thresholds is not None
     np.testing.assert_array_equal(out.thresholds, np.where(phone, 0.9, 0.25))
+    # Offline figures (artefact effects, degraded photos) read answers as the server does.
+    offline = ServedAnswer.of(model_dir, json.loads((model_dir / "metadata.json").read_text()))
+    p_off, t_off = offline.answer(served["logit"], served)
+    np.testing.assert_allclose(p_off, out.probabilities, rtol=1e-5)
+    np.testing.assert_array_equal(t_off, out.thresholds)
+    p_plain, t_plain = ServedAnswer.of(plain_dir, plain.metadata.raw).answer(served["logit"], {})
+    np.testing.assert_allclose(p_plain, plain.infer(batch).probabilities, rtol=1e-5)
+    assert set(t_plain) == {plain.metadata.raw["threshold"]}
     # The tiers (low 0-0.2, moderate 0.2-0.4, high 0.4-1, threshold 0.4) follow the threshold.
     assert [(t.name, t.lower, t.upper) for t in model.tiers_for(0.9)] == [
         ("low", 0.0, 0.2), ("moderate", 0.2, 0.9), ("high", 0.9, 1.0)

@@ -33,6 +33,7 @@ from model_training.gates.quality_fit import artefact_quality, fit_quality, qual
 from model_training.gates.report import summary, write_outputs
 from model_training.gates.skin_fit import fit_note, fit_skin
 from model_training.runner import saved_model_fingerprint
+from model_training.served import ServedAnswer
 from model_training.skin import NOTE_HEADS, SKIN_HEAD, SkinGate, transform_features
 
 logger = logging.getLogger("model_training.gates")
@@ -125,10 +126,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train_all, c.valid.frame, args.degrade_per_set, args.keep, args.seed
     )
     quality_report["artefact_copies"] = artefact_quality(c.valid_artefacts.frame, thresholds)
+    served = ServedAnswer.of(artifact, meta)
     quality_report["model_sensitivity"] = quality_sensitivity(
-        store, c.valid.frame, c.valid.logits, args.sensitivity_per_set, thresholds,
-        float(meta.get("temperature", 1.0)), float(meta["threshold"]), args.seed,
-        float(meta.get("logit_bias", 0.0)),
+        store, c.valid.frame, c.valid.logits, args.sensitivity_per_set, thresholds, served,
+        args.seed, c.valid.outputs,
     )  # fmt: skip
 
     k = args.pca or None
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         {SKIN_HEAD: skin.threshold, **{n: f.threshold for n, f in notes.items()}},
         transform,
     )
-    measured = measure_gate(c, gate, output, thresholds, meta)
+    measured = measure_gate(c, gate, output, thresholds, served)
     skin_report: dict[str, Any] = {
         "embedding_output": output,
         "transform": transform,

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from model_training.artefacts import ARTEFACTS, answer_changes
-from model_training.calibration import calibrate
 from model_training.gates.collect import Collected
 from model_training.gates.loso import rate
 from model_training.quality import QualityMeasures, issues_from_measures
+from model_training.served import ServedAnswer
 from model_training.skin import SkinGate
 
 
@@ -39,9 +39,10 @@ def measure_gate(
     gate: SkinGate,
     output: str,
     thresholds: Mapping[str, float],
-    meta: Mapping[str, Any],
+    served: ServedAnswer,
 ) -> dict[str, Any]:
-    """The figures of gates.json's ``skin`` block that need the fitted gate."""
+    """The figures of gates.json's ``skin`` block that need the fitted gate; answers are
+    calibrated as the server calibrates them (``served``)."""
     val = c.valid.frame
     refused_val = gate.not_skin(c.valid.features(output))
     by_path = dict(zip(val["path"].astype(str), refused_val, strict=True))
@@ -98,14 +99,14 @@ def measure_gate(
             },
         }
 
-    bias, temp = float(meta.get("logit_bias", 0.0)), float(meta.get("temperature", 1.0))
-    thr = float(meta["threshold"])
-    p_val = dict(zip(val["path"].astype(str), calibrate(c.valid.logits, bias, temp), strict=True))
-    p0 = np.asarray([p_val[str(p)] for p in af["path"]])
-    p1 = calibrate(c.valid_artefacts.logits, bias, temp)
+    p_all, t_all = served.answer(c.valid.logits, c.valid.outputs)
+    p_val = {str(k): (p, t) for k, p, t in zip(val["path"], p_all, t_all, strict=True)}
+    p0 = np.asarray([p_val[str(p)][0] for p in af["path"]])
+    t0 = np.asarray([p_val[str(p)][1] for p in af["path"]])
+    p1, t1 = served.answer(c.valid_artefacts.logits, c.valid_artefacts.outputs)
     effects = {
         kind: {
-            str(d): answer_changes(p0[sel], p1[sel], thr)
+            str(d): answer_changes(p0[sel], p1[sel], t0[sel], t1[sel])
             for d in sorted(af["domain"].unique())
             if (sel := ((af["artefact"] == kind) & (af["domain"] == d)).to_numpy()).any()
         }

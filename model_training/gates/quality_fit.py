@@ -23,10 +23,10 @@ import pandas as pd
 from PIL import Image, ImageFilter
 
 from model_training.artefacts import ARTEFACTS, with_artefact
-from model_training.calibration import calibrate
 from model_training.gates.features import FeatureStore, stable_seed
 from model_training.preprocessing import load_image_file
 from model_training.quality import QualityMeasures, issues_from_measures, measure_quality
+from model_training.served import ServedAnswer
 
 # Degraded copies: kind -> (parameter, low, high); one copy per image and kind, seeded.
 DEGRADATIONS: dict[str, tuple[str, float, float]] = {
@@ -331,15 +331,15 @@ def quality_sensitivity(
     logits: np.ndarray,
     per_set: int,
     thresholds: Mapping[str, float],
-    temperature: float,
-    decision_threshold: float,
+    served: ServedAnswer,
     seed: int,
-    logit_bias: float = 0.0,
+    outputs: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """How the model's answer changes on degraded copies, by whether the gate rejects them.
 
-    Answers are calibrated probabilities, sigmoid((logit + logit_bias) / temperature), as the
-    server computes them, against the calibrated ``decision_threshold``.
+    Answers are calibrated as the server calibrates them (``served``), each read at its own
+    threshold; ``outputs`` are the validation images' serve outputs (rows as ``logits``),
+    needed when the calibration reads the domain off one of them.
     """
     rng = np.random.default_rng(seed)
     picks: list[int] = []
@@ -355,7 +355,7 @@ def quality_sensitivity(
         path = str(val.at[i, "path"])
         return degraded_copies(load_image_file(path), path, seed)[kind][0]
 
-    deg_logits = store.get("degraded", keys, make)["logit"]
+    degraded = store.get("degraded", keys, make)
     kinds = np.asarray([k for _, k in items])
     rows = np.asarray([i for i, _ in items])
     rejected = np.asarray(
@@ -364,9 +364,12 @@ def quality_sensitivity(
             for j in range(len(items))
         ]
     )
-    p0 = calibrate(logits[rows], logit_bias, temperature)
-    p1 = calibrate(deg_logits, logit_bias, temperature)
-    flips = (p0 >= decision_threshold) != (p1 >= decision_threshold)
+    name = served.output
+    p0, t0 = served.answer(
+        logits[rows], {} if name is None or outputs is None else {name: outputs[name][rows]}
+    )
+    p1, t1 = served.answer(degraded["logit"], degraded)
+    flips = (p0 >= t0) != (p1 >= t1)
     out: dict[str, Any] = {"images": len(picks), "per_set": per_set}
     for kind in DEGRADATIONS:
         m = kinds == kind

@@ -72,7 +72,8 @@ def metadata_blocks(
                     f"logistic regression (features {s['transform']}-transformed, standardised, "
                     f"PCA {s['pca_components'] or 'none'}) on serve output "
                     f"{s['embedding_output']}: lesion photos of every source plus "
-                    "varied copies against non-skin photos; threshold = the lowest per-domain "
+                    "varied copies, and phone-look copies of the dermoscopy photos as phone "
+                    "photos, against non-skin photos; threshold = the lowest per-domain "
                     f"{s['target_false_rejection']:.2%} quantile of out-of-fold lesion scores"
                 ),
                 "leave_one_source_out_false_rejection": {
