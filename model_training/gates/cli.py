@@ -219,7 +219,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-set", type=int, default=250, help="training photos per set")
     p.add_argument("--copies", type=int, default=1, help="varied copies per training photo")
     p.add_argument(
-        "--phone-copies", type=int, default=1,
+        "--phone-copies", type=int, default=2,
         help="phone-look copies per dermoscopy training photo (positives of the phone domain)",
     )  # fmt: skip
     p.add_argument(
