@@ -179,8 +179,8 @@ def measure_server(run: ServerRun, args: argparse.Namespace, payload: bytes) -> 
         TRIAGE_LOG_LEVEL="warning",
         TF_CPP_MIN_LOG_LEVEL="2",
         PYTHONPATH=str(run.cwd),
-        **run.env,
     )
+    env.update(run.env)
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "app"], cwd=run.cwd, env=env, stdout=log, stderr=log
@@ -263,10 +263,12 @@ def measure_raw(args: argparse.Namespace, runtime: str) -> dict[str, Any]:
     return result
 
 
-def baseline_tree(ref: str, dest: Path) -> Path:
-    """``git archive ref`` unpacked into ``dest`` (read-only use of the repository)."""
+def baseline_tree(ref: str, dest: Path, with_model: bool = False) -> Path:
+    """``git archive ref`` unpacked into ``dest`` (read-only use of the repository); with
+    ``with_model``, the ref's own ``models/default`` too."""
+    paths = ["app", "model_training", "templates", "static"]
     archive = subprocess.run(
-        ["git", "archive", ref, "app", "model_training", "templates", "static"],
+        ["git", "archive", ref, *paths, *(["models/default"] if with_model else [])],
         cwd=REPO, capture_output=True, check=True,
     ).stdout  # fmt: skip
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
@@ -365,6 +367,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=3.0, help="untimed seconds per point")
     parser.add_argument("--baseline-ref", default="main", help="git ref of today's server")
     parser.add_argument("--baseline-dir", type=Path, default=None, help="or a checkout of it")
+    parser.add_argument(
+        "--baseline-artifact",
+        choices=["same", "own"],
+        default="same",
+        help="serve the baseline --artifact (same) or its own commit's models/default (own)",
+    )
     parser.add_argument("--runtimes", nargs="+", default=["tensorflow", "openvino"])
     parser.add_argument("--raw-batch", type=int, default=8)
     parser.add_argument("--ready-timeout", type=float, default=300.0)
@@ -388,8 +396,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     payload = request_bytes(args.image.read_bytes(), args.image.name)
     with tempfile.TemporaryDirectory() as tmp:
-        base_dir = args.baseline_dir or baseline_tree(args.baseline_ref, Path(tmp))
-        runs = [ServerRun(f"main ({args.baseline_ref})", base_dir.resolve(), {})]
+        own = args.baseline_artifact == "own"
+        base_dir = args.baseline_dir or baseline_tree(args.baseline_ref, Path(tmp), own)
+        # An older server may not read today's artifact (newer metadata keys and gate
+        # files): "own" serves it the artifact of its own commit (the same network weights).
+        own_model = str(base_dir.resolve() / "models" / "default")
+        base_env = {"TRIAGE_MODEL_DIR": own_model} if own else {}
+        runs = [ServerRun(f"main ({args.baseline_ref})", base_dir.resolve(), base_env)]
         for rt in args.runtimes:
             runs.append(ServerRun(f"perf {rt}", REPO, {"TRIAGE_RUNTIME": rt}))
         if "openvino" in args.runtimes:
