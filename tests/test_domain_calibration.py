@@ -74,14 +74,18 @@ def test_save_load_round_trip_and_refuse_a_broken_file(tmp_path: Path) -> None:
         DomainCalibration.load(tmp_path / "bad.npz")
 
 
+def fixture_batch(model: TriageModel, n: int) -> np.ndarray:
+    """The first ``n`` fixture photos as the model's input batch."""
+    size = model.metadata.input_size
+    return np.stack([resize_to_input(Image.open(p), size) for p in IMAGES[:n]]).astype(np.float32)
+
+
 def test_server_model_applies_the_artifacts_domain_calibration(
     artifact_copy: Callable[..., Path],
 ) -> None:
     """TriageModel.infer returns the domain-weighted calibration of the real serve outputs."""
     plain = TriageModel.load(artifact_copy("plain"))
-    batch = np.stack(
-        [resize_to_input(Image.open(p), plain.metadata.input_size) for p in IMAGES[:4]]
-    ).astype(np.float32)
+    batch = fixture_batch(plain, 4)
     served = plain._call("serve", batch)
     dim = served["embedding"].shape[1]
     rng = np.random.default_rng(0)
@@ -144,9 +148,7 @@ def test_server_applies_a_threshold_per_inferred_domain(
     plain_dir = artifact_copy("plain")
     plain = TriageModel.load(plain_dir)
     names = [p.name for p in IMAGES[:6]]
-    batch = np.stack(
-        [resize_to_input(Image.open(p), plain.metadata.input_size) for p in IMAGES[:6]]
-    ).astype(np.float32)
+    batch = fixture_batch(plain, 6)
     served = plain._call("serve", batch)
     dc = _reading_half_as_phone(served)
     phone = dc.second_domain_probability(served["ood_embedding"]) >= 0.5
@@ -198,9 +200,7 @@ def test_domain_thresholds_outside_the_neighbouring_tiers_are_refused(
     artifact_copy: Callable[..., Path],
 ) -> None:
     plain = TriageModel.load(artifact_copy("plain"))
-    batch = np.stack(
-        [resize_to_input(Image.open(p), plain.metadata.input_size) for p in IMAGES[:4]]
-    ).astype(np.float32)
+    batch = fixture_batch(plain, 4)
     dc = _reading_half_as_phone(plain._call("serve", batch))
     bad_thresholds: list[dict[str, Any]] = [
         {"dermoscopy": 0.1, "phone": 0.5},  # below the tier under the threshold (0.2-0.4)
