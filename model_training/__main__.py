@@ -170,9 +170,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_export_fast(args: argparse.Namespace) -> int:
     """Derive the fast (OpenVINO) model, measure it against TensorFlow, record it."""
     from model_training.export_fast import export_fast_from_data, summary
+    from model_training.export_int8 import Int8Options
 
     runtimes = export_fast_from_data(
-        args.artifact, args.data_dir, args.sets, limit=args.limit, bench_seconds=args.bench_seconds
+        args.artifact,
+        args.data_dir,
+        args.sets,
+        limit=args.limit,
+        bench_seconds=args.bench_seconds,
+        int8_calibration=args.int8_calibration,
+        int8_options=Int8Options(
+            max_iterations=args.int8_max_iterations, ranking_subset=args.int8_ranking_subset
+        ),
     )
     print(summary(runtimes))
     chosen = runtimes["openvino"]
@@ -206,6 +215,18 @@ def _fast_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sets", type=_sets, default=["isic2017", "ham10000", "pad-ufes-20"])
     p.add_argument("--limit", type=int, default=0, help="at most N validation images per set")
     p.add_argument("--bench-seconds", type=float, default=5.0, help="per throughput figure")
+    p.add_argument(
+        "--int8-calibration", type=int, default=120,
+        help="training images per set to calibrate the int8 (NNCF) variant on; 0: no int8",
+    )  # fmt: skip
+    p.add_argument(
+        "--int8-max-iterations", type=int, default=12,
+        help="most groups of quantisers NNCF's accuracy control may revert to float",
+    )  # fmt: skip
+    p.add_argument(
+        "--int8-ranking-subset", type=int, default=100,
+        help="validation images NNCF ranks the quantisers on",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,13 +24,14 @@ import datetime as dt
 import platform
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from model_training import fastmodel
+from model_training import fastmodel, int8model
 from model_training.export import read_metadata, write_metadata
 from model_training.preprocessing import load_image_file, resize_to_input
 
@@ -174,9 +175,10 @@ def _score(
     done, started = 0, time.perf_counter()
     for batch in _batches(paths, size, batch_size):
         fast = run_fast(batch)
-        add("fast", "logit", fast["logit"].reshape(-1))
-        add("fast", "ood", fast[ood_output])
-        add("fast", "embedding", fast["embedding"])
+        if fast:  # empty: TensorFlow's outputs only
+            add("fast", "logit", fast["logit"].reshape(-1))
+            add("fast", "ood", fast[ood_output])
+            add("fast", "embedding", fast["embedding"])
         explain = done < EXPLAIN_CHECK_IMAGES
         if explain and fastmodel.CAM_OUTPUT in fast:
             add("fast", "cam", fast[fastmodel.CAM_OUTPUT])
@@ -203,8 +205,15 @@ def export_fast(
     batch_size: int = 16,
     bench_seconds: float = 5.0,
     precisions: Sequence[str] = fastmodel.PRECISIONS,
+    calibration_paths: Sequence[str] = (),
+    calibration_sets: Sequence[str] = (),
+    int8_options: Any | None = None,
 ) -> dict[str, Any]:
-    """Measure the fast model(s) on the given validation images; write ``metadata.runtimes``."""
+    """Measure the fast model(s) on the given validation images; write ``metadata.runtimes``.
+
+    With ``calibration_paths`` (training images) it also makes and measures the int8 variant
+    (``export_int8``); its parameters ship as ``int8.npz`` only when it passes its guard.
+    """
     import tensorflow as tf
 
     meta = read_metadata(artifact)
@@ -243,7 +252,22 @@ def export_fast(
         print(summary_line(record), file=sys.stderr)
         if record["passed"]:
             break
-    chosen = next((v for v in variants if v["passed"]), None)
+    stale = artifact / int8model.PARAMS_FILE
+    stale.unlink(missing_ok=True)
+    if calibration_paths:
+        if not reference:  # no float variant measured: TensorFlow's outputs alone
+            reference = _score(saved, lambda b: {}, paths, size, batch_size, ood_output, True)[
+                "tensorflow"
+            ]
+        variants.append(
+            _int8_variant(
+                artifact, paths, (calibration_paths, calibration_sets), size, (y, sets, domains),
+                reference,
+                meta, detector, domain_calibration, ood_output, bench_seconds, int8_options,
+            )
+        )  # fmt: skip
+    passing = [v for v in variants if v["passed"]]
+    chosen = max(passing, key=lambda v: v["throughput_ips"]) if passing else None
     runtimes: dict[str, Any] = {
         "reference": "tensorflow",
         "guard": {"default": fastmodel.GUARD, "quantised": fastmodel.QUANTISED_GUARD},
@@ -278,22 +302,124 @@ def export_fast(
     return runtimes
 
 
-def export_fast_from_data(
-    artifact: Path, data_dir: Path, sets: Sequence[str], limit: int = 0, **kwargs: Any
+def _int8_variant(
+    artifact: Path,
+    paths: Sequence[str],
+    calibration_images: tuple[Sequence[str], Sequence[str]],
+    size: tuple[int, int],
+    labels: tuple[np.ndarray, Sequence[str], Sequence[str]],
+    reference: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    detector: Any | None,
+    domain_calibration: Any | None,
+    ood_output: str,
+    bench_seconds: float,
+    options: Any | None,
 ) -> dict[str, Any]:
-    """``export_fast`` on the validation split of ``sets`` under ``data_dir``."""
+    """Make, store, rebuild and measure the int8 variant (``export_int8``)."""
+    from model_training import export_int8 as q8
+
+    options = options or q8.Int8Options()
+    y, sets, domains = labels
+    calibration_paths, calibration_sets = calibration_images
+    q8.log(f"loading {len(paths)} validation and {len(calibration_paths)} calibration images")
+    validation = q8.load_inputs(paths, size)
+    calibration = q8.load_inputs(calibration_paths, size)
+    reference_p = _calibrate(reference["logit"], meta, reference["embedding"], domain_calibration)
+
+    def score(index: np.ndarray, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        ref = {k: v[index] for k, v in reference.items() if k in ("logit", "ood", "embedding")}
+        return agreement(
+            y[index], [sets[i] for i in index], [domains[i] for i in index], ref, outputs,
+            meta, detector, domain_calibration,
+        )  # fmt: skip
+
+    def probabilities(index: np.ndarray, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        return _calibrate(outputs["logit"], meta, outputs["embedding"], domain_calibration)
+
+    validate = q8.make_validation_fn(
+        validation, score, probabilities, reference_p, ood_output, options.margin
+    )
+    q8.log("NNCF quantize_with_accuracy_control")
+    model, facts = q8.build_int8(artifact, calibration, validation, validate, options)
+    q8.log(f"rebuilt from {facts['file']} ({facts['bytes']} bytes); measuring")
+    compiled = fastmodel.compile_openvino(model, fastmodel.INT8)
+    outputs = q8.run_model(compiled, validation)
+    record = agreement(
+        y, sets, domains, reference, q8.as_candidate(outputs, ood_output), meta, detector,
+        domain_calibration,
+    )  # fmt: skip
+    if "heatmap" in reference and fastmodel.CAM_OUTPUT in outputs:
+        cam = outputs[fastmodel.CAM_OUTPUT][: len(reference["heatmap"])]
+        heat = fastmodel.normalise_cam(cam, np.zeros(len(cam), bool))
+        record["max_heatmap_diff"] = float(np.max(np.abs(heat - reference["heatmap"])))
+    record["precision"] = fastmodel.INT8
+    record["inference_precision"] = fastmodel.INFERENCE_HINT[fastmodel.INT8]
+    one = validation[:1].astype(np.float32)
+    record["throughput_ips"] = _async_throughput(compiled, one, bench_seconds)
+    record["passed"] = passes(record)
+    record["guard_share"] = q8.guard_share(record)
+    facts["parity_passed"] = all(v <= 1e-4 for v in facts["rebuild_parity_max_abs_diff"].values())
+    if not facts["parity_passed"]:
+        record["passed"] = False
+    record["quantisation"] = {
+        **facts,
+        "method": "nncf.quantize_with_accuracy_control, preset "
+        f"{options.preset}, weights per channel; FakeQuantize nodes and changed constants "
+        "stored, rebuilt on the converted SavedModel (model_training.int8model)",
+        "calibration_images": dict(Counter(calibration_sets)) or len(calibration_paths),
+        "calibration_split": "train",
+        "accuracy_control": {
+            "metric": "min(0, margin - worst share of the int8 guard) on validation",
+            "margin": options.margin,
+            "max_iterations": options.max_iterations,
+            "ranking_subset": options.ranking_subset,
+        },
+        "shipped": bool(record["passed"]),
+    }
+    if not record["passed"]:
+        (artifact / int8model.PARAMS_FILE).unlink(missing_ok=True)
+    return record
+
+
+def export_fast_from_data(
+    artifact: Path,
+    data_dir: Path,
+    sets: Sequence[str],
+    limit: int = 0,
+    int8_calibration: int = 0,
+    seed: int = 0,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """``export_fast`` on the validation split of ``sets`` under ``data_dir``.
+
+    ``int8_calibration``: training images per set to calibrate the int8 variant on (0: no
+    int8 variant). Only the training split is read for it.
+    """
+    import pandas as pd
+
     from model_training.data import read_datasets
 
-    df = read_datasets(data_dir, sets)
-    df = df[df["split"] == "valid"].reset_index(drop=True)
+    data = read_datasets(data_dir, sets)
+    df = data[data["split"] == "valid"].reset_index(drop=True)
     if limit:
         df = df.groupby("dataset", group_keys=False).head(limit).reset_index(drop=True)
+    calibration = pd.DataFrame({"path": [], "dataset": []})
+    if int8_calibration:
+        train = data[data["split"] == "train"]
+        picked = [
+            group.sample(n=min(len(group), int8_calibration), random_state=seed)
+            for _, group in train.groupby("dataset", sort=True)
+        ]
+        calibration = pd.concat(picked)
     return export_fast(
         artifact,
         df["path"].tolist(),
         df["label"].to_numpy(),
         df["dataset"].tolist(),
         df["domain"].tolist(),
+        calibration_paths=calibration["path"].tolist(),
+        calibration_sets=calibration["dataset"].tolist(),
         **kwargs,
     )
 

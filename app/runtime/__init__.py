@@ -11,7 +11,8 @@ Grad-CAM, the ``explain`` outputs. Two exist:
 agreement with TensorFlow, recorded in ``metadata.json`` under ``runtimes`` by
 ``python -m model_training export-fast``, passes ``model_training.fastmodel.GUARD`` (for
 int8 also its probability bound) and still describes this artifact
-(same SavedModel files, calibration and OpenVINO release). An artifact without that record,
+(same SavedModel files, calibration and OpenVINO release; for int8 also the same
+quantisation parameters file, ``model_training.int8model``). An artifact without that record,
 or a machine without OpenVINO, serves on TensorFlow.
 """
 
@@ -56,14 +57,30 @@ def _recorded(raw: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return record if isinstance(record, Mapping) else None
 
 
-def guard_failures(raw: Mapping[str, Any], model_dir: Path) -> list[str]:
-    """Why the recorded fast model may not be trusted here (empty: it may)."""
+def _variant(record: Mapping[str, Any], precision: str | None) -> Mapping[str, Any] | None:
+    """The recorded agreement of ``precision`` (default: the one export-fast chose)."""
+    chosen = record.get("agreement")
+    if precision is None or (isinstance(chosen, Mapping) and chosen.get("precision") == precision):
+        return chosen if isinstance(chosen, Mapping) else None
+    for variant in record.get("variants") or ():
+        if isinstance(variant, Mapping) and variant.get("precision") == precision:
+            return variant
+    return None
+
+
+def guard_failures(
+    raw: Mapping[str, Any], model_dir: Path, precision: str | None = None
+) -> list[str]:
+    """Why the recorded fast model (of ``precision``, default the chosen one) may not be
+    trusted here (empty: it may)."""
     record = _recorded(raw)
     if record is None:
         return ["metadata.json has no runtimes.openvino record (run export-fast)"]
-    agreement = record.get("agreement")
-    if not record.get("passed") or not isinstance(agreement, Mapping):
-        return ["no fast model passed the agreement guard at export"]
+    agreement = _variant(record, precision)
+    if precision is None and not record.get("passed"):
+        agreement = None
+    if not isinstance(agreement, Mapping) or not agreement.get("passed"):
+        return [f"no fast model{f' at {precision}' if precision else ''} passed the guard"]
     try:
         from model_training import fastmodel
     except ImportError:
@@ -74,6 +91,9 @@ def guard_failures(raw: Mapping[str, Any], model_dir: Path) -> list[str]:
     for key, default in (*keys, ("domain_calibration", None)):
         if calibration.get(key, default) != raw.get(key, default):
             problems.append(f"{key} changed since the agreement was measured (re-run export-fast)")
+    quantisation = agreement.get("quantisation")
+    if agreement.get("precision") == fastmodel.INT8:
+        problems += _quantisation_problems(quantisation, model_dir, fastmodel)
     try:
         if str(record.get("openvino_release")) != fastmodel.openvino_release():
             problems.append(
@@ -87,12 +107,37 @@ def guard_failures(raw: Mapping[str, Any], model_dir: Path) -> list[str]:
     return problems
 
 
-def _throughput(raw: Mapping[str, Any], name: str) -> float:
-    runtimes = raw.get("runtimes") or {}
-    if name == "openvino":
-        agreement = (_recorded(raw) or {}).get("agreement") or {}
-        return float(agreement.get("throughput_ips", 0.0))
-    return float((runtimes.get(name) or {}).get("throughput_ips", 0.0))
+def _quantisation_problems(quantisation: Any, model_dir: Path, fastmodel: Any) -> list[str]:
+    """Why an int8 record's parameters file cannot be used (empty: it can)."""
+    if not isinstance(quantisation, Mapping) or not quantisation.get("shipped"):
+        return ["the int8 variant's quantisation parameters were not shipped"]
+    path = Path(model_dir) / str(quantisation.get("file"))
+    if not path.is_file():
+        return [f"the int8 quantisation parameters {path.name} are missing"]
+    if fastmodel.file_sha256(path) != quantisation.get("sha256"):
+        return [f"{path.name} differs from the file measured (re-run export-fast)"]
+    return []
+
+
+def _candidates(raw: Mapping[str, Any]) -> list[tuple[float, str]]:
+    """(recorded throughput, precision) of every recorded variant that passed, fastest first."""
+    record = _recorded(raw) or {}
+    found: dict[str, float] = {}
+    for variant in record.get("variants") or ():
+        if isinstance(variant, Mapping) and variant.get("passed"):
+            found[str(variant.get("precision"))] = float(variant.get("throughput_ips", 0.0))
+    chosen = record.get("agreement")
+    if record.get("passed") and isinstance(chosen, Mapping) and chosen.get("passed"):
+        found[str(chosen.get("precision"))] = float(chosen.get("throughput_ips", 0.0))
+    return sorted(((ips, p) for p, ips in found.items()), reverse=True)
+
+
+def trusted_precision(raw: Mapping[str, Any], model_dir: Path) -> tuple[str | None, float]:
+    """The fastest recorded fast model trusted here: (precision, throughput) or (None, 0)."""
+    for ips, precision in _candidates(raw):
+        if not guard_failures(raw, model_dir, precision):
+            return precision, ips
+    return None, 0.0
 
 
 def select_runtime(
@@ -100,27 +145,32 @@ def select_runtime(
 ) -> Runtime:
     """Load the runtime ``choice`` names, or for ``auto`` the fastest trusted one.
 
-    ``streams``: OpenVINO's CPU streams (0: its throughput-mode default).
+    ``streams``: OpenVINO's CPU streams (0: its throughput-mode default). Among the recorded
+    OpenVINO variants (int8, bf16, f32) the fastest one whose agreement passes its guard and
+    still describes this artifact is used.
     """
     if choice not in ("auto", "tensorflow", "openvino"):
         raise RuntimeUnavailable(f"unknown runtime {choice!r} (auto, tensorflow, openvino)")
+    precision, fast_ips = trusted_precision(raw, model_dir)
     if choice == "auto":
-        problems = guard_failures(raw, model_dir)
-        fast_wins = _throughput(raw, "openvino") > _throughput(raw, "tensorflow")
-        if problems or not fast_wins:
-            reason = problems or ["TensorFlow measured faster"]
+        tf_ips = float(
+            ((raw.get("runtimes") or {}).get("tensorflow") or {}).get("throughput_ips", 0)
+        )
+        if precision is None or fast_ips <= tf_ips:
+            reason = guard_failures(raw, model_dir) or ["TensorFlow measured faster"]
             logger.info("runtime: tensorflow", extra={"fields": {"fast_runtime_not_used": reason}})
             choice = "tensorflow"
         else:
             choice = "openvino"
     if choice == "openvino":
-        record = _recorded(raw) or {}
-        precision = str(record.get("precision") or "f32")
-        problems = guard_failures(raw, model_dir)
-        if problems:
+        if precision is None:
+            record = _recorded(raw) or {}
+            precision = str(record.get("precision") or "f32")
+            if precision == "int8":  # its parameters are not trusted here: bf16 instead
+                precision = "bf16"
             logger.warning(
                 "TRIAGE_RUNTIME=openvino without a trusted agreement record",
-                extra={"fields": {"problems": problems}},
+                extra={"fields": {"problems": guard_failures(raw, model_dir)}},
             )
         from app.runtime.openvino_runtime import OpenVINORuntime
 

@@ -1,5 +1,8 @@
 """The fast runtime: OpenVINO's model of the artifact's SavedModel (``model_training.fastmodel``).
 
+At ``int8`` the model is rebuilt from the SavedModel plus the artifact's quantisation
+parameters (``model_training.int8model``); the rest of it runs in f32.
+
 The compiled model runs in throughput mode: OpenVINO splits the cores into streams and each
 infer request runs on one, so ``parallel`` batches (one per request) run at the same time.
 Requests are lent from a pool, so any thread may call ``serve``; no lock spans a whole call.
@@ -27,16 +30,25 @@ class OpenVINORuntime:
         except ImportError as exc:  # openvino itself is imported inside fastmodel's functions
             raise RuntimeUnavailable(f"the OpenVINO runtime cannot be imported: {exc}") from exc
         try:
-            model, self.forward_cam = fastmodel.derive_openvino(Path(model_dir))
+            if precision == fastmodel.INT8:
+                from model_training import int8model
+
+                model, self.forward_cam = int8model.derive_int8(Path(model_dir))
+            else:
+                model, self.forward_cam = fastmodel.derive_openvino(Path(model_dir))
             self._compiled = fastmodel.compile_openvino(model, precision, streams or None)
         except ImportError as exc:
             raise RuntimeUnavailable(f"openvino is not installed: {exc}") from exc
         except Exception as exc:  # conversion errors come in many types
-            raise RuntimeUnavailable(f"OpenVINO cannot convert the SavedModel: {exc}") from exc
+            raise RuntimeUnavailable(
+                f"OpenVINO cannot convert the SavedModel ({precision}): {exc}"
+            ) from exc
         self._normalise = fastmodel.normalise_cam
         self._cam = fastmodel.CAM_OUTPUT
         hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
         self.precision = str(hint.to_string() if hasattr(hint, "to_string") else hint)
+        if precision == fastmodel.INT8:
+            self.precision = f"{fastmodel.INT8} ({self.precision} elsewhere)"
         self.parallel = max(1, int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(self.parallel):
