@@ -13,9 +13,14 @@ the one shared preprocessing path, and records in ``metadata.json`` under ``runt
 * raw in-process throughput of both (batch 1, this machine) for the server's choice;
 * what it was measured with: OpenVINO release, precision, calibration, SavedModel hashes.
 
-The first precision that passes the guard (``fastmodel.GUARD``) is recorded as the fast model; when
-none passes, the record says so and the server stays on TensorFlow. Int8 is not attempted
-(see README, Performance).
+Float precisions are tried fastest first until one passes the guard (``fastmodel.GUARD``).
+Then, with calibration images (``--int8-calibration N`` training images per set, the
+default), the int8 variant: NNCF's quantisation with accuracy control against these same
+figures (``export_int8``), stored as quantisation parameters (``int8.npz``, rebuilt on the
+converted SavedModel at start-up: ``int8model``) and measured like the others; it ships only
+when it passes ``fastmodel.QUANTISED_GUARD`` (which adds the 0.02 probability bound), and is
+recorded either way. The record's choice is the fastest variant that passed; when none
+passes, the record says so and the server stays on TensorFlow.
 """
 
 from __future__ import annotations
