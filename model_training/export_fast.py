@@ -375,7 +375,7 @@ def _int8_variant(
         "calibration_images": dict(Counter(calibration_sets)) or len(calibration_paths),
         "calibration_split": "train",
         "accuracy_control": {
-            "metric": "min(0, margin - worst share of the int8 guard) on validation",
+            "metric": "1 + min(0, margin - worst share of the int8 guard) on validation",
             "margin": options.margin,
             "max_iterations": options.max_iterations,
             "ranking_subset": options.ranking_subset,

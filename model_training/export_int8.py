@@ -98,7 +98,7 @@ def make_validation_fn(
 ) -> Callable[[Any, Iterable[Any]], tuple[float, list[float]]]:
     """NNCF's validation function; items are validation indices.
 
-    On the whole set: ``min(0, margin - guard share)`` (0 once the guard holds with room);
+    On the whole set: ``1 + min(0, margin - guard share)`` (1 once the guard holds with room);
     on a subset: minus the mean probability difference. Per item: minus its probability
     difference.
     """
@@ -108,7 +108,9 @@ def make_validation_fn(
         outputs = as_candidate(run_model(compiled, x[index]), ood_output)
         diff = np.abs(probabilities(index, outputs) - reference_p[index])
         if len(index) == len(x) and np.array_equal(index, np.arange(len(x))):
-            metric = min(0.0, margin - guard_share(score(index, outputs)))
+            # 1 + ...: NNCF divides by the initial metric (for its relative drop) even when
+            # the drop is absolute, so the float model's metric must not be 0.
+            metric = 1.0 + min(0.0, margin - guard_share(score(index, outputs)))
         else:
             metric = -float(np.mean(diff))
         return metric, [-float(d) for d in diff]
