@@ -83,7 +83,7 @@ def extract_quantisation(original: Any, quantised: Any) -> dict[str, Any]:
         return position[name], int(output.get_index())
 
     fake_quantize: list[dict[str, Any]] = []
-    constants: dict[str, np.ndarray] = {}
+    constants: dict[int, np.ndarray] = {}
     for op in quantised.get_ordered_ops():
         kind, name = op.get_type_name(), op.get_friendly_name()
         if kind == "FakeQuantize":
