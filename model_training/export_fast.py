@@ -39,20 +39,18 @@ import numpy as np
 from model_training import fastmodel, int8model
 from model_training.export import read_metadata, write_metadata
 from model_training.preprocessing import load_image_file, resize_to_input
+from model_training.served import ServedAnswer
 
 EXPLAIN_CHECK_IMAGES = 32
 
 
-def _calibrate(
-    logits: np.ndarray, meta: dict[str, Any], embeddings: np.ndarray, domain: Any | None
-) -> np.ndarray:
-    """The served probability: per-domain calibration when the artifact has one."""
-    if domain is not None:
-        return np.asarray(domain.calibrate(logits, embeddings))
-    z = (logits.astype(np.float64) + float(meta.get("logit_bias", 0.0))) / float(
-        meta.get("temperature", 1.0)
-    )
-    return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z, -60, 60))))
+def _answer(
+    served: ServedAnswer, outputs: dict[str, np.ndarray], ood_output: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(served probability, each image's threshold) of scored outputs ("logit", "ood" and
+    "embedding"; "ood" is the serve output ``ood_output``), exactly as the server answers."""
+    named = {"embedding": outputs["embedding"], ood_output: outputs["ood"]}
+    return served.answer(outputs["logit"], named)
 
 
 def _batches(paths: Sequence[str], size: tuple[int, int], batch: int) -> Iterator[np.ndarray]:
@@ -101,11 +99,13 @@ def agreement(
     domains: Sequence[str],
     reference: dict[str, np.ndarray],
     candidate: dict[str, np.ndarray],
-    meta: dict[str, Any],
+    served: ServedAnswer,
     ood: Any | None,
-    domain: Any | None = None,
+    ood_output: str,
 ) -> dict[str, Any]:
-    """Agreement figures of ``candidate`` outputs against ``reference`` (TF) on validation."""
+    """Agreement figures of ``candidate`` outputs against ``reference`` (TF) on validation;
+    probabilities and labels as the server gives them (``served``: per-domain calibration
+    and thresholds when the artifact has them)."""
     from model_training.metrics import auc_by_set
 
     labels = np.concatenate([y, y, y])
@@ -117,15 +117,14 @@ def agreement(
         new = auc_new[name]
         if ref is not None and new is not None:
             auc[name] = {"tensorflow": ref, "fast": new, "delta": new - ref}
-    p_ref = _calibrate(reference["logit"], meta, reference["embedding"], domain)
-    p_new = _calibrate(candidate["logit"], meta, candidate["embedding"], domain)
-    threshold = float(meta["threshold"])
+    p_ref, t_ref = _answer(served, reference, ood_output)
+    p_new, t_new = _answer(served, candidate, ood_output)
     out: dict[str, Any] = {
         "images": len(y),
         "roc_auc": auc,
         "max_abs_auc_delta": max(abs(v["delta"]) for v in auc.values()) if auc else None,
         "max_probability_diff": float(np.max(np.abs(p_ref - p_new))),
-        "label_agreement": float(np.mean((p_ref >= threshold) == (p_new >= threshold))),
+        "label_agreement": float(np.mean((p_ref >= t_ref) == (p_new >= t_new))),
         "max_logit_diff": float(np.max(np.abs(reference["logit"] - candidate["logit"]))),
     }
     if ood is not None:
@@ -138,15 +137,6 @@ def agreement(
 def passes(record: dict[str, Any]) -> bool:
     """Whether recorded agreement figures meet the guard of their precision (fastmodel)."""
     return not fastmodel.guard_problems(record)
-
-
-def _domain_calibration(artifact: Path, meta: dict[str, Any]) -> Any | None:
-    spec = meta.get("domain_calibration")
-    if not spec:
-        return None
-    from model_training.domain_calibration import DomainCalibration
-
-    return DomainCalibration.load(artifact / str(spec["file"]))
 
 
 def _ood_detector(artifact: Path, meta: dict[str, Any]) -> Any | None:
@@ -227,7 +217,7 @@ def export_fast(
     saved = tf.saved_model.load(str(artifact / fastmodel.SAVED_MODEL_DIR))
     model, has_cam = fastmodel.derive_openvino(artifact)
     detector = _ood_detector(artifact, meta)
-    domain_calibration = _domain_calibration(artifact, meta)
+    served = ServedAnswer.of(artifact, meta)
     one = next(_batches(paths[:1], size, 1))
     tf_ips = _throughput(lambda b: saved.serve(tf.constant(b))["logit"].numpy(), one, bench_seconds)
     reference: dict[str, np.ndarray] = {}
@@ -244,7 +234,7 @@ def export_fast(
         if not reference:
             reference = outputs["tensorflow"]
         record = agreement(
-            y, sets, domains, reference, outputs["fast"], meta, detector, domain_calibration
+            y, sets, domains, reference, outputs["fast"], served, detector, ood_output
         )
         if "heatmap" in reference and "cam" in outputs["fast"]:
             cam = outputs["fast"]["cam"]
@@ -267,8 +257,7 @@ def export_fast(
         variants.append(
             _int8_variant(
                 artifact, paths, (calibration_paths, calibration_sets), size, (y, sets, domains),
-                reference,
-                meta, detector, domain_calibration, ood_output, bench_seconds, int8_options,
+                reference, meta, detector, served, ood_output, bench_seconds, int8_options,
             )
         )  # fmt: skip
     passing = [v for v in variants if v["passed"]]
@@ -316,7 +305,7 @@ def _int8_variant(
     reference: dict[str, np.ndarray],
     meta: dict[str, Any],
     detector: Any | None,
-    domain_calibration: Any | None,
+    served: ServedAnswer,
     ood_output: str,
     bench_seconds: float,
     options: Any | None,
@@ -330,17 +319,17 @@ def _int8_variant(
     q8.log(f"loading {len(paths)} validation and {len(calibration_paths)} calibration images")
     validation = q8.load_inputs(paths, size)
     calibration = q8.load_inputs(calibration_paths, size)
-    reference_p = _calibrate(reference["logit"], meta, reference["embedding"], domain_calibration)
+    reference_p = _answer(served, reference, ood_output)[0]
 
     def score(index: np.ndarray, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
         ref = {k: v[index] for k, v in reference.items() if k in ("logit", "ood", "embedding")}
         return agreement(
             y[index], [sets[i] for i in index], [domains[i] for i in index], ref, outputs,
-            meta, detector, domain_calibration,
+            served, detector, ood_output,
         )  # fmt: skip
 
     def probabilities(index: np.ndarray, outputs: dict[str, np.ndarray]) -> np.ndarray:
-        return _calibrate(outputs["logit"], meta, outputs["embedding"], domain_calibration)
+        return _answer(served, outputs, ood_output)[0]
 
     validate = q8.make_validation_fn(
         validation, score, probabilities, reference_p, ood_output, options.margin
@@ -351,8 +340,8 @@ def _int8_variant(
     compiled = fastmodel.compile_openvino(model, fastmodel.INT8)
     outputs = q8.run_model(compiled, validation)
     record = agreement(
-        y, sets, domains, reference, q8.as_candidate(outputs, ood_output), meta, detector,
-        domain_calibration,
+        y, sets, domains, reference, q8.as_candidate(outputs, ood_output), served, detector,
+        ood_output,
     )  # fmt: skip
     if "heatmap" in reference and fastmodel.CAM_OUTPUT in outputs:
         cam = outputs[fastmodel.CAM_OUTPUT][: len(reference["heatmap"])]
