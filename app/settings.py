@@ -146,7 +146,8 @@ class Settings(BaseSettings):
         le=64,
         description=(
             "OpenVINO CPU streams (batches run at once, the cores split among them); "
-            "0: OpenVINO's throughput default."
+            "0: one stream on a machine with at most 2 cores, else OpenVINO's throughput "
+            "default."
         ),
     )
     log_level: LogLevel = "info"

@@ -7,6 +7,7 @@ conversion of its SavedModel, TensorFlow as the reference, real threads in the b
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -241,3 +242,11 @@ def test_batcher_failure_fails_only_its_batch() -> None:
         batcher.run(np.array([[-1.0]]))
     assert batcher.run(np.array([[2.0]]))["y"].tolist() == [[4.0]]
     batcher.close()
+
+
+def test_default_streams_are_one_on_two_cores_and_openvinos_elsewhere() -> None:
+    from app.runtime.openvino_runtime import default_streams, usable_cores
+
+    assert default_streams(1) == 1 and default_streams(2) == 1
+    assert default_streams(3) is None and default_streams(16) is None
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)

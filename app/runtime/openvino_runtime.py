@@ -10,6 +10,7 @@ Requests are lent from a pool, so any thread may call ``serve``; no lock spans a
 
 from __future__ import annotations
 
+import os
 import queue
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,21 @@ from typing import Any
 import numpy as np
 
 from app.runtime import RuntimeUnavailable
+
+
+def default_streams(cores: int) -> int | None:
+    """Streams when none are configured: one on a machine with at most 2 cores (measured
+    there: faster at every concurrency, p50 at c=1 48 ms against 67 ms with OpenVINO's two
+    streams), else None for OpenVINO's throughput default."""
+    return 1 if cores <= 2 else None
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class OpenVINORuntime:
@@ -36,7 +52,9 @@ class OpenVINORuntime:
                 model, self.forward_cam = int8model.derive_int8(Path(model_dir))
             else:
                 model, self.forward_cam = fastmodel.derive_openvino(Path(model_dir))
-            self._compiled = fastmodel.compile_openvino(model, precision, streams or None)
+            self._compiled = fastmodel.compile_openvino(
+                model, precision, streams or default_streams(usable_cores())
+            )
         except ImportError as exc:
             raise RuntimeUnavailable(f"openvino is not installed: {exc}") from exc
         except Exception as exc:  # conversion errors come in many types
