@@ -9,6 +9,7 @@ looked at, not just asserted on.
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,16 @@ def _assert_heat_over_photo(page: Any) -> None:
         assert abs(photo[key] - heat[key]) <= 1.0, (key, photo, heat)
 
 
+def _wait_for_preview(page: Any, timeout_s: float = 15.0) -> None:
+    """Until the preview image has decoded. Polled from here: ``wait_for_function`` evaluates
+    its predicate string with ``eval`` in the page, which the page's CSP (no 'unsafe-eval')
+    refuses whenever the first check comes too early."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate("document.getElementById('preview-img').naturalWidth > 0"):
+        assert time.monotonic() < deadline, "the preview image never loaded"
+        page.wait_for_timeout(50)
+
+
 def test_js_upload_renders_the_result_in_place(browser: Any, server: Any, screenshot: Shot) -> None:
     """Phone, JavaScript on: preview, in-place result, focus on the headline, heat toggle."""
     page = browser.new_page(viewport=PHONE)
@@ -106,7 +117,7 @@ def test_js_upload_renders_the_result_in_place(browser: Any, server: Any, screen
     # The preview appears once the browser has decoded the chosen file: wait for it (a
     # snapshot right after set_input_files raced it and failed once in CI).
     page.wait_for_selector("#preview-img", state="visible", timeout=10_000)
-    page.wait_for_function("document.getElementById('preview-img').naturalWidth > 0")
+    _wait_for_preview(page)
     screenshot(page, "phone-js-upload.png")
     with page.expect_response(lambda r: "/predict?explain=true" in r.url) as answer:
         page.click("#submit-button")
@@ -160,7 +171,7 @@ def test_js_drag_and_drop_and_errors(browser: Any, server: Any, screenshot: Shot
 
     # Drop the real photo: previewed again, then assessed.
     _drop_file(page, IMAGE.read_bytes(), "mole.jpg", "image/jpeg")
-    page.wait_for_function("document.getElementById('preview-img').naturalWidth > 0")
+    _wait_for_preview(page)
     assert page.is_visible("#preview-img")
     assert page.locator("#preview-note").inner_text() == ""
     page.click("#submit-button")
