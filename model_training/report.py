@@ -1,24 +1,24 @@
 """The model card (MODEL_CARD.md) from metadata.json and metrics.json.
 
-The plots are ``model_training.plots``; the ISIC Challenge scorer, ``model_training.isic_score``.
+The plots are ``model_training.plots``; the ISIC Challenge scorer, ``model_training.isic_score``;
+the sections about the photo (TTA, shortcut check, gates), ``model_training.card_inputs``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from model_training.card_calibration import section_calibration, section_threshold
+from model_training.card_format import DOMAIN_ORDER, NOT_MEASURED, cell, fmt, ordered, table
+from model_training.card_inputs import section_gates, section_shortcuts, section_tta
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | Path
-NOT_MEASURED = "not measured"
-DOMAIN_ORDER: tuple[str, ...] = ("isic2017", "ham10000", "pad-ufes-20")
 SUBGROUP_TITLES: dict[str, str] = {
     "sex": "Sex",
     "age_band": "Age band",
@@ -37,37 +37,8 @@ STANDARD_SUBGROUPS: tuple[str, ...] = ("sex", "age_band", "site", "fitzpatrick")
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int | np.integer):
-        return str(int(value))
-    if isinstance(value, float | np.floating):
-        return "n/a" if not math.isfinite(float(value)) else f"{float(value):.{digits}f}"
-    return _cell(str(value))
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return [*lines, ""]
-
-
 def _is_metrics(entry: Any) -> bool:
     return isinstance(entry, Mapping) and "n" in entry and not isinstance(entry["n"], Mapping)
-
-
-def _ordered(keys: Sequence[str], preferred: Sequence[str], last: Sequence[str] = ()) -> list[str]:
-    head = [k for k in preferred if k in keys]
-    tail = [k for k in last if k in keys and k not in head]
-    middle = sorted(k for k in keys if k not in head and k not in tail)
-    return head + middle + tail
 
 
 def _domains(metadata: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -88,10 +59,10 @@ def _split_entry(entry: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[s
 
 
 def _with_ci(m: Mapping[str, Any], ci: Mapping[str, Any], key: str) -> str:
-    value = _fmt(m.get(key))
+    value = fmt(m.get(key))
     interval = ci.get(key)
     if isinstance(interval, Mapping) and interval.get("lower") is not None:
-        return f"{value} ({_fmt(interval.get('lower'))}-{_fmt(interval.get('upper'))})"
+        return f"{value} ({fmt(interval.get('lower'))}-{fmt(interval.get('upper'))})"
     return value
 
 
@@ -119,7 +90,7 @@ def _section_model(metadata: Mapping[str, Any]) -> list[str]:
     )
     fields.append(("Image-quality gate", "on" if metadata.get("quality") else "off"))
     for name, value in fields:
-        lines.append(f"- **{name}**: {_fmt(value, 4) if value is not None else 'not recorded'}")
+        lines.append(f"- **{name}**: {fmt(value, 4) if value is not None else 'not recorded'}")
     return [*lines, ""]
 
 
@@ -193,7 +164,7 @@ def _section_performance(domains: Mapping[str, Any]) -> list[str]:
         "is called malignant when its calibrated probability is >= the threshold.",
         "",
     ]
-    order = _ordered(list(domains), DOMAIN_ORDER, last=("pooled",))
+    order = ordered(list(domains), DOMAIN_ORDER, last=("pooled",))
     main_rows, op_rows = [], []
     for name in order:
         entry = domains[name]
@@ -201,14 +172,14 @@ def _section_performance(domains: Mapping[str, Any]) -> list[str]:
             continue
         m, ci = _split_entry(entry)
         prevalence = m.get("prevalence")
-        pos = f"{_fmt(m.get('n_positive'))} ({_fmt(prevalence, 2)})" if prevalence else "n/a"
+        pos = f"{fmt(m.get('n_positive'))} ({fmt(prevalence, 2)})" if prevalence else "n/a"
         main_rows.append(
             [
-                _cell(name),
-                _fmt(m.get("n")),
+                cell(name),
+                fmt(m.get("n")),
                 pos,
                 _with_ci(m, ci, "roc_auc"),
-                _fmt(m.get("average_precision")),
+                fmt(m.get("average_precision")),
                 _with_ci(m, ci, "sensitivity"),
                 _with_ci(m, ci, "specificity"),
                 _with_ci(m, ci, "balanced_accuracy"),
@@ -217,20 +188,20 @@ def _section_performance(domains: Mapping[str, Any]) -> list[str]:
         sas = m.get("sensitivity_at_specificity") or {}
         spas = m.get("specificity_at_sensitivity") or {}
         cm = m.get("confusion") or {}
-        cm_text = "/".join(_fmt(cm.get(k)) for k in ("tn", "fp", "fn", "tp")) if cm else "n/a"
+        cm_text = "/".join(fmt(cm.get(k)) for k in ("tn", "fp", "fn", "tp")) if cm else "n/a"
         op_rows.append(
             [
-                _cell(name),
-                _fmt(m.get("threshold"), 4),
-                _fmt(m.get("ppv")),
-                _fmt(m.get("npv")),
-                _fmt(m.get("accuracy")),
-                *(_fmt(sas.get(k)) for k in ("0.80", "0.90", "0.95")),
-                *(_fmt(spas.get(k)) for k in ("0.90", "0.95")),
+                cell(name),
+                fmt(m.get("threshold"), 4),
+                fmt(m.get("ppv")),
+                fmt(m.get("npv")),
+                fmt(m.get("accuracy")),
+                *(fmt(sas.get(k)) for k in ("0.80", "0.90", "0.95")),
+                *(fmt(spas.get(k)) for k in ("0.90", "0.95")),
                 cm_text,
             ]
         )
-    lines += _table(
+    lines += table(
         [
             "Domain",
             "n",
@@ -249,7 +220,7 @@ def _section_performance(domains: Mapping[str, Any]) -> list[str]:
         "the target). Accuracy alone is misleading at this prevalence.",
         "",
     ]
-    lines += _table(
+    lines += table(
         [
             "Domain",
             "threshold",
@@ -266,219 +237,6 @@ def _section_performance(domains: Mapping[str, Any]) -> list[str]:
         op_rows,
     )
     return lines
-
-
-def _calibration_values(entry: Mapping[str, Any]) -> dict[str, Any]:
-    def pick(stage: str, name: str) -> Any:
-        nested = entry.get(stage)
-        if isinstance(nested, Mapping) and name in nested:
-            return nested[name]
-        return entry.get(f"{name}_{stage}")
-
-    return {
-        "ece_before": pick("before", "ece"),
-        "ece_single": pick("single_temperature", "ece"),
-        "ece_after": pick("after", "ece"),
-        "brier_before": pick("before", "brier"),
-        "brier_after": pick("after", "brier"),
-    }
-
-
-def _section_calibration(metadata: Mapping[str, Any], metrics: Mapping[str, Any]) -> list[str]:
-    lines = ["## Calibration", ""]
-    calib = metrics.get("calibration")
-    temperature = metadata.get("temperature")
-    if isinstance(calib, Mapping):
-        temperature = calib.get("temperature", temperature)
-    bias = metadata.get("logit_bias", 0.0)
-    per_domain = calib.get("per_domain") if isinstance(calib, Mapping) else None
-    if isinstance(per_domain, Mapping):
-        params = "; ".join(
-            f"{name}: b = {_fmt(v.get('logit_bias'), 3)}, T = {_fmt(v.get('temperature'), 3)}"
-            for name, v in per_domain.get("per_domain", {}).items()
-        )
-        lines.append(
-            "Calibrated per photo domain without being told the domain: "
-            f"{per_domain.get('method')}. Fitted: {params}. The single temperature over all "
-            f"domains (T = {_fmt(temperature, 4)} after the prior correction b = "
-            f"{_fmt(bias, 4)}) is kept in metadata for older servers; its ECE is shown as "
-            '"ECE single T". "Before" is the raw sigmoid(logit).'
-        )
-    else:
-        lines.append(
-            f"Temperature scaling after a prior correction: calibrated p = "
-            f"sigmoid((logit + b) / T), b = {_fmt(bias, 4)} (undoes the class-balanced training "
-            f"loss; from the training data's class shares), T = "
-            f"{_fmt(temperature, 4) if temperature is not None else NOT_MEASURED} (fitted on "
-            f'validation by negative log-likelihood). "Before" below is the raw sigmoid(logit).'
-        )
-    lines.append("")
-    if not isinstance(calib, Mapping):
-        return [*lines, f"ECE and Brier score: {NOT_MEASURED}.", ""]
-    entries: dict[str, Mapping[str, Any]] = {}
-    if any(k in calib for k in ("before", "after", "ece_before", "ece_after")):
-        entries["pooled"] = calib
-    for key, value in calib.items():
-        if isinstance(value, Mapping) and key not in ("before", "after", "per_domain"):
-            entries[key] = value
-    if not entries:
-        return [*lines, f"ECE and Brier score: {NOT_MEASURED}.", ""]
-    n_bins = calib.get("n_bins", 15)
-    lines.append(f"Expected calibration error ({_fmt(n_bins)} equal-width bins) and Brier score:")
-    lines.append("")
-    rows = []
-    for name in _ordered(list(entries), DOMAIN_ORDER, last=("pooled",)):
-        v = _calibration_values(entries[name])
-        rows.append([_cell(name), *(_fmt(v[k]) for k in v)])
-    lines += _table(
-        ["Set", "ECE before", "ECE single T", "ECE after", "Brier before", "Brier after"],
-        rows,
-    )
-    return lines
-
-
-def _crossfit_lines(crossfit: Any) -> list[str]:
-    """The out-of-fold check of the threshold and the temperature, when evaluate measured it."""
-    if not isinstance(crossfit, Mapping) or not crossfit.get("sets"):
-        return []
-    lines = [
-        f"Out of fold ({_fmt(crossfit.get('folds'))} folds grouped by "
-        f"{crossfit.get('grouped_by', 'group')}; each fold answered with a calibration "
-        f"({crossfit.get('calibration', 'single temperature')}) and "
-        + (
-            "thresholds per inferred domain"
-            if crossfit.get("threshold_kind") == "per-domain"
-            else "a threshold"
-        )
-        + " fitted by the same rules on the other folds), so these figures did not see their "
-        "own images:",
-        "",
-    ]
-    sets = crossfit["sets"]
-    rows = [
-        [_cell(name), _fmt(v.get("sensitivity")), _fmt(v.get("specificity")), _fmt(v.get("ece")),
-         _fmt(v.get("ece_single_temperature")), _fmt(v.get("domain_accuracy"))]
-        for name in _ordered(list(sets), DOMAIN_ORDER, last=("pooled",))
-        for v in [sets[name]]
-    ]  # fmt: skip
-    head = ["Set", "sensitivity", "specificity", "ECE", "ECE single T", "domain inferred right"]
-    lines += _table(head, rows)
-    return lines + _calibration_interval_lines(sets)
-
-
-def _interval(entry: Any, digits: int = 3) -> str:
-    if not isinstance(entry, Mapping):
-        return "n/a"
-    return (
-        f"{_fmt(entry.get('estimate'), digits)} "
-        f"({_fmt(entry.get('lower'), digits)}-{_fmt(entry.get('upper'), digits)})"
-    )
-
-
-def _calibration_interval_lines(sets: Mapping[str, Any]) -> list[str]:
-    """Out-of-fold calibration per set with 95% intervals and the noise floor, if measured."""
-    reports = {
-        name: v["calibration_report"]
-        for name, v in sets.items()
-        if isinstance(v, Mapping) and isinstance(v.get("calibration_report"), Mapping)
-    }
-    if not reports:
-        return []
-    lines = [
-        "Out-of-fold calibration with 95% bootstrap intervals (whole lesions or patients "
-        "resampled). ECE: 15 equal-width bins; adaptive ECE: 5 equal-mass bins; intercept and "
-        "slope of sigmoid(a + b logit p) (perfect: 0 and 1). The noise floor is the mean "
-        "(95th percentile) ECE of these same probabilities against labels drawn from "
-        "themselves, i.e. what perfect calibration scores at this n: an ECE below it cannot "
-        "be told from perfect calibration. Binned ECEs are biased upwards, more so on "
-        "resamples, so their intervals can sit above the estimate.",
-        "",
-    ]
-    rows = []
-    for name in _ordered(list(reports), DOMAIN_ORDER, last=("pooled",)):
-        r = reports[name]
-        floor = r.get("noise_floor", {})
-        rows.append([
-            _cell(name), _fmt(r.get("n")), _interval(r.get("ece")),
-            f"{_fmt(floor.get('ece_mean'))} ({_fmt(floor.get('ece_upper'))})",
-            _interval(r.get("ece_adaptive")),
-            f"{_fmt(floor.get('ece_adaptive_mean'))} ({_fmt(floor.get('ece_adaptive_upper'))})",
-            _interval(r.get("brier"), 4), _interval(r.get("intercept"), 2),
-            _interval(r.get("slope"), 2),
-        ])  # fmt: skip
-    head = ["Set", "n", "ECE", "noise floor", "adaptive ECE", "noise floor", "Brier",
-            "intercept", "slope"]  # fmt: skip
-    return lines + _table(head, rows)
-
-
-def _candidate_lines(candidates: Any) -> list[str]:
-    """Every calibration/threshold combination out of fold (docs/calibration.md's rule)."""
-    if not isinstance(candidates, Mapping) or not candidates:
-        return []
-    lines = [
-        "Every candidate out of fold (the rule that chose among them, fixed before they were "
-        "compared, is in docs/calibration.md); sensitivity / specificity / ECE:",
-        "",
-    ]
-    rows = []
-    for name, c in candidates.items():
-        sets = c.get("sets", {}) if isinstance(c, Mapping) else {}
-        cells = [
-            f"{_fmt(v.get('sensitivity'))} / {_fmt(v.get('specificity'))} / {_fmt(v.get('ece'))}"
-            for key in ("domain:dermoscopy", "domain:phone", "pooled")
-            for v in [sets.get(key, {})]
-        ]
-        rows.append([_cell(name), _fmt(c.get("mean_domain_sensitivity")), *cells])
-    head = ["Calibration, threshold", "mean of domains' sensitivity", "dermoscopy", "phone",
-            "pooled"]  # fmt: skip
-    return lines + _table(head, rows)
-
-
-def _section_threshold(metadata: Mapping[str, Any], metrics: Mapping[str, Any]) -> list[str]:
-    lines = ["## Decision threshold and risk tiers", ""]
-    thr = metrics.get("threshold", metadata.get("threshold"))
-    rule = metrics.get("threshold_rule", metadata.get("threshold_rule"))
-    if isinstance(thr, Mapping):
-        rule = thr.get("rule", rule)
-        thr = thr.get("value")
-    lines.append(f"- **Threshold**: {_fmt(thr, 4) if thr is not None else NOT_MEASURED}")
-    per_domain = metrics.get("domain_thresholds")
-    if isinstance(per_domain, Mapping):
-        lines.append(
-            "- **Thresholds per inferred photo domain**: "
-            + ", ".join(f"{k} {_fmt(v, 4)}" for k, v in per_domain.items())
-            + " (the risk tiers' lowest boundary moves with them; the threshold above is the "
-            "first domain's)"
-        )
-    lines.append(f"- **Rule**: {_cell(str(rule)) if rule else NOT_MEASURED}")
-    lines.append("")
-    lines += _crossfit_lines(metrics.get("crossfit"))
-    lines += _candidate_lines(metrics.get("crossfit_candidates"))
-    tiers = metrics.get("risk_tiers") or metadata.get("risk_tiers")
-    if not tiers:
-        return [*lines, f"Risk tiers: {NOT_MEASURED}.", ""]
-    rows = []
-    rules = []
-    for tier in tiers:
-        val = tier.get("validation") or {}
-        rows.append(
-            [
-                _cell(str(tier.get("name", "?"))),
-                f"[{_fmt(tier.get('lower'), 4)}, {_fmt(tier.get('upper'), 4)}"
-                + ("]" if tier.get("name") == "high" else ")"),
-                _fmt(val.get("n")),
-                _fmt(val.get("malignant_fraction")),
-                _cell(str(tier.get("advice", NOT_MEASURED))),
-            ]
-        )
-        if tier.get("rule") and tier["rule"] not in rules:
-            rules.append(tier["rule"])
-    lines += _table(
-        ["Tier", "calibrated p", "validation n", "malignant fraction", "advice shown"],
-        rows,
-    )
-    lines += [f"Tier rule: {_cell(r)}" for r in rules]
-    return [*lines, ""] if rules else lines
 
 
 def _subgroup_sets(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -503,28 +261,28 @@ def _section_subgroups(metrics: Mapping[str, Any]) -> list[str]:
         "give very uncertain figures.",
         "",
     ]
-    for set_name in _ordered(list(sets), DOMAIN_ORDER, last=("pooled",)):
+    for set_name in ordered(list(sets), DOMAIN_ORDER, last=("pooled",)):
         columns = sets[set_name]
         lines += [f"### {set_name}", ""]
         preferred = ("diagnosis", "dx_type", "sex", "age_band", "age", "site", "fitzpatrick")
-        for column in _ordered(list(columns), preferred):
+        for column in ordered(list(columns), preferred):
             values = columns[column]
             if not isinstance(values, Mapping):
                 continue
             lines += [f"**{SUBGROUP_TITLES.get(column, column)}**", ""]
             rows = [
                 [
-                    _cell(str(value)),
-                    _fmt(m.get("n")),
-                    _fmt(m.get("n_positive")),
-                    _fmt(m.get("sensitivity")),
-                    _fmt(m.get("specificity")),
-                    _fmt(m.get("roc_auc")),
+                    cell(str(value)),
+                    fmt(m.get("n")),
+                    fmt(m.get("n_positive")),
+                    fmt(m.get("sensitivity")),
+                    fmt(m.get("specificity")),
+                    fmt(m.get("roc_auc")),
                 ]
                 for value, m in values.items()
                 if isinstance(m, Mapping)
             ]
-            lines += _table(
+            lines += table(
                 ["Group", "n", "malignant", "sensitivity", "specificity", "ROC-AUC"], rows
             )
         missing = [SUBGROUP_TITLES[c] for c in STANDARD_SUBGROUPS if c not in columns]
@@ -545,14 +303,14 @@ def _section_isic(metrics: Mapping[str, Any]) -> list[str]:
         "",
     ]
     rows = []
-    for name in _ordered(list(sets), DOMAIN_ORDER, last=("pooled",)):
+    for name in ordered(list(sets), DOMAIN_ORDER, last=("pooled",)):
         s = sets[name]
         if not isinstance(s, Mapping):
-            rows.append([_cell(name), *([NOT_MEASURED] * 5)])
+            rows.append([cell(name), *([NOT_MEASURED] * 5)])
             continue
         keys = ("auc", "auc_sens_80", "average_precision", "balanced_accuracy", "sensitivity")
-        rows.append([_cell(name), *(_fmt(s.get(k)) for k in keys)])
-    return lines + _table(
+        rows.append([cell(name), *(fmt(s.get(k)) for k in keys)])
+    return lines + table(
         ["Set", "AUC", "partial AUC (sens >= 0.80)", "AP", "balanced accuracy", "sensitivity"],
         rows,
     )
@@ -581,7 +339,7 @@ def _section_limits(domains: Mapping[str, Any]) -> list[str]:
             m, _ = _split_entry(entry)
             n_pos = m.get("n_positive")
             if isinstance(n_pos, int | float) and n_pos < 100:
-                small.append(f"{name} ({_fmt(m.get('n'))} images, {_fmt(n_pos)} malignant)")
+                small.append(f"{name} ({fmt(m.get('n'))} images, {fmt(n_pos)} malignant)")
     text = "- **Small validation sets**: confidence intervals are wide"
     lines.append(f"{text}: {', '.join(small)}." if small else f"{text} for small sets.")
     return [*lines, ""]
@@ -609,7 +367,7 @@ def _section_reproduce(metadata: Mapping[str, Any]) -> list[str]:
     if training.get("seed") is not None:
         lines.append(f"- **Seed**: {training['seed']}")
     if training.get("recipe"):
-        lines.append(f"- **Recipe**: {_cell(str(training['recipe']))}")
+        lines.append(f"- **Recipe**: {cell(str(training['recipe']))}")
     return [*lines, ""]
 
 
@@ -643,15 +401,15 @@ def write_model_card(
     lines += _section_data_used(metadata)
     lines += _section_weights(metadata)
     lines += _section_performance(domains)
-    lines += _section_calibration(metadata, metrics)
-    lines += _section_threshold(metadata, metrics)
+    lines += section_calibration(metadata, metrics)
+    lines += section_threshold(metadata, metrics)
     lines += _section_subgroups(metrics)
     lines += _section_isic(metrics)
-    lines += _section_tta(metrics)
-    lines += _section_shortcuts(metrics)
+    lines += section_tta(metrics)
+    lines += section_shortcuts(metrics)
     gates_json = Path(out).parent / "gates.json"
     gates = json.loads(gates_json.read_text()) if gates_json.is_file() else None
-    lines += _section_gates(metadata, gates)
+    lines += section_gates(metadata, gates)
     lines += _section_limits(domains)
     lines += _section_plots(metrics, out.parent)
     lines += _section_reproduce(metadata)
@@ -659,177 +417,3 @@ def write_model_card(
     text = "\n".join(lines).rstrip() + "\n"
     out.write_text(text, encoding="utf-8")
     return out
-
-
-def _section_tta(metrics: Mapping[str, Any]) -> list[str]:
-    """Test-time augmentation: measured gain and cost, and whether it is served."""
-    tta = metrics.get("tta")
-    lines = ["## Test-time augmentation", ""]
-    if not isinstance(tta, Mapping):
-        return [*lines, f"Not measured ({NOT_MEASURED}).", ""]
-    lines.append(
-        f"Views: {', '.join(tta.get('views', []))}; cost {_fmt(tta.get('cost_ratio'), 2)}x "
-        "the inference time of one view. ROC-AUC on validation:"
-    )
-    lines += ["", "| Set | one view | averaged views |", "|---|---|---|"]
-    for name, entry in tta.get("auc", {}).items():
-        lines.append(
-            f"| {name} | {_fmt(entry.get('roc_auc'))} | {_fmt(entry.get('roc_auc_tta'))} |"
-        )
-    served = "yes" if tta.get("served") else "no (the gain does not pay for the cost)"
-    lines += ["", f"Served with TTA: {served}.", ""]
-    return lines
-
-
-def _section_shortcuts(metrics: Mapping[str, Any]) -> list[str]:
-    """Shortcut checks (model_training.artefacts): does a drawn ink ring move the answer?"""
-    checks = metrics.get("shortcut_checks", {}).get("ink_marker_ring")
-    lines = ["## Shortcut check: surgical-marker ink", ""]
-    if not isinstance(checks, Mapping):
-        return [*lines, f"Not measured ({NOT_MEASURED}).", ""]
-    lines += [str(checks.get("method", "")), ""]
-    lines += [
-        "| ink colour | set | n | mean change in p | benign → malignant | malignant → benign |",
-        "|---|---|---|---|---|---|",
-    ]
-    changes: list[float] = []
-    lost: list[float] = []
-    for key, per_set in checks.items():
-        if not key.startswith("ink_rgb_") or not isinstance(per_set, Mapping):
-            continue
-        colour = key.removeprefix("ink_rgb_").replace("_", ",")
-        for name, entry in per_set.items():
-            changes.append(float(entry.get("mean_probability_change") or 0.0))
-            lost.append(float(entry.get("malignant_to_benign") or 0.0))
-            lines.append(
-                f"| rgb({colour}) | {name} | {entry.get('n')} | "
-                f"{_fmt(entry.get('mean_probability_change'), 4)} | "
-                f"{_fmt(entry.get('benign_to_malignant'))} | "
-                f"{_fmt(entry.get('malignant_to_benign'))} |"
-            )
-    if changes and max(changes) < 0:
-        lines += [
-            "",
-            'Reading: the model did **not** learn "ink means malignant". A drawn ring instead '
-            f"*lowers* its estimate and turns up to {max(lost):.0%} of malignant answers "
-            "benign, so photos with pen marks may be under-called: ask users not to draw on "
-            "the skin, and add synthetic marker rings to training augmentation (not done yet).",
-        ]
-    return [*lines, ""]
-
-
-def _section_gates(metadata: Mapping[str, Any], gates: Mapping[str, Any] | None) -> list[str]:
-    """Quality gate, skin gate and artefact notes: thresholds and measured rates (gates.json
-    next to the card, written by ``python -m model_training fit-gates``)."""
-    lines = ["## Input gates", ""]
-    quality = metadata.get("quality")
-    report = metadata.get("quality_report")
-    if isinstance(quality, Mapping):
-        pairs = ", ".join(f"{k} {_fmt(v, 3)}" for k, v in quality.items())
-        lines.append(
-            '- **Quality gate** ("unable to assess" only for unusable photos: too small, '
-            f"blurred, too dark, overexposed; each with its own advice): {pairs}."
-        )
-        if isinstance(report, Mapping) and report.get("rule"):
-            lines.append(f"  Rule: {report['rule']}")
-    else:
-        lines.append("- **Quality gate**: off.")
-    ood = metadata.get("ood")
-    if not isinstance(ood, Mapping):
-        return [*lines, "- **Skin gate**: off.", ""]
-    lines.append(
-        f'- **Skin gate** ("not a lesion" only for photos that are not a close-up of skin; '
-        f"{ood.get('method', 'n/a')} on `{ood.get('embedding_output', 'embedding')}`, "
-        f"threshold {_fmt(ood.get('threshold'), 3)}). Rule: {ood.get('rule', 'n/a')}."
-    )
-    skin = (gates or {}).get("skin")
-    if not isinstance(skin, Mapping):
-        return [*lines, ""]
-    loso = skin.get("leave_one_source_out", {})
-    lines += [
-        "",
-        "**Leave-one-source-out** (the headline: the gate fitted again without any image of "
-        "one source, threshold rule included, then scored on every embedded real photo of that "
-        "source, i.e. its training sample and all its validation images):",
-        "",
-        "| left-out source | photos | refused | false rejection | its varied copies refused "
-        "| held-out non-skin refused |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, e in loso.items():
-        lines.append(
-            f"| {name} | {e.get('images')} | {e.get('refused')} | "
-            f"{_pct(e.get('false_rejection'))} | {_pct(e.get('copies_false_rejection'))} | "
-            f"{_pct(e.get('held_out_non_skin_rejection'))} |"
-        )
-    val = skin.get("validation", {})
-    counts = val.get("refused_counts_by_domain", {})
-    lines += [
-        "",
-        "Validation photos refused by the skin gate (never used in fitting): "
-        + ", ".join(
-            f"{d} {_pct(r)} ({counts.get(d, ['?', '?'])[0]}/{counts.get(d, ['?', '?'])[1]})"
-            for d, r in val.get("refused_by_domain", {}).items()
-        )
-        + ".",
-        "",
-        "Validation photos with an artefact drawn on them, refused by the skin gate (in brackets: "
-        "refused although the photo without it is accepted) and by the quality gate:",
-        "",
-        "| artefact | domain | n | skin gate refuses | quality gate refuses |",
-        "|---|---|---|---|---|",
-    ]
-    q_art = (gates or {}).get("quality", {}).get("artefact_copies", {})
-    for kind, per in skin.get("artefact_copies", {}).items():
-        for d, e in per.items():
-            qe = q_art.get(kind, {}).get(d, {})
-            lines.append(
-                f"| {kind} | {d} | {e.get('n')} | {_pct(e.get('refused'))} "
-                f"({_pct(e.get('refused_because_of_artefact'))}) | "
-                f"{_pct(qe.get('refused_because_of_artefact'))} |"
-            )
-    ns = skin.get("non_skin_held_out", {})
-    lines += [
-        "",
-        f"Non-skin photos not used in fitting (split by photo, never by view): "
-        f"{_pct(ns.get('refused'))} of {ns.get('views')} views of {ns.get('photos')} photos "
-        f"refused as not a lesion ({_pct(ns.get('refused_by_either_gate'))} by either gate); "
-        "by source: "
-        + ", ".join(f"{k} {_pct(v.get('refused'))}" for k, v in ns.get("by_source", {}).items())
-        + ".",
-        "",
-        "**Artefact notes** (the answer still comes, with a note and retake advice):",
-        "",
-        "| note | detected on validation copies with it | given on plain validation photos |",
-        "|---|---|---|",
-    ]
-    for name, e in skin.get("notes_measured", {}).items():
-        det = e.get("detected_on_validation_copies", {}).get(name)
-        plain = ", ".join(
-            f"{d} {_pct(r)}" for d, r in e.get("flagged_on_plain_validation_photos", {}).items()
-        )
-        lines.append(f"| {name} | {_pct(det)} | {plain} |")
-    lines += [
-        "",
-        "**Effect of each artefact on the estimate** (the same validation photos with and "
-        "without it drawn on; probability and threshold as the server gives them, so "
-        "with per-domain calibration each photo is read at its inferred domain's threshold):",
-        "",
-        "| artefact | domain | n | mean change in p | mean abs. change | benign → malignant "
-        "| malignant → benign |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for kind, per in skin.get("artefact_effects", {}).items():
-        for d, e in per.items():
-            lines.append(
-                f"| {kind} | {d} | {e.get('n')} | {_fmt(e.get('mean_probability_change'), 3)} | "
-                f"{_fmt(e.get('mean_abs_probability_change'), 3)} | "
-                f"{_pct(e.get('benign_to_malignant'))} | {_pct(e.get('malignant_to_benign'))} |"
-            )
-    return [*lines, ""]
-
-
-def _pct(value: Any) -> str:
-    if isinstance(value, int | float) and math.isfinite(float(value)):
-        return f"{float(value):.1%}"
-    return "n/a"
