@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 # Quieter TensorFlow C++ logging in test output; must precede the first TF import.
@@ -42,6 +43,16 @@ class LiveServer:
     def client(self, **kwargs: object) -> httpx.Client:
         """An HTTP client for this server."""
         return httpx.Client(base_url=self.base_url, timeout=60.0, **kwargs)  # type: ignore[arg-type]
+
+
+def fixture_validation() -> tuple[list[str], np.ndarray, list[str], list[str]]:
+    """The fixture photos as a labelled 'validation' set (malignant = melanoma in the name)."""
+    paths = sorted(str(p) for p in IMAGES.glob("*.jpg"))
+    names = [Path(p).name for p in paths]
+    y = np.array([1 if "melanoma" in n else 0 for n in names])
+    sets = [n.split("_")[0] for n in names]
+    domains = ["phone" if s == "pad-ufes-20" else "dermoscopy" for s in sets]
+    return paths, y, sets, domains
 
 
 def _loopback_socket() -> socket.socket:

@@ -15,19 +15,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import IMAGES
+from tests.conftest import IMAGES, fixture_validation
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
-
-
-def _fixture_validation() -> tuple[list[str], np.ndarray, list[str], list[str]]:
-    paths = sorted(str(p) for p in IMAGES.glob("*.jpg"))
-    names = [Path(p).name for p in paths]
-    y = np.array([1 if "melanoma" in n else 0 for n in names])
-    sets = [n.split("_")[0] for n in names]
-    domains = ["phone" if s == "pad-ufes-20" else "dermoscopy" for s in sets]
-    return paths, y, sets, domains
 
 
 def _inputs(artifact: Path) -> np.ndarray:
@@ -53,7 +44,7 @@ def int8_artifact(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
     dest = tmp_path_factory.mktemp("int8") / "tiny"
     shutil.copytree(artifact_dir, dest)
-    paths, y, sets, domains = _fixture_validation()
+    paths, y, sets, domains = fixture_validation()
     export_fast(
         dest, paths, y, sets, domains, batch_size=4, bench_seconds=0.2, precisions=["f32"],
         calibration_paths=paths, calibration_sets=sets,
@@ -185,7 +176,7 @@ def test_failing_int8_variant_is_recorded_but_not_shipped(
 
     art = tmp_path / "art"
     shutil.copytree(int8_artifact, art)
-    paths, y, sets, domains = _fixture_validation()
+    paths, y, sets, domains = fixture_validation()
     # A probability bound no int8 model meets: accuracy control gives up, the variant fails.
     strict = {**fastmodel.QUANTISED_GUARD, "max_probability_diff": 1e-9}
     monkeypatch.setattr(fastmodel, "QUANTISED_GUARD", strict)

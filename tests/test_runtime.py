@@ -18,19 +18,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import IMAGES
+from tests.conftest import IMAGES, fixture_validation
 
 pytest.importorskip("openvino")
-
-
-def _fixture_validation() -> tuple[list[str], np.ndarray, list[str], list[str]]:
-    """The fixture photos as a labelled 'validation' set (malignant = melanoma in the name)."""
-    paths = sorted(str(p) for p in IMAGES.glob("*.jpg"))
-    names = [Path(p).name for p in paths]
-    y = np.array([1 if "melanoma" in n else 0 for n in names])
-    sets = [n.split("_")[0] for n in names]
-    domains = ["phone" if s == "pad-ufes-20" else "dermoscopy" for s in sets]
-    return paths, y, sets, domains
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +31,7 @@ def fast_artifact(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     dest = tmp_path_factory.mktemp("fast") / "tiny"
     shutil.copytree(artifact_dir, dest)
     # f32: the forward CAM must then equal TF's Grad-CAM to rounding (bf16 adds its own error).
-    export_fast(dest, *_fixture_validation(), batch_size=4, bench_seconds=0.2, precisions=["f32"])
+    export_fast(dest, *fixture_validation(), batch_size=4, bench_seconds=0.2, precisions=["f32"])
     return dest
 
 
