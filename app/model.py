@@ -395,9 +395,7 @@ class TriageModel:
             features = outputs[dc.embedding_output][:n]
             probabilities = dc.calibrate(logits, features)
             if self.domain_thresholds is not None:
-                second = dc.second_domain_probability(features) >= 0.5
-                low, high = self.domain_thresholds
-                thresholds = np.where(second, high, low)
+                thresholds = dc.image_thresholds(features, self.domain_thresholds)
         cams = outputs.get("cam") if self.runtime.forward_cam else None
         return Inference(
             logits=logits,

@@ -195,8 +195,13 @@ def cmd_export_fast(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score an artifact on validation; calibrate, choose threshold and tiers; write reports."""
+    import tempfile
+
     from model_training.evaluate import evaluate_artifact
 
+    report_dir = args.report_dir
+    if args.no_update and report_dir is None:
+        report_dir = Path(tempfile.mkdtemp(prefix="evaluate-"))
     evaluate_artifact(
         args.artifact,
         args.data_dir,
@@ -207,7 +212,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         reuse_predictions=args.reuse_predictions,
         calibration=args.calibration,
         thresholds=args.thresholds,
+        assignment=args.domain_assignment,
+        report_dir=report_dir,
     )
+    print(f"report (metrics.json, MODEL_CARD.md, plots): {report_dir or args.artifact}")
     return 0
 
 
@@ -312,7 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sets", type=_sets, default=["isic2017", "ham10000", "pad-ufes-20"])
     p.add_argument("--target-sensitivity", type=float, default=0.90)
     p.add_argument("--tta", action="store_true", help="also measure flip test-time augmentation")
-    p.add_argument("--no-update", action="store_true", help="do not rewrite metadata.json")
+    p.add_argument(
+        "--no-update", action="store_true",
+        help="leave the artifact untouched (metadata.json, calibration, metrics.json, plots, "
+        "model card); the report goes to --report-dir (default: a new temporary folder)",
+    )  # fmt: skip
+    p.add_argument(
+        "--report-dir", type=Path, default=None,
+        help="where metrics.json, the predictions, plots and the model card go (default: the "
+        "artifact)",
+    )  # fmt: skip
     p.add_argument(
         "--reuse-predictions", action="store_true",
         help="re-use this artifact's cached validation logits and embeddings",
@@ -326,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--thresholds", choices=["shared", "per-domain"], default="shared",
         help="one threshold (sensitivity averaged over the domains), or one per inferred domain "
         "(each domain's sensitivity; needs --calibration per-domain)",
+    )  # fmt: skip
+    p.add_argument(
+        "--domain-assignment", choices=["mixture", "hard"], default="mixture",
+        help="per-domain calibration: weight the domains' scalings by the domain probability, "
+        "or give each photo its inferred domain's scaling (docs/calibration.md, candidate H)",
     )  # fmt: skip
     p.set_defaults(func=cmd_evaluate)
 

@@ -159,7 +159,8 @@ def _candidate_lines(candidates: Any) -> list[str]:
         return []
     lines = [
         "Every candidate out of fold (the rule that chose among them, fixed before they were "
-        "compared, is in docs/calibration.md); sensitivity / specificity / ECE:",
+        "compared, is in docs/calibration.md); sensitivity / specificity / ECE, and each data "
+        "set's ROC-AUC of the held-out answers:",
         "",
     ]
     rows = []
@@ -170,9 +171,15 @@ def _candidate_lines(candidates: Any) -> list[str]:
             for key in ("domain:dermoscopy", "domain:phone", "pooled")
             for v in [sets.get(key, {})]
         ]
-        rows.append([cell(name), fmt(c.get("mean_domain_sensitivity")), *cells])
+        aucs = ", ".join(
+            f"{key} {fmt(v['roc_auc'])}"
+            for key, v in sets.items()
+            if not key.startswith("domain:") and key != "pooled" and isinstance(v, Mapping)
+            and v.get("roc_auc") is not None
+        )  # fmt: skip
+        rows.append([cell(name), fmt(c.get("mean_domain_sensitivity")), *cells, aucs or "n/a"])
     head = ["Calibration, threshold", "mean of domains' sensitivity", "dermoscopy", "phone",
-            "pooled"]  # fmt: skip
+            "pooled", "ROC-AUC per data set"]  # fmt: skip
     return lines + table(head, rows)
 
 

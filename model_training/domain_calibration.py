@@ -6,9 +6,16 @@ which kind a photo is, so the artifact carries a small logistic model that reads
 from one of the network's own ``serve`` outputs (returned anyway: the mid-level
 ``ood_embedding``, square-rooted as the skin gate reads it, tells the domains apart far better
 than the final ``embedding``, which training made largely domain-blind), and one
-Platt scaling per domain, ``sigmoid((logit + bias_d) / T_d)``. The answer is the mixture of
-the per-domain probabilities weighted by the domain probability, so a photo that looks half
-like each gets a blend rather than a jump.
+Platt scaling per domain, ``sigmoid((logit + bias_d) / T_d)``. With ``assignment="mixture"``
+(the default, and what files without the field mean) the answer is the mixture of the
+per-domain probabilities weighted by the domain probability, so a photo that looks half like
+each gets a blend rather than a jump; with ``"hard"`` each photo gets the scaling of its single
+inferred domain (domain probability >= 0.5: the second domain), which keeps the order of the
+logits within each inferred domain (docs/calibration.md, candidate H).
+
+The same hard reading picks each photo's threshold when the artifact has one per domain
+(:meth:`DomainCalibration.image_thresholds`; the server and ``model_training.served`` both
+call it).
 
 Scoring needs only NumPy (the server imports this module); fitting uses scikit-learn and
 SciPy, imported when a fit is asked for.
@@ -27,6 +34,11 @@ import numpy.typing as npt
 FILE = "domain_calibration.npz"
 # What the domain classifier reads: the serve output and whether it is square-rooted first.
 DEFAULT_OUTPUT = "ood_embedding"
+# How the per-domain scalings are combined: weighted by the domain probability, or the one of
+# the inferred domain. Files written before the choice existed mean "mixture".
+ASSIGNMENTS = ("mixture", "hard")
+# A photo is read as the second domain when its domain probability is at least this.
+SECOND_DOMAIN_CUT = 0.5
 
 
 def _sigmoid(x: npt.ArrayLike) -> npt.NDArray[np.float64]:
@@ -46,12 +58,31 @@ class DomainCalibration:
     temperature: tuple[float, float]
     embedding_output: str = "embedding"  # the serve output the classifier reads
     sqrt: bool = False  # square-root that output (clipped at 0) before standardising
+    assignment: str = "mixture"  # one of ASSIGNMENTS
+
+    def __post_init__(self) -> None:
+        if self.assignment not in ASSIGNMENTS:
+            raise ValueError(f"assignment must be one of {ASSIGNMENTS}, not {self.assignment!r}")
 
     def second_domain_probability(self, embeddings: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """P(domains[1] | embedding) for each row of ``embeddings`` [n, d] (the serve output
         named by ``embedding_output``)."""
         x = (_features(embeddings, self.sqrt) - self.mean) / self.scale
         return _sigmoid(x @ self.coef + self.intercept)
+
+    def is_second_domain(self, embeddings: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+        """Whether each photo is read as ``domains[1]`` (its domain probability >= 0.5)."""
+        return np.asarray(
+            self.second_domain_probability(embeddings) >= SECOND_DOMAIN_CUT, dtype=bool
+        )
+
+    def image_thresholds(
+        self, embeddings: npt.ArrayLike, thresholds: tuple[float, float]
+    ) -> npt.NDArray[np.float64]:
+        """Each photo's decision threshold: ``thresholds`` = (of domains[0], of domains[1]),
+        picked by the photo's inferred domain (:meth:`is_second_domain`)."""
+        first, second = thresholds
+        return np.where(self.is_second_domain(embeddings), float(second), float(first))
 
     def per_domain(self, logits: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """[n, 2]: each logit calibrated as if it came from each domain."""
@@ -61,8 +92,12 @@ class DomainCalibration:
     def calibrate(
         self, logits: npt.ArrayLike, embeddings: npt.ArrayLike
     ) -> npt.NDArray[np.float64]:
-        """Calibrated malignant probability: the domain-weighted mixture."""
-        w = self.second_domain_probability(embeddings)
+        """Calibrated malignant probability: the domain-weighted mixture, or with ``"hard"``
+        assignment the scaling of each photo's inferred domain."""
+        if self.assignment == "hard":
+            w = self.is_second_domain(embeddings).astype(np.float64)
+        else:
+            w = self.second_domain_probability(embeddings)
         both = self.per_domain(logits)
         return np.asarray((1 - w) * both[:, 0] + w * both[:, 1], dtype=np.float64)
 
@@ -73,6 +108,7 @@ class DomainCalibration:
             coef=self.coef, intercept=np.float64(self.intercept), bias=np.asarray(self.bias),
             temperature=np.asarray(self.temperature),
             embedding_output=np.asarray(self.embedding_output), sqrt=np.asarray(self.sqrt),
+            assignment=np.asarray(self.assignment),
         )  # fmt: skip
 
     @classmethod
@@ -86,18 +122,35 @@ class DomainCalibration:
             # Files written before the classifier could read another output: the embedding.
             output = str(data["embedding_output"]) if "embedding_output" in data else "embedding"
             sqrt = bool(data["sqrt"]) if "sqrt" in data else False
+            # Files written before the assignment could be chosen: the mixture.
+            assignment = str(data["assignment"]) if "assignment" in data else "mixture"
         if len(domains) != 2 or not mean.shape == scale.shape == coef.shape:
             raise ValueError(f"{path}: inconsistent domain calibration")
         if np.any(np.asarray(temperature) <= 0) or np.any(scale <= 0):
             raise ValueError(f"{path}: temperatures and scales must be > 0")
+        if assignment not in ASSIGNMENTS:
+            raise ValueError(f"{path}: unknown assignment {assignment!r}")
         return cls(
             (domains[0], domains[1]), mean, scale, coef, intercept,
             (float(bias[0]), float(bias[1])), (float(temperature[0]), float(temperature[1])),
-            output, sqrt,
+            output, sqrt, assignment,
         )  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary for metadata.json."""
+        w = f"P(second domain | {'sqrt ' if self.sqrt else ''}{self.embedding_output})"
+        if self.assignment == "hard":
+            method = (
+                "p = sigmoid((logit + b_d) / T_d) for the photo's inferred domain d (the second "
+                f"domain when w >= {SECOND_DOMAIN_CUT}, else the first), w = {w} from a logistic "
+                "model; (b_d, T_d) fitted by NLL on validation images of domain d"
+            )
+        else:
+            method = (
+                "p = (1 - w) * sigmoid((logit + b_1) / T_1) + w * sigmoid((logit + b_2) / T_2), "
+                f"w = {w} from a logistic model; (b_d, T_d) fitted by NLL on validation images "
+                "of domain d"
+            )
         return {
             "file": FILE,
             "embedding_output": self.embedding_output,
@@ -107,11 +160,8 @@ class DomainCalibration:
                 d: {"logit_bias": b, "temperature": t}
                 for d, b, t in zip(self.domains, self.bias, self.temperature, strict=True)
             },
-            "method": (
-                "p = (1 - w) * sigmoid((logit + b_1) / T_1) + w * sigmoid((logit + b_2) / T_2), "
-                f"w = P(second domain | {'sqrt ' if self.sqrt else ''}{self.embedding_output}) "
-                "from a logistic model; (b_d, T_d) fitted by NLL on validation images of domain d"
-            ),
+            "assignment": self.assignment,
+            "method": method,
         }
 
 
@@ -143,13 +193,15 @@ def fit_domain_calibration(
     c: float = 0.05,
     embedding_output: str = DEFAULT_OUTPUT,
     sqrt: bool = True,
+    assignment: str = "mixture",
 ) -> DomainCalibration:
     """Fit the domain classifier and the per-domain Platt scalings on labelled images.
 
     ``embeddings`` are the serve output ``embedding_output`` of the same images. The
     classifier is L2-regularised (``c``) on standardised (optionally square-rooted) features,
     and its classes are weighted equally: phone photos are few, and a user's domain is not
-    the training mix.
+    the training mix. ``assignment``: how :meth:`DomainCalibration.calibrate` combines the
+    scalings (``ASSIGNMENTS``); the fitted parameters are the same either way.
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -167,4 +219,5 @@ def fit_domain_calibration(
     return DomainCalibration(
         (order[0], order[1]), mean, scale, clf.coef_.reshape(-1), float(clf.intercept_[0]),
         (params[0][0], params[1][0]), (params[0][1], params[1][1]), embedding_output, sqrt,
+        assignment,
     )  # fmt: skip

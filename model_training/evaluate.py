@@ -23,9 +23,13 @@ from model_training import isic_score, plots, report
 from model_training import metrics as mt
 from model_training.calibration_stats import calibration_report
 from model_training.data import group_bucket, read_datasets
+from model_training.domain_calibration import (
+    ASSIGNMENTS,
+    SECOND_DOMAIN_CUT,
+    fit_domain_calibration,
+)
 from model_training.domain_calibration import DEFAULT_OUTPUT as DOMAIN_OUTPUT
 from model_training.domain_calibration import FILE as DOMAIN_FILE
-from model_training.domain_calibration import fit_domain_calibration
 from model_training.export import read_metadata, write_metadata
 from model_training.preprocessing import TTA_VIEWS as PREPROCESSING_TTA_VIEWS
 
@@ -138,6 +142,7 @@ def crossfit_operating_point(
     embeddings: np.ndarray | None = None,
     thresholds: str = "shared",
     n_boot: int = 0,
+    assignment: str = "mixture",
 ) -> dict[str, Any]:
     """Out-of-fold figures for the calibration and threshold that validation chose.
 
@@ -153,11 +158,15 @@ def crossfit_operating_point(
     by inferred domain; needs ``embeddings``). ``in_fold`` records what each fold's rule saw on
     its own fitting images, to compare with what held out. ``n_boot`` > 0 adds
     :func:`calibration_stats.calibration_report` per set (intervals, noise floor).
+    ``assignment``: how the per-domain scalings are combined ("mixture" or "hard";
+    :class:`DomainCalibration`). Each set's ``roc_auc`` is that of the held-out answers.
     """
     if thresholds not in ("shared", "per-domain"):
         raise ValueError(f"thresholds must be 'shared' or 'per-domain', not {thresholds!r}")
     if thresholds == "per-domain" and embeddings is None:
         raise ValueError("per-domain thresholds need the domain classifier's embeddings")
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"assignment must be one of {ASSIGNMENTS}, not {assignment!r}")
     fold = crossfit_folds(df["group"].tolist(), folds)
     domain = df["domain"].astype(str).to_numpy()
     p_out = np.zeros(len(y))
@@ -176,11 +185,13 @@ def crossfit_operating_point(
         p_out[held] = p_single[held]
         read_fit: np.ndarray | None = None
         if embeddings is not None:
-            dc = fit_domain_calibration(logits[fit], embeddings[fit], y[fit], domain[fit])
+            dc = fit_domain_calibration(
+                logits[fit], embeddings[fit], y[fit], domain[fit], assignment=assignment
+            )
             p_fit = dc.calibrate(logits[fit], embeddings[fit])
             p_out[held] = dc.calibrate(logits[held], embeddings[held])
-            read_fit = dc.second_domain_probability(embeddings[fit]) >= 0.5
-            second = dc.second_domain_probability(embeddings[held]) >= 0.5
+            read_fit = dc.is_second_domain(embeddings[fit])
+            second = dc.is_second_domain(embeddings[held])
             domain_hits[held] = second == (domain[held] == dc.domains[1])
         if thresholds == "per-domain":
             assert read_fit is not None
@@ -208,7 +219,12 @@ def crossfit_operating_point(
                 )
         in_fold.append(seen)
     out: dict[str, Any] = {"folds": folds, "grouped_by": "lesion or patient"}
-    out["calibration"] = "per domain" if embeddings is not None else "single temperature"
+    out["calibration"] = "single temperature"
+    if embeddings is not None:
+        out["calibration"] = "per domain" + (
+            ", hard domain assignment" if assignment == "hard" else ""
+        )
+        out["assignment"] = assignment
     out["threshold_kind"] = thresholds
     out["thresholds"] = chosen
     out["in_fold"] = in_fold
@@ -222,6 +238,7 @@ def crossfit_operating_point(
             "ece": cal.expected_calibration_error(y[mask], p_out[mask]),
             "ece_single_temperature": cal.expected_calibration_error(y[mask], p_single[mask]),
             "brier": cal.brier_score(y[mask], p_out[mask]),
+            "roc_auc": mt.binary_metrics(y[mask], p_out[mask], 0.5)["roc_auc"],
         }
         if embeddings is not None:
             out["sets"][name]["domain_accuracy"] = float(domain_hits[mask].mean())
@@ -389,6 +406,8 @@ def evaluate_artifact(
     reuse_predictions: bool = False,
     calibration: str = "single",
     thresholds: str = "shared",
+    assignment: str = "mixture",
+    report_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Validate, calibrate, choose threshold and tiers, write metrics.json, plots, model card.
 
@@ -399,8 +418,15 @@ def evaluate_artifact(
     ``thresholds``: "shared" (one threshold, sensitivity averaged over the domains >= the
     target) or "per-domain" (with per-domain calibration only: one threshold per inferred
     domain, each domain's sensitivity >= the target; :func:`choose_thresholds_per_domain`).
-    ``crossfit_candidates`` holds all three combinations out of fold, with calibration
-    intervals and noise floors (``calibration_stats``).
+    ``assignment`` (with per-domain calibration): "mixture" (the scalings weighted by the
+    domain probability) or "hard" (each photo gets its inferred domain's scaling).
+    ``crossfit_candidates`` holds S, P, PT and H out of fold (docs/calibration.md), with
+    calibration intervals and noise floors (``calibration_stats``).
+
+    ``update_metadata`` False leaves the artifact untouched (metadata.json, the calibration
+    file, metrics.json, predictions, plots and the model card); the report then goes to
+    ``report_dir``, which is required. ``report_dir`` given with updates on: the report goes
+    there and the calibration into the artifact.
 
     ``reuse_predictions`` re-reads the logits this artifact's SavedModel produced in an earlier
     run (``validation_predictions.csv``) instead of scoring again, e.g. after changing a
@@ -416,6 +442,14 @@ def evaluate_artifact(
         raise ValueError(f"thresholds must be 'shared' or 'per-domain', not {thresholds!r}")
     if thresholds == "per-domain" and calibration != "per-domain":
         raise ValueError("per-domain thresholds need --calibration per-domain")
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"assignment must be one of {ASSIGNMENTS}, not {assignment!r}")
+    if assignment == "hard" and calibration != "per-domain":
+        raise ValueError("a hard domain assignment needs --calibration per-domain")
+    if not update_metadata and report_dir is None:
+        raise ValueError("without updating the artifact, say where the report goes (report_dir)")
+    out_dir = artifact if report_dir is None else report_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
     cache = scores_cache(artifact, df["image_id"].tolist())
     cached: dict[str, np.ndarray] = {}
     if reuse_predictions and cache.exists():
@@ -435,12 +469,14 @@ def evaluate_artifact(
     # The single temperature stays in metadata for servers that predate domain calibration.
     temperature = cal.fit_temperature(logits + bias, y)
     p_single = cal.calibrate(logits, bias, temperature)
-    domain_cal = fit_domain_calibration(logits, embeddings, y, df["domain"].to_numpy())
+    domain_cal = fit_domain_calibration(
+        logits, embeddings, y, df["domain"].to_numpy(), assignment=assignment
+    )
     per_domain = calibration == "per-domain"
     p = domain_cal.calibrate(logits, embeddings) if per_domain else p_single
     threshold, rule = choose_domain_threshold(df, y, p, target_sensitivity)
     domain_thresholds: dict[str, float] | None = None
-    read_second = domain_cal.second_domain_probability(embeddings) >= 0.5
+    read_second = domain_cal.is_second_domain(embeddings)
     if thresholds == "per-domain":
         domain_thresholds = choose_thresholds_per_domain(
             y, p, read_second, domain_cal.domains, target_sensitivity
@@ -451,10 +487,9 @@ def evaluate_artifact(
     tiers = choose_tiers(y, p, threshold)
     decision = None
     if domain_thresholds is not None:
-        image_thresholds = np.where(
-            read_second,
-            domain_thresholds[domain_cal.domains[1]],
-            domain_thresholds[domain_cal.domains[0]],
+        first, second = domain_cal.domains
+        image_thresholds = domain_cal.image_thresholds(
+            embeddings, (domain_thresholds[first], domain_thresholds[second])
         )
         decision = decision_scores(p, image_thresholds, threshold)
         _recount_tiers(tiers, y, p, image_thresholds)
@@ -478,20 +513,15 @@ def evaluate_artifact(
         result["domain_thresholds"] = domain_thresholds
     result["inference_seconds_per_image"] = sec_per_image
     # Every candidate out of fold (docs/calibration.md: the rule that chose among them).
-    candidates = {
-        "single": (None, "shared"),
-        "per-domain": (embeddings, "shared"),
-        "per-domain, thresholds per domain": (embeddings, "per-domain"),
-    }
-    measured = {
-        name: crossfit_operating_point(
-            df, y, logits, bias, target_sensitivity, embeddings=emb, thresholds=kind, n_boot=1000
-        )
-        for name, (emb, kind) in candidates.items()
-    }
-    chosen_name = "single" if not per_domain else (
-        "per-domain, thresholds per domain" if domain_thresholds else "per-domain"
-    )  # fmt: skip
+    candidates = dict(CANDIDATES)
+    chosen_name = _candidate_name(calibration, thresholds, assignment)
+    candidates.setdefault(chosen_name, (per_domain, thresholds, assignment))
+    measured: dict[str, dict[str, Any]] = {}
+    for name, (emb, kind, how) in candidates.items():
+        measured[name] = crossfit_operating_point(
+            df, y, logits, bias, target_sensitivity, embeddings=embeddings if emb else None,
+            thresholds=kind, n_boot=1000, assignment=how,
+        )  # fmt: skip
     result["crossfit"] = measured[chosen_name]
     result["crossfit_candidates"] = measured
     alternative = measured["per-domain" if not per_domain else "single"]
@@ -531,7 +561,7 @@ def evaluate_artifact(
     if "shortcut_checks" in previous:  # written by model_training.artefacts
         result["shortcut_checks"] = previous["shortcut_checks"]
 
-    plots_dir = artifact / "plots"
+    plots_dir = out_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     masks = _domain_sets(df)
     curves = {n: (y[m], p[m]) for n, m in masks.items() if not n.startswith("domain:")}
@@ -562,8 +592,8 @@ def evaluate_artifact(
     out = df[["image_id", "dataset", "domain", "label"]].copy()
     out["logit"] = logits
     out["probability_malignant"] = p
-    out.to_csv(artifact / PREDICTIONS_FILE, index=False, float_format="%.6f")
-    (artifact / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    out.to_csv(out_dir / PREDICTIONS_FILE, index=False, float_format="%.6f")
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
 
     if update_metadata:
         if per_domain:
@@ -583,8 +613,26 @@ def evaluate_artifact(
         )
         meta["metrics"] = {"validation": _headline(result)}
         write_metadata(artifact, meta)
-    report.write_model_card(meta, result, artifact / "MODEL_CARD.md")
+    report.write_model_card(meta, result, out_dir / "MODEL_CARD.md")
     return result
+
+
+# Every candidate of docs/calibration.md, measured out of fold on each run:
+# name -> (per-domain calibration?, thresholds, assignment of the per-domain scalings).
+CANDIDATES: dict[str, tuple[bool, str, str]] = {
+    "single": (False, "shared", "mixture"),  # S
+    "per-domain": (True, "shared", "mixture"),  # P
+    "per-domain, thresholds per domain": (True, "per-domain", "mixture"),  # PT
+    "per-domain hard, thresholds per domain": (True, "per-domain", "hard"),  # H
+}
+
+
+def _candidate_name(calibration: str, thresholds: str, assignment: str) -> str:
+    """The ``crossfit_candidates`` key of a calibration/threshold/assignment choice."""
+    if calibration != "per-domain":
+        return "single"
+    name = "per-domain" + (" hard" if assignment == "hard" else "")
+    return name + (", thresholds per domain" if thresholds == "per-domain" else "")
 
 
 def _per_domain_rule(
@@ -612,7 +660,8 @@ def _per_domain_rule(
     return (
         "label malignant when calibrated p >= the threshold of the photo's inferred domain ("
         + ", ".join(f"{d} {thresholds[d]:.4f}" for d in domains)
-        + f"; domain read by the calibration's domain model, P >= 0.5): in each domain the "
+        + f"; domain read by the calibration's domain model, P >= {SECOND_DOMAIN_CUT}): in each "
+        "domain the "
         f"highest threshold whose validation sensitivity is >= {target_sensitivity:.2f} (so "
         f"the average over the domains is too); " + "; ".join([*parts, pooled])
     )

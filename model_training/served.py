@@ -67,6 +67,4 @@ class ServedAnswer:
         p = self.domain.calibrate(logits, features)
         if self.domain_thresholds is None:
             return p, np.full(len(logits), self.threshold)
-        second = self.domain.second_domain_probability(features) >= 0.5
-        low, high = self.domain_thresholds
-        return p, np.where(second, high, low)
+        return p, self.domain.image_thresholds(features, self.domain_thresholds)

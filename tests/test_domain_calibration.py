@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from app.model import ModelLoadError, TriageModel
 from model_training.calibration import expected_calibration_error
@@ -122,6 +124,65 @@ def test_reads_a_named_output_square_rooted_and_old_files_still_load(tmp_path: P
     np.savez(tmp_path / "old.npz", **old)
     legacy = DomainCalibration.load(tmp_path / "old.npz")
     assert legacy.embedding_output == "embedding" and not legacy.sqrt
+    assert legacy.assignment == "mixture"
+
+
+def test_hard_assignment_keeps_the_ranking_within_each_inferred_domain() -> None:
+    """Each photo gets its inferred domain's Platt scaling: inside a domain the calibrated
+    probability is a monotone map of the logit, so its ROC-AUC there is the raw logit's."""
+    logits, emb, y, domains = _two_domains(n=1500)
+    feats = np.abs(emb) ** 2
+    # A weaker domain signal than _two_domains gives, so that many photos get 0.05 < w < 0.95.
+    feats[:, 0] = np.abs(feats[:, 0] * 0.15 + np.random.default_rng(3).normal(0, 1, len(y)))
+    mixture = fit_domain_calibration(logits, feats, y, domains)
+    hard = fit_domain_calibration(logits, feats, y, domains, assignment="hard")
+    assert hard.assignment == "hard" and mixture.assignment == "mixture"
+    assert (hard.bias, hard.temperature) == (mixture.bias, mixture.temperature)
+    second = hard.is_second_domain(feats)
+    np.testing.assert_array_equal(second, mixture.second_domain_probability(feats) >= 0.5)
+    assert 0 < second.sum() < len(second)
+    p_hard, p_mix = hard.calibrate(logits, feats), mixture.calibrate(logits, feats)
+    both = hard.per_domain(logits)
+    np.testing.assert_allclose(p_hard, np.where(second, both[:, 1], both[:, 0]))
+    mixture_moved = False
+    for read in (second, ~second):
+        auc_raw = roc_auc_score(y[read], logits[read])
+        assert roc_auc_score(y[read], p_hard[read]) == pytest.approx(auc_raw, abs=1e-12)
+        mixture_moved |= abs(roc_auc_score(y[read], p_mix[read]) - auc_raw) > 1e-6
+    assert mixture_moved  # the mixture does reorder photos inside a domain here
+
+
+def test_assignment_round_trips_is_described_and_checked(tmp_path: Path) -> None:
+    logits, emb, y, domains = _two_domains()
+    hard = fit_domain_calibration(logits, emb, y, domains, assignment="hard")
+    hard.save(tmp_path / FILE)
+    again = DomainCalibration.load(tmp_path / FILE)
+    assert again.assignment == "hard"
+    np.testing.assert_allclose(again.calibrate(logits, emb), hard.calibrate(logits, emb))
+    assert again.describe()["assignment"] == "hard"
+    assert "inferred domain" in again.describe()["method"]
+    mixture = replace(hard, assignment="mixture")
+    assert mixture.describe()["assignment"] == "mixture"
+    assert "(1 - w)" in mixture.describe()["method"]
+    # A file without the field (the shipped artifact's) is the mixture.
+    with np.load(tmp_path / FILE) as data:
+        old = {k: data[k] for k in data.files if k != "assignment"}
+    np.savez(tmp_path / "old.npz", **old)
+    assert DomainCalibration.load(tmp_path / "old.npz").assignment == "mixture"
+    np.savez(tmp_path / "odd.npz", **old, assignment=np.asarray("soft"))
+    with pytest.raises(ValueError, match="assignment"):
+        DomainCalibration.load(tmp_path / "odd.npz")
+    with pytest.raises(ValueError, match="assignment"):
+        replace(hard, assignment="soft")
+
+
+def test_image_thresholds_follow_the_inferred_domain() -> None:
+    logits, emb, y, domains = _two_domains()
+    dc = fit_domain_calibration(logits, emb, y, domains)
+    second = dc.second_domain_probability(emb) >= 0.5
+    got = dc.image_thresholds(emb, (0.08, 0.16))
+    np.testing.assert_array_equal(got, np.where(second, 0.16, 0.08))
+    np.testing.assert_array_equal(dc.is_second_domain(emb), second)
 
 
 def _reading_half_as_phone(served: dict[str, np.ndarray]) -> DomainCalibration:
@@ -214,3 +275,30 @@ def test_domain_thresholds_outside_the_neighbouring_tiers_are_refused(
         dc.save(model_dir / FILE)
         with pytest.raises(ModelLoadError, match="thresholds"):
             TriageModel.load(model_dir)
+
+
+def test_server_and_offline_answers_apply_a_hard_assignment_from_the_artifact(
+    artifact_copy: Callable[..., Path],
+) -> None:
+    """The assignment travels in the calibration file: TriageModel.infer and ServedAnswer
+    give each photo its inferred domain's scaling and threshold, with nothing else told."""
+    plain = TriageModel.load(artifact_copy("plain"))
+    batch = fixture_batch(plain, 6)
+    served = plain._call("serve", batch)
+    dc = replace(_reading_half_as_phone(served), assignment="hard")
+    phone = dc.is_second_domain(served["ood_embedding"])
+    assert 0 < phone.sum() < len(phone)
+    spec = {**dc.describe(), "thresholds": {"dermoscopy": 0.25, "phone": 0.9}}
+    model_dir = artifact_copy("hard", domain_calibration=spec)
+    dc.save(model_dir / FILE)
+    out = TriageModel.load(model_dir).infer(batch)
+    both = dc.per_domain(served["logit"])
+    np.testing.assert_allclose(
+        out.probabilities, np.where(phone, both[:, 1], both[:, 0]), rtol=1e-5
+    )
+    assert out.thresholds is not None
+    np.testing.assert_array_equal(out.thresholds, np.where(phone, 0.9, 0.25))
+    offline = ServedAnswer.of(model_dir, json.loads((model_dir / "metadata.json").read_text()))
+    p_off, t_off = offline.answer(served["logit"], served)
+    np.testing.assert_allclose(p_off, out.probabilities, rtol=1e-5)
+    np.testing.assert_array_equal(t_off, out.thresholds)

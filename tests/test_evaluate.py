@@ -10,6 +10,8 @@ import pytest
 
 from model_training import calibration as cal
 from model_training.evaluate import (
+    CANDIDATES,
+    _candidate_name,
     choose_domain_threshold,
     choose_thresholds_per_domain,
     choose_tiers,
@@ -147,6 +149,43 @@ def test_crossfit_thresholds_per_domain_hold_each_domain_out_of_fold() -> None:
         crossfit_operating_point(df, y, logits, 0.0, 0.9, thresholds="per-domain")
 
 
+def test_crossfit_measures_the_hard_assignment_and_reports_auc_out_of_fold() -> None:
+    """H (hard domain assignment): the same folds, domain classifier and rules as PT; the
+    held-out ROC-AUC of each set is reported for both."""
+    df, y, logits = _validation(2000, seed=6)
+    phone = (df["domain"] == "phone").to_numpy()
+    logits = np.where(phone, 3.0 * logits + 1.0, logits)
+    rng = np.random.default_rng(1)
+    emb = np.abs(rng.normal(0, 1, (len(df), 6)))
+    emb[:, 0] += np.where(phone, 1.5, 0.0)  # a domain signal weak enough to mix
+    pt = crossfit_operating_point(df, y, logits, 0.0, 0.9, embeddings=emb, thresholds="per-domain")
+    h = crossfit_operating_point(
+        df, y, logits, 0.0, 0.9, embeddings=emb, thresholds="per-domain", assignment="hard"
+    )
+    assert h["assignment"] == "hard" and pt["assignment"] == "mixture"
+    assert h["calibration"] == "per domain, hard domain assignment"
+    for name in ("ham10000", "pad-ufes-20", "pooled"):
+        assert 0.5 < h["sets"][name]["roc_auc"] <= 1.0
+        assert 0.5 < pt["sets"][name]["roc_auc"] <= 1.0
+    # Same domain classifier and scalings: the domain is read the same way.
+    for name in ("domain:dermoscopy", "domain:phone"):
+        assert h["sets"][name]["domain_accuracy"] == pt["sets"][name]["domain_accuracy"]
+    with pytest.raises(ValueError, match="assignment"):
+        crossfit_operating_point(df, y, logits, 0.0, 0.9, embeddings=emb, assignment="soft")
+
+
+def test_every_candidate_has_a_name_and_the_chosen_one_is_among_them() -> None:
+    assert set(CANDIDATES) == {
+        "single",
+        "per-domain",
+        "per-domain, thresholds per domain",
+        "per-domain hard, thresholds per domain",
+    }
+    for name, (per, kind, how) in CANDIDATES.items():
+        assert _candidate_name("per-domain" if per else "single", kind, how) == name
+    assert _candidate_name("per-domain", "shared", "hard") == "per-domain hard"
+
+
 def test_model_card_shows_domain_thresholds_candidates_and_calibration_intervals(
     tmp_path: Path,
 ) -> None:
@@ -166,6 +205,7 @@ def test_model_card_shows_domain_thresholds_candidates_and_calibration_intervals
     assert "thresholds per inferred domain" in card
     assert "**Thresholds per inferred photo domain**: dermoscopy 0.0812, phone 0.1556" in card
     assert "| per-domain, thresholds per domain |" in card
+    assert "ROC-AUC per data set" in card and "ham10000 0." in card
     assert "noise floor" in card and "adaptive ECE" in card
 
 
