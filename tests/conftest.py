@@ -18,10 +18,13 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+
+from tests.deploy_files import Instruction, read_compose_api, read_dockerfile
 
 # Quieter TensorFlow C++ logging in test output; must precede the first TF import.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -225,3 +228,15 @@ def screenshot(screenshot_dir: Path) -> Callable[[object, str], Path]:
         return path
 
     return take
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[Instruction]:
+    """The parsed Dockerfile."""
+    return read_dockerfile()
+
+
+@pytest.fixture(scope="module")
+def compose_api() -> dict[str, Any]:
+    """The `api` service of docker-compose.yml."""
+    return read_compose_api()
