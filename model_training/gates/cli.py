@@ -216,7 +216,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sets", type=lambda s: [x for x in s.split(",") if x], default=list(DEFAULT_SETS)
     )
-    p.add_argument("--per-set", type=int, default=250, help="training photos per set")
+    p.add_argument("--per-set", type=int, default=500, help="training photos per set")
     p.add_argument("--copies", type=int, default=1, help="varied copies per training photo")
     p.add_argument(
         "--phone-copies", type=int, default=2,
