@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from app.model import DEFAULT_OOD_OUTPUT, ModelLoadError, ModelMetadata
+from app.metadata import DEFAULT_OOD_OUTPUT, ModelLoadError, ModelMetadata
 from app.texts import OOD_ADVICE, OOD_MESSAGE
 from model_training.quality import assess_quality
 from model_training.skin import SKIN_HEAD, SkinGate

@@ -29,9 +29,10 @@ from swagger_ui_bundle import swagger_ui_path
 from app import __version__
 from app.admission import Admission
 from app.gates import build_gates
+from app.metadata import ModelLoadError
 from app.metrics import Metrics
 from app.middleware import RequestContextMiddleware
-from app.model import ModelLoadError, TriageModel
+from app.model import TriageModel
 from app.routers import health, metrics, model, pages, predict
 from app.service import TriageService
 from app.settings import Settings

@@ -49,7 +49,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from app.gates import build_gates
-    from app.model import ModelMetadata
+    from app.metadata import ModelMetadata
     from model_training.preprocessing import decode_image
 
     meta = ModelMetadata.from_dict(json.loads((args.model_dir / "metadata.json").read_text()))

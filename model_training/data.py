@@ -152,3 +152,14 @@ def diagnosis_codes(diagnoses: pd.Series) -> np.ndarray:
         )
     lookup = {name: i for i, name in enumerate(DIAGNOSIS_CLASSES)}
     return names.map(lookup).to_numpy(dtype=np.int32)
+
+
+def domain_sets(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Row masks: each data set, each domain (dermoscopy / phone) and everything pooled."""
+    sets: dict[str, np.ndarray] = {}
+    for name in sorted(df["dataset"].unique()):
+        sets[str(name)] = (df["dataset"] == name).to_numpy()
+    for domain in sorted(df["domain"].unique()):
+        sets[f"domain:{domain}"] = (df["domain"] == domain).to_numpy()
+    sets["pooled"] = np.ones(len(df), dtype=bool)
+    return sets

@@ -189,8 +189,9 @@ def test_app_refuses_to_start_when_the_gate_output_is_not_served(
 ) -> None:
     """ood.embedding_output must be a serve output: in metadata, and in the SavedModel."""
     from app.main import load_service
+    from app.metadata import ModelLoadError
     from app.metrics import Metrics
-    from app.model import ModelLoadError, TriageModel
+    from app.model import TriageModel
     from app.settings import Settings
 
     block = {"file": "skin.npz", "threshold": 0.0, "embedding_output": "mixed7_embedding"}
@@ -220,7 +221,8 @@ def test_app_refuses_to_start_when_the_gate_output_is_not_served(
 def test_a_gate_file_of_the_old_method_stops_startup(artifact_copy: Callable[..., Path]) -> None:
     """An artifact whose gate file is not a skin gate must be refitted, not served ungated."""
     from app.gates import build_gates
-    from app.model import ModelLoadError, TriageModel
+    from app.metadata import ModelLoadError
+    from app.model import TriageModel
 
     model_dir = artifact_copy(ood={"file": "ood.npz", "method": "mahalanobis", "threshold": 9.0})
     np.savez(model_dir / "ood.npz", format_version=np.int64(1), method=np.str_("mahalanobis"))

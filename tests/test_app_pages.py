@@ -209,7 +209,7 @@ def _model_facts(html: str) -> dict[str, Any]:
 def test_bar_scale_keeps_small_probabilities_readable() -> None:
     """Equal-width tier segments: with the shipped model's tiers a 3% and a 6% estimate are
     far from the threshold (the 4.8% tier boundary), not on it as on a linear scale."""
-    from app.model import RiskTier
+    from app.metadata import RiskTier
     from app.routers.pages import bar_position, threshold_position, tier_level
 
     tiers = (

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from app.main import create_app
-from app.model import ModelLoadError, TriageModel
+from app.metadata import ModelLoadError
+from app.model import TriageModel
 from app.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent

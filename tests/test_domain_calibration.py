@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from app.model import ModelLoadError, TriageModel
+from app.metadata import ModelLoadError
+from app.model import TriageModel
 from model_training.calibration import expected_calibration_error
 from model_training.domain_calibration import (
     FILE,

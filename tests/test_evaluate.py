@@ -1,4 +1,5 @@
-"""Validation rules of ``evaluate``: the threshold, the tiers and their out-of-fold check."""
+"""Validation rules of ``evaluate`` and ``operating_point``: the threshold, the tiers and their
+out-of-fold check."""
 
 from __future__ import annotations
 
@@ -9,15 +10,12 @@ import pandas as pd
 import pytest
 
 from model_training import calibration as cal
-from model_training.evaluate import (
-    CANDIDATES,
-    _candidate_name,
+from model_training.evaluate import CANDIDATES, _candidate_name, choose_tiers, decision_scores
+from model_training.operating_point import (
     choose_domain_threshold,
     choose_thresholds_per_domain,
-    choose_tiers,
     crossfit_folds,
     crossfit_operating_point,
-    decision_scores,
 )
 from model_training.report import write_model_card
 

@@ -20,7 +20,7 @@ from app.deps import (
     SettingsDep,
     TemplatesDep,
 )
-from app.model import RiskTier
+from app.metadata import RiskTier
 from app.routers.model import model_info
 from app.schemas import BatchItemError, PredictionResult
 from app.service import Options, TriageService
