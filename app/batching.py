@@ -3,7 +3,10 @@
 Each request's worker thread calls ``Batcher.run(images)`` and blocks until its rows come
 back. ``workers`` threads (one per batch the runtime can run at once) each take the oldest
 waiting job, add whatever else is waiting, up to ``max_batch`` images, waiting at most
-``max_wait_s`` for more, run the model once and hand every job its rows. With
+``max_wait_s`` for more, run the model once and hand every job its rows. Given
+``in_flight`` (how many requests are being assessed, e.g. the admission count), a worker
+waits only while one of them has not yet brought its job: a lone request goes straight to
+the model instead of idling ``max_wait_s`` for company that cannot come. With
 ``max_batch=1`` it degenerates to one model call per request over the runtime's pool of
 asynchronous infer requests (the alternative the benchmark compares).
 
@@ -43,6 +46,7 @@ class Batcher:
         max_wait_s: float = 0.002,
         workers: int = 1,
         on_batch: Callable[[int], None] | None = None,
+        in_flight: Callable[[], int] | None = None,
     ) -> None:
         if max_batch < 1 or workers < 1 or max_wait_s < 0:
             raise ValueError("max_batch and workers must be >= 1, max_wait_s >= 0")
@@ -50,6 +54,9 @@ class Batcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._on_batch = on_batch
+        self._in_flight = in_flight
+        self._lock = threading.Lock()
+        self._executing = 0  # jobs inside a model call right now (all workers)
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
         self._threads = [
@@ -82,9 +89,8 @@ class Batcher:
         while size < self.max_batch:
             try:
                 remaining = deadline - time.perf_counter()
-                job = (
-                    self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()
-                )
+                wait = remaining > 0 and self._may_come(len(jobs))
+                job = self._jobs.get(timeout=remaining) if wait else self._jobs.get_nowait()
             except queue.Empty:
                 break
             if job is None:
@@ -94,6 +100,15 @@ class Batcher:
             jobs.append(job)
             size += len(job.images)
         return jobs, None, False
+
+    def _may_come(self, gathered: int) -> bool:
+        """Whether a request being assessed may still bring a job (always, without
+        ``in_flight``): more in flight than jobs gathered, queued or in a model call."""
+        if self._in_flight is None:
+            return True
+        with self._lock:
+            executing = self._executing
+        return self._in_flight() > gathered + executing + self._jobs.qsize()
 
     def _loop(self) -> None:
         carried: _Job | None = None
@@ -109,6 +124,8 @@ class Batcher:
                 return
 
     def _execute(self, jobs: list[_Job]) -> None:
+        with self._lock:
+            self._executing += len(jobs)
         try:
             images = jobs[0].images if len(jobs) == 1 else np.concatenate([j.images for j in jobs])
             outputs = self._model(images)
@@ -120,6 +137,9 @@ class Batcher:
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            with self._lock:
+                self._executing -= len(jobs)
         start = 0
         for job in jobs:
             end = start + len(job.images)

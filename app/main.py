@@ -14,7 +14,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -61,8 +61,11 @@ TAGS = [
 ]
 
 
-def load_service(settings: Settings, metrics: Metrics) -> TriageService:
-    """Load, validate and warm up the model; blocking (run it off the event loop)."""
+def load_service(
+    settings: Settings, metrics: Metrics, in_flight: Callable[[], int] | None = None
+) -> TriageService:
+    """Load, validate and warm up the model; blocking (run it off the event loop).
+    ``in_flight`` counts the assessments running (the admission's), for the batcher."""
     started = time.perf_counter()
     triage_model = TriageModel.load(
         settings.model_dir,
@@ -70,6 +73,7 @@ def load_service(settings: Settings, metrics: Metrics) -> TriageService:
         max_batch=settings.batch_max_size,
         max_wait_ms=settings.batch_max_wait_ms,
         streams=settings.openvino_streams,
+        in_flight=in_flight,
     )
     gates = build_gates(triage_model.metadata, triage_model.model_dir)
     triage_model.report.load_seconds = time.perf_counter() - started
@@ -114,7 +118,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         model_dir = Path(settings.model_dir).resolve()
         logger.info("loading model", extra={"fields": {"model_dir": str(model_dir)}})
         try:
-            service = await run_in_threadpool(load_service, settings, app_metrics)
+            admission: Admission = app.state.admission
+            service = await run_in_threadpool(
+                load_service, settings, app_metrics, lambda: admission.active
+            )
         except ModelLoadError as exc:
             logger.critical(
                 "model failed to load; refusing to start",

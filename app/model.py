@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,7 @@ class TriageModel:
         model_dir: Path,
         max_batch: int = 8,
         max_wait_ms: float = 2.0,
+        in_flight: Callable[[], int] | None = None,
     ) -> None:
         self.runtime = runtime
         self.metadata = metadata
@@ -89,6 +90,7 @@ class TriageModel:
             max_wait_s=max_wait_ms / 1000.0,
             workers=runtime.parallel,
             on_batch=self._record_batch,
+            in_flight=in_flight,
         )
 
     def _record_batch(self, size: int) -> None:
@@ -105,8 +107,11 @@ class TriageModel:
         max_batch: int = 8,
         max_wait_ms: float = 2.0,
         streams: int = 0,
+        in_flight: Callable[[], int] | None = None,
     ) -> TriageModel:
-        """Read metadata.json, load the model on ``runtime`` (see app.runtime; no warm-up)."""
+        """Read metadata.json, load the model on ``runtime`` (see app.runtime; no warm-up).
+        ``in_flight``: how many requests are being assessed (the batcher waits for company
+        only while one of them has not brought its photos yet)."""
         started = time.perf_counter()
         model_dir = Path(model_dir)
         meta_path = model_dir / "metadata.json"
@@ -139,7 +144,10 @@ class TriageModel:
             "model runtime",
             extra={"fields": {"runtime": chosen.name, "precision": chosen.precision}},
         )
-        model = cls(chosen, metadata, model_dir, max_batch=max_batch, max_wait_ms=max_wait_ms)
+        model = cls(
+            chosen, metadata, model_dir, max_batch=max_batch, max_wait_ms=max_wait_ms,
+            in_flight=in_flight,
+        )  # fmt: skip
         model.report.load_seconds = time.perf_counter() - started
         return model
 

@@ -219,6 +219,34 @@ def test_batcher_gathers_waiting_jobs_and_returns_each_its_rows() -> None:
     assert sum(sizes) == 7
 
 
+def test_batcher_waits_for_company_only_while_a_request_in_flight_may_bring_it() -> None:
+    import time
+
+    from app.batching import Batcher
+
+    sizes: list[int] = []
+
+    def model(x: np.ndarray) -> dict[str, np.ndarray]:
+        sizes.append(len(x))
+        return {"y": x}
+
+    in_flight = [1]
+    batcher = Batcher(model, max_batch=8, max_wait_s=5.0, workers=1, in_flight=lambda: in_flight[0])
+    started = time.perf_counter()
+    batcher.run(np.zeros((1, 2)))  # alone: nobody else is being assessed, so no 5 s wait
+    assert time.perf_counter() - started < 2.5 and sizes == [1]
+
+    in_flight[0] = 2  # a second request is still decoding when the first job arrives
+    late: dict[str, np.ndarray] = {}
+    second = threading.Thread(target=lambda: late.update(batcher.run(np.ones((1, 2)))))
+    threading.Timer(0.2, second.start).start()
+    first = batcher.run(np.zeros((1, 2)))
+    second.join(timeout=30)
+    batcher.close()
+    assert sizes == [1, 2], "the worker waited for the job in flight and ran both together"
+    assert np.all(first["y"] == 0) and np.all(late["y"] == 1)
+
+
 def test_batcher_failure_fails_only_its_batch() -> None:
     from app.batching import Batcher
 
