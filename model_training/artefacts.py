@@ -6,12 +6,8 @@ onto any photo, seeded and in memory: training augments with them (a model must 
 its answer for them), the gates are measured on copies that carry them (they must never
 refuse a lesion for them), and the model card reports how much each one moves the estimate.
 
-PAD-UFES-20 photos sometimes carry surgical-marker ink circles drawn around lesions a doctor
-found suspicious: a shortcut a model can learn ("ink means malignant"). Counting marked
-images is unreliable (thin dark lines, dark lesions of the same hue), so the check measures
-the effect directly: draw a marker-like ellipse around the centre of each validation photo
-and compare the model's answers with and without it. A model that learned the shortcut
-raises its probabilities and flips benign answers to malignant.
+The ink shortcut check (``ink_shortcut_check``, described in ``INK_CHECK_METHOD``, which the
+model card quotes):
 
     python -m model_training.artefacts --artifact models/default
 """
@@ -197,42 +193,61 @@ def answer_changes(
     }
 
 
+INK_CHECK_METHOD = (
+    "PAD-UFES-20 photos sometimes carry surgical-marker ink circles drawn around lesions a "
+    'doctor found suspicious: a shortcut a model can learn ("ink means malignant"). Counting '
+    "marked images is unreliable (thin dark lines, dark lesions of the same hue), so this "
+    "measures the effect directly: draw a marker-like ellipse around the centre of each "
+    "validation photo and compare the model's answers with and without it, read as the server "
+    "gives them (calibration and threshold of each photo's inferred domain). A model that "
+    "learned the shortcut raises its probabilities and flips benign answers to malignant."
+)
+
+
 def ink_shortcut_check(
     artifact: Path, data_dir: Path, sets: Sequence[str] = ("pad-ufes-20", "isic2017")
 ) -> dict[str, Any]:
-    """Answers with vs. without a drawn marker ring, per validation set."""
-    from model_training.calibration import calibrate
+    """Answers with vs. without a drawn marker ring, per validation set, read as the server
+    gives them (``ServedAnswer``: per-domain calibration and thresholds when the artifact has
+    them, each photo at its own inferred domain's threshold)."""
     from model_training.export import read_metadata
     from model_training.preprocessing import load_image_file
     from model_training.runner import Embedder
+    from model_training.served import ServedAnswer
 
     meta = read_metadata(artifact)
-    bias, temperature = float(meta.get("logit_bias", 0.0)), float(meta.get("temperature", 1.0))
-    threshold = float(meta["threshold"])
+    served = ServedAnswer.of(artifact, meta)
     df = read_datasets(data_dir, sets)
     df = df[df["split"] == "valid"].reset_index(drop=True)
     originals = [load_image_file(p) for p in df["path"]]
-    embed = Embedder(artifact)  # the SavedModel is loaded once for every pass below
-    base, _ = embed(originals, len(originals), "without ink")
-    p0 = calibrate(base, bias, temperature)
-    result: dict[str, Any] = {"method": __doc__.split("\n\n")[1].replace("\n", " ")}
+    # The SavedModel is loaded once for every pass below; it returns the output the
+    # calibration reads the domain from (the embedding when there is none).
+    embed = Embedder(artifact, output=served.output or "embedding")
+
+    def answer(images: list[Image.Image], desc: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        logits, features = embed(images, len(images), desc)
+        p, thresholds = served.answer(logits, {embed.output: features})
+        return logits, p, thresholds
+
+    base, p0, t0 = answer(originals, "without ink")
+    result: dict[str, Any] = {"method": INK_CHECK_METHOD}
     for colour in INK_COLOURS:
         marked = [draw_ink_ring(im, colour, i) for i, im in enumerate(originals)]
-        inked, _ = embed(marked, len(marked), f"ink rgb{colour}")
-        p1 = calibrate(inked, bias, temperature)
+        inked, p1, t1 = answer(marked, f"ink rgb{colour}")
         per_set = {}
         for name in sorted(df["dataset"].unique()):
             m = (df["dataset"] == name).to_numpy()
             per_set[str(name)] = {
                 "mean_logit_change": float(np.mean(inked[m] - base[m])),
-                **answer_changes(p0[m], p1[m], threshold),
+                **answer_changes(p0[m], p1[m], t0[m], t1[m]),
             }
         result[f"ink_rgb_{'_'.join(map(str, colour))}"] = per_set
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the check and store it in the artifact's metrics.json (key ``shortcut_checks``)."""
+    """Run the check, store it in the artifact's metrics.json (key ``shortcut_checks``) and
+    re-render the model card, whose shortcut section reads it."""
     parser = argparse.ArgumentParser(prog="python -m model_training.artefacts")
     parser.add_argument("--artifact", type=Path, required=True)
     parser.add_argument(
@@ -246,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics = json.loads(metrics_path.read_text())
         metrics["shortcut_checks"] = {"ink_marker_ring": result}
         metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+        from model_training.export import read_metadata
+        from model_training.report import write_model_card
+
+        write_model_card(read_metadata(args.artifact), metrics, args.artifact / "MODEL_CARD.md")
     return 0
 
 
