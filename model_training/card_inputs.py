@@ -71,7 +71,8 @@ def section_gates(metadata: Mapping[str, Any], gates: Mapping[str, Any] | None) 
     quality = metadata.get("quality")
     report = metadata.get("quality_report")
     if isinstance(quality, Mapping):
-        pairs = ", ".join(f"{k} {fmt(v, 3)}" for k, v in quality.items())
+        # Sorted: metadata read from disk and freshly fitted thresholds come in different orders.
+        pairs = ", ".join(f"{k} {fmt(v, 3)}" for k, v in sorted(quality.items()))
         lines.append(
             '- **Quality gate** ("unable to assess" only for unusable photos: too small, '
             f"blurred, too dark, overexposed; each with its own advice): {pairs}."
