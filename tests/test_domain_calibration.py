@@ -200,6 +200,19 @@ def _reading_half_as_phone(served: dict[str, np.ndarray]) -> DomainCalibration:
     )  # fmt: skip
 
 
+def assert_phone_threshold_and_offline_answers(
+    model_dir: Path, served: dict[str, np.ndarray], out: Any, phone: np.ndarray
+) -> None:
+    """The server's answers ``out`` use 0.9 for phone photos and 0.25 otherwise, and the
+    offline figures (artefact effects, degraded photos) read answers as the server does."""
+    assert out.thresholds is not None
+    np.testing.assert_array_equal(out.thresholds, np.where(phone, 0.9, 0.25))
+    offline = ServedAnswer.of(model_dir, json.loads((model_dir / "metadata.json").read_text()))
+    p_off, t_off = offline.answer(served["logit"], served)
+    np.testing.assert_allclose(p_off, out.probabilities, rtol=1e-5)
+    np.testing.assert_array_equal(t_off, out.thresholds)
+
+
 def test_server_applies_a_threshold_per_inferred_domain(
     artifact_copy: Callable[..., Path],
     server_factory: Callable[..., Any],
@@ -223,13 +236,7 @@ def test_server_applies_a_threshold_per_inferred_domain(
     np.testing.assert_allclose(
         out.probabilities, dc.calibrate(served["logit"], served["ood_embedding"]), rtol=1e-5
     )
-    assert out.thresholds is not None
-    np.testing.assert_array_equal(out.thresholds, np.where(phone, 0.9, 0.25))
-    # Offline figures (artefact effects, degraded photos) read answers as the server does.
-    offline = ServedAnswer.of(model_dir, json.loads((model_dir / "metadata.json").read_text()))
-    p_off, t_off = offline.answer(served["logit"], served)
-    np.testing.assert_allclose(p_off, out.probabilities, rtol=1e-5)
-    np.testing.assert_array_equal(t_off, out.thresholds)
+    assert_phone_threshold_and_offline_answers(model_dir, served, out, phone)
     p_plain, t_plain = ServedAnswer.of(plain_dir, plain.metadata.raw).answer(served["logit"], {})
     np.testing.assert_allclose(p_plain, plain.infer(batch).probabilities, rtol=1e-5)
     assert set(t_plain) == {plain.metadata.raw["threshold"]}
@@ -297,9 +304,4 @@ def test_server_and_offline_answers_apply_a_hard_assignment_from_the_artifact(
     np.testing.assert_allclose(
         out.probabilities, np.where(phone, both[:, 1], both[:, 0]), rtol=1e-5
     )
-    assert out.thresholds is not None
-    np.testing.assert_array_equal(out.thresholds, np.where(phone, 0.9, 0.25))
-    offline = ServedAnswer.of(model_dir, json.loads((model_dir / "metadata.json").read_text()))
-    p_off, t_off = offline.answer(served["logit"], served)
-    np.testing.assert_allclose(p_off, out.probabilities, rtol=1e-5)
-    np.testing.assert_array_equal(t_off, out.thresholds)
+    assert_phone_threshold_and_offline_answers(model_dir, served, out, phone)
