@@ -167,6 +167,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soup(args: argparse.Namespace) -> int:
+    """Average the weights of two artifacts into a new one."""
+    from model_training.soup import soup
+
+    out = soup(args.a, args.b, args.alpha, args.out)
+    print(f"{out}: (1 - {args.alpha}) * {args.a} + {args.alpha} * {args.b}; refit it with "
+          "evaluate, fit-gates and export-fast before serving")  # fmt: skip
+    return 0
+
+
 def cmd_export_fast(args: argparse.Namespace) -> int:
     """Derive the fast (OpenVINO) model, measure it against TensorFlow, record it."""
     from model_training.export_fast import export_fast_from_data, summary
@@ -313,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     _fast_options(p)
     p.set_defaults(func=cmd_export_fast)
+
+    p = sub.add_parser("soup", help="average the weights of two artifacts (same architecture)")
+    p.add_argument("--a", type=Path, required=True, help="artifact whose metadata is kept")
+    p.add_argument("--b", type=Path, required=True)
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of b")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_soup)
 
     p = sub.add_parser("evaluate", help="validate, calibrate and report on an artifact")
     p.add_argument("--artifact", type=Path, required=True)

@@ -8,13 +8,16 @@ from model_training.export import base_metadata, export_artifact
 from model_training.model import build_tiny_classifier
 
 
-def make_tiny_artifact(dest_dir: Path, input_size: tuple[int, int] = (64, 64)) -> Path:
-    """Export a small random-weight CNN with the production interface into ``dest_dir``.
+def make_tiny_artifact(
+    dest_dir: Path, input_size: tuple[int, int] = (64, 64), seed: int = 0
+) -> Path:
+    """Export a small random-weight CNN (initialised from ``seed``) with the production
+    interface into ``dest_dir``.
 
     Its metadata uses a 64x64 input, a non-trivial temperature and threshold, so a server
     that hard-codes anything about the production model fails the tests.
     """
-    model = build_tiny_classifier(input_size)
+    model = build_tiny_classifier(input_size, seed)
     metadata = base_metadata(
         model,
         name="tiny-test-model",
