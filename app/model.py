@@ -201,15 +201,13 @@ class TriageModel:
         logits = outputs["logit"].reshape(len(views), n).mean(axis=0)
         # The output the OOD statistics were fitted on (metadata ood.embedding_output).
         embedding = outputs.get(self.metadata.ood_embedding_output)
-        probabilities = self.calibrate(logits)
-        thresholds = None
         dc = self.domain_calibration
-        if dc is not None:
+        if dc is None:
+            probabilities, thresholds = self.calibrate(logits), None
+        else:
             # Per-domain calibration reads the domain off the un-flipped view's output.
             features = outputs[dc.embedding_output][:n]
-            probabilities = dc.calibrate(logits, features)
-            if self.domain_thresholds is not None:
-                thresholds = dc.image_thresholds(features, self.domain_thresholds)
+            probabilities, thresholds = dc.answer(logits, features, self.domain_thresholds)
         cams = outputs.get("cam") if self.runtime.forward_cam else None
         return Inference(
             logits=logits,

@@ -14,8 +14,8 @@ inferred domain (domain probability >= 0.5: the second domain), which keeps the 
 logits within each inferred domain (docs/calibration.md, candidate H).
 
 The same hard reading picks each photo's threshold when the artifact has one per domain
-(:meth:`DomainCalibration.image_thresholds`; the server and ``model_training.served`` both
-call it).
+(:meth:`DomainCalibration.answer`, which the server and ``model_training.served`` both call:
+probabilities and thresholds from one reading of the domain).
 
 Scoring needs only NumPy (the server imports this module); fitting uses scikit-learn and
 SciPy, imported when a fit is asked for.
@@ -94,12 +94,24 @@ class DomainCalibration:
     ) -> npt.NDArray[np.float64]:
         """Calibrated malignant probability: the domain-weighted mixture, or with ``"hard"``
         assignment the scaling of each photo's inferred domain."""
-        if self.assignment == "hard":
-            w = self.is_second_domain(embeddings).astype(np.float64)
-        else:
-            w = self.second_domain_probability(embeddings)
+        return self.answer(logits, embeddings)[0]
+
+    def answer(
+        self,
+        logits: npt.ArrayLike,
+        embeddings: npt.ArrayLike,
+        thresholds: tuple[float, float] | None = None,
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64] | None]:
+        """(calibrated probabilities, each photo's threshold or None without ``thresholds``),
+        the domain read once for both (:meth:`calibrate`, :meth:`image_thresholds`)."""
+        w = self.second_domain_probability(embeddings)
+        second = w >= SECOND_DOMAIN_CUT
+        weight = second.astype(np.float64) if self.assignment == "hard" else w
         both = self.per_domain(logits)
-        return np.asarray((1 - w) * both[:, 0] + w * both[:, 1], dtype=np.float64)
+        p = np.asarray((1 - weight) * both[:, 0] + weight * both[:, 1], dtype=np.float64)
+        if thresholds is None:
+            return p, None
+        return p, np.where(second, float(thresholds[1]), float(thresholds[0]))
 
     def save(self, path: Path) -> None:
         """Write the parameters as a plain ``.npz`` (no pickles)."""

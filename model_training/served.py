@@ -64,7 +64,5 @@ class ServedAnswer:
             p = calibrate(logits, self.logit_bias, self.temperature)
             return p, np.full(len(logits), self.threshold)
         features = outputs[self.domain.embedding_output]
-        p = self.domain.calibrate(logits, features)
-        if self.domain_thresholds is None:
-            return p, np.full(len(logits), self.threshold)
-        return p, self.domain.image_thresholds(features, self.domain_thresholds)
+        p, thresholds = self.domain.answer(logits, features, self.domain_thresholds)
+        return p, np.full(len(logits), self.threshold) if thresholds is None else thresholds
