@@ -140,8 +140,6 @@ class DomainCalibration:
             raise ValueError(f"{path}: inconsistent domain calibration")
         if np.any(np.asarray(temperature) <= 0) or np.any(scale <= 0):
             raise ValueError(f"{path}: temperatures and scales must be > 0")
-        if assignment not in ASSIGNMENTS:
-            raise ValueError(f"{path}: unknown assignment {assignment!r}")
         return cls(
             (domains[0], domains[1]), mean, scale, coef, intercept,
             (float(bias[0]), float(bias[1])), (float(temperature[0]), float(temperature[1])),

@@ -41,7 +41,8 @@ def _variables(saved_model: Path) -> list[Any]:
 
 
 def averaged_checkpoint(a: Path, b: Path, alpha: float) -> dict[str, np.ndarray]:
-    """Checkpoint key -> averaged value for every variable of SavedModel ``a``."""
+    """Every key of SavedModel ``a``'s checkpoint -> its value, the variables averaged (the
+    rest, such as the object graph, kept as they are)."""
     import tensorflow as tf
 
     reader = tf.train.load_checkpoint(str(a / CHECKPOINT))
@@ -59,6 +60,9 @@ def averaged_checkpoint(a: Path, b: Path, alpha: float) -> dict[str, np.ndarray]
         out[key] = ((1.0 - alpha) * mine + alpha * theirs).astype(mine.dtype)
     if len(by_name) != len(out):
         raise ValueError(f"{a} and {b} hold different numbers of variables")
+    for key in reader.get_variable_to_shape_map():
+        if key not in out:
+            out[key] = reader.get_tensor(key)
     return out
 
 
@@ -71,8 +75,7 @@ def soup(a: Path, b: Path, alpha: float, out: Path) -> Path:
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new folder")
     values = averaged_checkpoint(a / SAVED_MODEL_DIR, b / SAVED_MODEL_DIR, alpha)
-    reader = tf.train.load_checkpoint(str(a / SAVED_MODEL_DIR / CHECKPOINT))
-    keys = sorted(reader.get_variable_to_shape_map())
+    keys = sorted(values)
     shutil.copytree(a, out)
     folder = out / SAVED_MODEL_DIR / "variables"
     for stale in folder.iterdir():
@@ -82,7 +85,7 @@ def soup(a: Path, b: Path, alpha: float, out: Path) -> Path:
         prefix=str(out / SAVED_MODEL_DIR / CHECKPOINT),
         tensor_names=keys,
         shape_and_slices=[""] * len(keys),
-        tensors=[tf.constant(values.get(k, reader.get_tensor(k))) for k in keys],
+        tensors=[tf.constant(values[k]) for k in keys],
     )
     meta = read_metadata(out)
     meta["soup"] = {
