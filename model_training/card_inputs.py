@@ -64,6 +64,38 @@ def section_shortcuts(metrics: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def draw_lines(draws: Mapping[str, Any] | None) -> list[str]:
+    """The leave-one-source-out figures over several draws of the fitting photos."""
+    if not isinstance(draws, Mapping) or len(draws.get("seeds", [])) < 2:
+        return []
+    seeds = draws["seeds"]
+    frr, non_skin = draws["false_rejection"], draws["held_out_non_skin_rejection"]
+    lines = [
+        "",
+        f"The same, repeated on {len(seeds)} random draws of the fitting photos, their copies "
+        f"and the non-skin crops (seeds {', '.join(str(s) for s in seeds)}; the first is the "
+        "shipped gate's): how much of the figure above is the luck of one draw.",
+        "",
+        "| left-out source | false rejection per draw | mean | held-out non-skin refused "
+        "per draw |",
+        "|---|---|---|---|",
+    ]
+    for name, values in frr.items():
+        lines.append(
+            f"| {name} | {' / '.join(pct(v) for v in values)} | "
+            f"{pct(sum(values) / len(values)) if values else 'n/a'} | "
+            f"{' / '.join(pct(v) for v in non_skin.get(name, []))} |"
+        )
+    lines += [
+        "",
+        f"Over every source and draw: mean {pct(draws.get('mean_false_rejection'))}, worst "
+        f"{pct(draws.get('worst_false_rejection'))}; the gates fitted without a source refuse "
+        f"at least {pct(draws.get('lowest_held_out_non_skin_rejection'))} of the held-out "
+        "non-skin views.",
+    ]
+    return lines
+
+
 def section_gates(metadata: Mapping[str, Any], gates: Mapping[str, Any] | None) -> list[str]:
     """Quality gate, skin gate and artefact notes: thresholds and measured rates (gates.json
     next to the card, written by ``python -m model_training fit-gates``)."""
@@ -109,6 +141,7 @@ def section_gates(metadata: Mapping[str, Any], gates: Mapping[str, Any] | None) 
             f"{pct(e.get('false_rejection'))} | {pct(e.get('copies_false_rejection'))} | "
             f"{pct(e.get('held_out_non_skin_rejection'))} |"
         )
+    lines += draw_lines(skin.get("leave_one_source_out_draws"))
     val = skin.get("validation", {})
     counts = val.get("refused_counts_by_domain", {})
     lines += [

@@ -196,3 +196,33 @@ def test_sqrt_transform_is_applied_before_the_heads_and_saved(tmp_path: Path) ->
     np.testing.assert_array_equal(back.scores(x), g.scores(x))
     with pytest.raises(ValueError, match="transform"):
         SkinGate([SKIN_HEAD], w, np.zeros(1), {SKIN_HEAD: 0.0}, transform="log")
+
+
+def test_draw_spread_and_its_card_table() -> None:
+    from model_training.card_inputs import section_gates
+    from model_training.gates.loso import draw_spread
+
+    def result(ham: float, pad: float, non_skin: float) -> dict[str, dict[str, float]]:
+        return {
+            "ham10000": {"false_rejection": ham, "held_out_non_skin_rejection": non_skin},
+            "pad-ufes-20": {"false_rejection": pad, "held_out_non_skin_rejection": 0.99},
+        }
+
+    spread = draw_spread({1234: result(0.0, 0.008, 0.959), 2: result(0.001, 0.0432, 0.913)})
+    assert spread["seeds"] == [1234, 2]
+    assert spread["false_rejection"]["pad-ufes-20"] == [0.008, 0.0432]
+    assert spread["worst_false_rejection"] == 0.0432
+    assert spread["mean_false_rejection"] == pytest.approx((0.0 + 0.008 + 0.001 + 0.0432) / 4)
+    assert spread["lowest_held_out_non_skin_rejection"] == 0.913
+
+    card = "\n".join(
+        section_gates({"ood": {"threshold": 0.2}}, {"skin": {"leave_one_source_out_draws": spread}})
+    )
+    assert "| pad-ufes-20 | 0.8% / 4.3% | 2.6% | 99.0% / 99.0% |" in card
+    assert "worst 4.3%" in card and "at least 91.3%" in card
+    # One draw alone says nothing about the spread: no table.
+    single = draw_spread({1234: result(0.0, 0.008, 0.959)})
+    card = "\n".join(
+        section_gates({"ood": {"threshold": 0.2}}, {"skin": {"leave_one_source_out_draws": single}})
+    )
+    assert "random draws" not in card

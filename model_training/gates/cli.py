@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shlex
@@ -25,9 +26,14 @@ from typing import Any
 import numpy as np
 
 from model_training.data import DEFAULT_SETS
-from model_training.gates.collect import Collected, collect
+from model_training.gates.collect import Collected, collect, collect_draw
 from model_training.gates.features import DEFAULT_CACHE, FeatureStore, ServeRunner
-from model_training.gates.loso import leave_one_source_out, rate, skin_training_data
+from model_training.gates.loso import (
+    draw_spread,
+    leave_one_source_out,
+    rate,
+    skin_training_data,
+)
 from model_training.gates.measure import measure_gate
 from model_training.gates.quality_fit import artefact_quality, fit_quality, quality_sensitivity
 from model_training.gates.report import summary, write_outputs
@@ -102,6 +108,32 @@ def choose_variant(
     return best[1], best[2], table
 
 
+def other_draws(
+    c: Collected,
+    store: FeatureStore,
+    args: argparse.Namespace,
+    output: str,
+    transform: str,
+    k: int | None,
+    loso: dict[str, Any],
+) -> dict[str, Any]:
+    """The kept variant's leave-one-source-out on this draw and on the ``--loso-seeds`` draws
+    of the fitting photos (lesions, copies, non-skin crops; validation images are shared):
+    a single draw's figure moves by several points from one seed to the next."""
+    draws = {int(args.seed): loso}
+    for seed in args.loso_seeds:
+        if seed == args.seed:
+            continue
+        lesions, copies, views = collect_draw(
+            store, c.data, c.photos, args.per_set, args.copies, args.crops, seed,
+            args.phone_copies,
+        )  # fmt: skip
+        other = dataclasses.replace(c, lesions=lesions, copies=copies, views=views)
+        key = with_transformed(other, output, transform)
+        draws[int(seed)] = leave_one_source_out(other, key, args.target_frr, k, args.cost)
+    return draw_spread(draws)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Fit the gates into ``args.artifact``; return the report written to gates.json."""
     from model_training.export import read_metadata
@@ -137,6 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         c, parse_variants(args.variants), args.target_frr, args.cost, k, args.min_non_skin
     )
     logger.info("skin gate: serve output %s, transform %s", output, transform)
+    draws = other_draws(c, store, args, output, transform, k, loso)
     key = with_transformed(c, output, transform)
     pos, groups, domains, neg, photos = skin_training_data(c, key)
     skin = fit_skin(pos, groups, domains, neg, photos, args.target_frr, k, args.cost)
@@ -170,6 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "fit_non_skin_views_refused": rate(skin.oof_neg < skin.threshold),
         },
         "leave_one_source_out": loso,
+        "leave_one_source_out_draws": draws,
         "notes": {
             n: {
                 "threshold": f.threshold,
@@ -247,6 +281,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--non-skin-dir", type=Path, action="append", default=[])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument(
+        "--loso-seeds", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2],
+        help="other draws of the fitting photos on which leave-one-source-out is repeated",
+    )  # fmt: skip
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--no-cache", action="store_true")
 

@@ -14,7 +14,7 @@ Only images are chosen here; what is fitted on which part is decided by the fitt
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,8 @@ class Collected:
     valid_artefacts: Part
     views: Part
     missing_sources: list[str]
+    # The non-skin photos themselves: another draw crops them again (``collect_draw``).
+    photos: list[tuple[str, Image.Image]] = field(default_factory=list)
 
 
 def training_sample(df: pd.DataFrame, per_set: int, seed: int) -> pd.DataFrame:
@@ -119,6 +121,41 @@ def lesion_copies(
     return Part(cf, store.get("copies", keys, make))
 
 
+def collect_draw(
+    store: FeatureStore,
+    df: pd.DataFrame,
+    photos: list[tuple[str, Image.Image]],
+    per_set: int,
+    n_copies: int,
+    crops: int,
+    seed: int,
+    phone_copies: int,
+) -> tuple[Part, Part, Part]:
+    """One seeded draw of what the skin gate is fitted on: (lesions, their copies, non-skin
+    views). Another seed gives another draw (``fit-gates --loso-seeds``)."""
+    parts = split_photos(name for name, _ in photos)
+    view_list = photo_views(photos, crops, seed)
+    vf = pd.DataFrame(
+        [
+            {
+                "photo": p,
+                "view": v,
+                "source": p.split("/", 1)[0],
+                "part": parts[p],
+                **measure_quality(img).as_dict(),
+            }
+            for p, v, img in view_list
+        ]
+    )
+    vkeys = [f"{p}#{v}#{seed}" for p, v, _ in view_list]
+    views = Part(vf, store.get("non-skin", vkeys, lambda i: view_list[i][2]))
+    train = training_sample(df, per_set, seed)
+    paths = [str(p) for p in train["path"]]
+    lesions = Part(train, store.get("lesions", paths, lambda i: load_image_file(paths[i])))
+    copies = lesion_copies(store, train, n_copies, phone_copies, seed)
+    return lesions, copies, views
+
+
 def collect(
     store: FeatureStore,
     data_dir: Path,
@@ -140,27 +177,9 @@ def collect(
     photos, missing = non_skin_photos(extra_photo_dirs or [])
     for item in missing:
         logger.warning("non-skin photo source missing: %s", item)
-    parts = split_photos(name for name, _ in photos)
-    view_list = photo_views(photos, crops, seed)
-    vf = pd.DataFrame(
-        [
-            {
-                "photo": p,
-                "view": v,
-                "source": p.split("/", 1)[0],
-                "part": parts[p],
-                **measure_quality(img).as_dict(),
-            }
-            for p, v, img in view_list
-        ]
+    lesions, copies, views = collect_draw(
+        store, df, photos, per_set, n_copies, crops, seed, phone_copies
     )
-    vkeys = [f"{p}#{v}#{seed}" for p, v, _ in view_list]
-    views = Part(vf, store.get("non-skin", vkeys, lambda i: view_list[i][2]))
-    train = training_sample(df, per_set, seed)
-    paths = [str(p) for p in train["path"]]
-    lesions = Part(train, store.get("lesions", paths, lambda i: load_image_file(paths[i])))
-
-    copies = lesion_copies(store, train, n_copies, phone_copies, seed)
 
     vs = valid_sample(val, artefact_per_set, seed)
     arows = [
@@ -181,4 +200,4 @@ def collect(
         ),
     )
 
-    return Collected(df, lesions, copies, valid, valid_artefacts, views, missing)
+    return Collected(df, lesions, copies, valid, valid_artefacts, views, missing, photos)

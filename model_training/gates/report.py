@@ -117,6 +117,19 @@ def _pct(rates: Mapping[str, Any]) -> str:
     )
 
 
+def _draw_lines(draws: Mapping[str, Any] | None) -> list[str]:
+    if not draws or len(draws.get("seeds", [])) < 2:
+        return []
+    spread = ", ".join(
+        f"{k} {min(v):.2%}-{max(v):.2%}" for k, v in draws["false_rejection"].items() if v
+    )
+    return [
+        f"  ... over {len(draws['seeds'])} draws (seeds {draws['seeds']}): {spread}; "
+        f"mean {draws['mean_false_rejection']:.2%}, worst {draws['worst_false_rejection']:.2%}; "
+        f"held-out non-skin refused >= {draws['lowest_held_out_non_skin_rejection']:.1%}"
+    ]
+
+
 def summary(report: Mapping[str, Any]) -> str:
     """The headline figures as a few lines of text."""
     q, s = report["quality"], report["skin"]
@@ -138,6 +151,7 @@ def summary(report: Mapping[str, Any]) -> str:
             f"{k} {v['false_rejection']:.2%} ({v['refused']}/{v['images']})"
             for k, v in loso.items()
         ),
+        *_draw_lines(s.get("leave_one_source_out_draws")),
         "  validation lesions refused by domain: " + _pct(s["validation"]["refused_by_domain"]),
         "  artefact copies refused because of the artefact (worst domain): " + _pct(worst_art),
         f"  held-out non-skin refused: {s['non_skin_held_out']['refused']:.1%} of "
