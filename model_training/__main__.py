@@ -177,6 +177,17 @@ def cmd_soup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reexport(args: argparse.Namespace) -> int:
+    """Rewrite an artifact's SavedModel with the current exporter."""
+    from model_training.reexport import reexport
+
+    record = reexport(args.artifact)
+    print(f"{args.artifact}: SavedModel re-exported, {record['variables_copied']} variables, "
+          f"outputs within {max(record['max_abs_difference_on_probe'].values()):.1e} of the "
+          "old ones; refit with fit-gates and export-fast")  # fmt: skip
+    return 0
+
+
 def cmd_export_fast(args: argparse.Namespace) -> int:
     """Derive the fast (OpenVINO) model, measure it against TensorFlow, record it."""
     from model_training.export_fast import export_fast_from_data, summary
@@ -330,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="weight of b")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_soup)
+
+    p = sub.add_parser(
+        "reexport", help="write an artifact's SavedModel again with this exporter (same weights)"
+    )
+    p.add_argument("--artifact", type=Path, required=True)
+    p.set_defaults(func=cmd_reexport)
 
     p = sub.add_parser("evaluate", help="validate, calibrate and report on an artifact")
     p.add_argument("--artifact", type=Path, required=True)

@@ -23,6 +23,12 @@ METADATA_FILE = "metadata.json"
 
 
 OOD_LAYER = "mixed5"
+# The 35x35 block whose texture statistics (per-channel mean and standard deviation) join the
+# mixed5 means in ``skin_embedding``, the skin gate's input. Measured on three draws of the
+# gate's fitting photos (README, "How stable these figures are"): the worst left-out-source
+# false rejection 2.4% instead of 4.3%, and the gates fitted without a source refuse 95.9-100%
+# of held-out non-skin views instead of 91.3-99.4%.
+TEXTURE_LAYER = "mixed2"
 
 
 def ood_layer_name(model: keras.Model, feature_layer: str) -> str:
@@ -37,10 +43,20 @@ def ood_layer_name(model: keras.Model, feature_layer: str) -> str:
     return OOD_LAYER if OOD_LAYER in names else feature_layer
 
 
+def texture_layer_name(model: keras.Model, feature_layer: str) -> str:
+    """The early block of ``skin_embedding`` (mixed2; the OOD block in a model without it)."""
+    names = {layer.name for layer in model.layers}
+    return TEXTURE_LAYER if TEXTURE_LAYER in names else ood_layer_name(model, feature_layer)
+
+
 def _split_model(model: keras.Model, feature_layer: str) -> tuple[keras.Model, keras.Model]:
-    """Trunk (image → [mid block, last block]) and head (block → embedding, logit)."""
+    """Trunk (image → [early block, mid block, last block]) and head (block → embedding,
+    logit)."""
+    early = model.get_layer(texture_layer_name(model, feature_layer)).output
     mid = model.get_layer(ood_layer_name(model, feature_layer)).output
-    trunk = keras.Model(model.inputs, [mid, model.get_layer(feature_layer).output], name="trunk")
+    trunk = keras.Model(
+        model.inputs, [early, mid, model.get_layer(feature_layer).output], name="trunk"
+    )
     block = keras.Input(model.get_layer(feature_layer).output.shape[1:], name="block")
     embedding = model.get_layer("embedding")(block)
     x = model.get_layer("dropout")(embedding)
@@ -60,12 +76,22 @@ def export_savedmodel(model: keras.Model, dest: Path, feature_layer: str = "mixe
     spec = tf.TensorSpec([None, height, width, 3], tf.float32, name="image")
 
     def serve(image: tf.Tensor) -> dict[str, tf.Tensor]:
-        mid, block = trunk(image, training=False)
+        early, mid, block = trunk(image, training=False)
         embedding, logit = head(block, training=False)
+        early = tf.cast(early, tf.float32)
+        ood_embedding = tf.reduce_mean(tf.cast(mid, tf.float32), axis=[1, 2])
         return {
             "logit": tf.reshape(tf.cast(logit, tf.float32), [-1]),
             "embedding": tf.cast(embedding, tf.float32),
-            "ood_embedding": tf.reduce_mean(tf.cast(mid, tf.float32), axis=[1, 2]),
+            "ood_embedding": ood_embedding,
+            "skin_embedding": tf.concat(
+                [
+                    ood_embedding,
+                    tf.reduce_mean(early, axis=[1, 2]),
+                    tf.math.reduce_std(early, axis=[1, 2]),
+                ],
+                axis=-1,
+            ),
         }
 
     def normalise(cam: tf.Tensor) -> tf.Tensor:
@@ -76,7 +102,7 @@ def export_savedmodel(model: keras.Model, dest: Path, feature_layer: str = "mixe
         # Grad-CAM (Selvaraju et al. 2017) over the last block. `heatmap` shows evidence for
         # "malignant"; `heatmap_benign` the evidence against it (the same map with the sign
         # flipped), so a benign answer can also show where the model looked.
-        _, block = trunk(image, training=False)
+        _, _, block = trunk(image, training=False)
         block = tf.cast(block, tf.float32)
         with tf.GradientTape() as tape:
             tape.watch(block)
@@ -123,7 +149,7 @@ def base_metadata(model: keras.Model, **fields: Any) -> dict[str, Any]:
             "scaling": "inside the model: (x - 128) / 128",
         },
         "endpoints": {
-            "serve": ["logit", "embedding", "ood_embedding"],
+            "serve": ["logit", "embedding", "ood_embedding", "skin_embedding"],
             "explain": ["logit", "heatmap", "heatmap_benign"],
         },
         "temperature": 1.0,

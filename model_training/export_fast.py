@@ -47,9 +47,12 @@ EXPLAIN_CHECK_IMAGES = 32
 def _answer(
     served: ServedAnswer, outputs: dict[str, np.ndarray], ood_output: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(served probability, each image's threshold) of scored outputs ("logit", "ood" and
-    "embedding"; "ood" is the serve output ``ood_output``), exactly as the server answers."""
+    """(served probability, each image's threshold) of scored outputs ("logit", "ood",
+    "embedding" and, when the domain is read from another serve output than the skin gate's,
+    "domain"; "ood" is the serve output ``ood_output``), exactly as the server answers."""
     named = {"embedding": outputs["embedding"], ood_output: outputs["ood"]}
+    if served.output is not None and served.output not in named:
+        named[served.output] = outputs["domain"]
     return served.answer(outputs["logit"], named)
 
 
@@ -158,8 +161,11 @@ def _score(
     batch_size: int,
     ood_output: str,
     with_reference: bool,
+    domain_output: str | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Outputs of the fast model (and of TensorFlow when asked) on every image."""
+    """Outputs of the fast model (and of TensorFlow when asked) on every image; "domain" is
+    ``domain_output`` when it is not already kept under another key."""
+    extra = domain_output if domain_output not in (None, ood_output, "embedding") else None
     import tensorflow as tf
 
     got: dict[str, dict[str, list[np.ndarray]]] = {"tensorflow": {}, "fast": {}}
@@ -174,6 +180,8 @@ def _score(
             add("fast", "logit", fast["logit"].reshape(-1))
             add("fast", "ood", fast[ood_output])
             add("fast", "embedding", fast["embedding"])
+            if extra:
+                add("fast", "domain", fast[extra])
         explain = done < EXPLAIN_CHECK_IMAGES
         if explain and fastmodel.CAM_OUTPUT in fast:
             add("fast", "cam", fast[fastmodel.CAM_OUTPUT])
@@ -182,6 +190,8 @@ def _score(
             add("tensorflow", "logit", outs["logit"].numpy().reshape(-1))
             add("tensorflow", "ood", outs[ood_output].numpy())
             add("tensorflow", "embedding", outs["embedding"].numpy())
+            if extra:
+                add("tensorflow", "domain", outs[extra].numpy())
             if explain and fastmodel.CAM_OUTPUT in fast:
                 add("tensorflow", "heatmap", saved.explain(tf.constant(batch))["heatmap"].numpy())
         done += len(batch)
@@ -230,7 +240,9 @@ def export_fast(
             result = request.infer({0: batch})
             return {out.get_any_name(): np.array(v) for out, v in result.items()}
 
-        outputs = _score(saved, run_fast, paths, size, batch_size, ood_output, not reference)
+        outputs = _score(
+            saved, run_fast, paths, size, batch_size, ood_output, not reference, served.output
+        )
         if not reference:
             reference = outputs["tensorflow"]
         record = agreement(
@@ -251,9 +263,9 @@ def export_fast(
     stale.unlink(missing_ok=True)
     if calibration_paths:
         if not reference:  # no float variant measured: TensorFlow's outputs alone
-            reference = _score(saved, lambda b: {}, paths, size, batch_size, ood_output, True)[
-                "tensorflow"
-            ]
+            reference = _score(
+                saved, lambda b: {}, paths, size, batch_size, ood_output, True, served.output
+            )["tensorflow"]
         variants.append(
             _int8_variant(
                 artifact, paths, (calibration_paths, calibration_sets), size, (y, sets, domains),
@@ -322,7 +334,11 @@ def _int8_variant(
     reference_p = _answer(served, reference, ood_output)[0]
 
     def score(index: np.ndarray, outputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        ref = {k: v[index] for k, v in reference.items() if k in ("logit", "ood", "embedding")}
+        ref = {
+            k: v[index]
+            for k, v in reference.items()
+            if k in ("logit", "ood", "embedding", "domain")
+        }
         return agreement(
             y[index], [sets[i] for i in index], [domains[i] for i in index], ref, outputs,
             served, detector, ood_output,
@@ -332,7 +348,7 @@ def _int8_variant(
         return _answer(served, outputs, ood_output)[0]
 
     validate = q8.make_validation_fn(
-        validation, score, probabilities, reference_p, ood_output, options.margin
+        validation, score, probabilities, reference_p, ood_output, options.margin, served.output
     )
     q8.log("NNCF quantize_with_accuracy_control")
     model, facts = q8.build_int8(artifact, calibration, validation, validate, options)
@@ -340,7 +356,8 @@ def _int8_variant(
     compiled = fastmodel.compile_openvino(model, fastmodel.INT8)
     outputs = q8.run_model(compiled, validation)
     record = agreement(
-        y, sets, domains, reference, q8.as_candidate(outputs, ood_output), served, detector,
+        y, sets, domains, reference, q8.as_candidate(outputs, ood_output, served.output),
+        served, detector,
         ood_output,
     )  # fmt: skip
     if "heatmap" in reference and fastmodel.CAM_OUTPUT in outputs:

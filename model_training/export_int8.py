@@ -65,13 +65,19 @@ def run_model(compiled: Any, x: np.ndarray, batch: int = 16) -> dict[str, np.nda
     return {n: np.concatenate(v) for n, v in got.items()}
 
 
-def as_candidate(outputs: dict[str, np.ndarray], ood_output: str) -> dict[str, np.ndarray]:
-    """The keys ``export_fast.agreement`` reads."""
-    return {
+def as_candidate(
+    outputs: dict[str, np.ndarray], ood_output: str, domain_output: str | None = None
+) -> dict[str, np.ndarray]:
+    """The keys ``export_fast.agreement`` reads ("domain": the serve output the domain is
+    read from, when it is not the skin gate's)."""
+    out = {
         "logit": outputs["logit"].reshape(-1),
         "ood": outputs[ood_output],
         "embedding": outputs["embedding"],
     }
+    if domain_output not in (None, ood_output, "embedding"):
+        out["domain"] = outputs[str(domain_output)]
+    return out
 
 
 def guard_share(record: dict[str, Any]) -> float:
@@ -95,6 +101,7 @@ def make_validation_fn(
     reference_p: np.ndarray,
     ood_output: str,
     margin: float,
+    domain_output: str | None = None,
 ) -> Callable[[Any, Iterable[Any]], tuple[float, list[float]]]:
     """NNCF's validation function; items are validation indices.
 
@@ -105,7 +112,7 @@ def make_validation_fn(
 
     def validate(compiled: Any, items: Iterable[Any]) -> tuple[float, list[float]]:
         index = np.fromiter((int(i) for i in items), dtype=np.int64)
-        outputs = as_candidate(run_model(compiled, x[index]), ood_output)
+        outputs = as_candidate(run_model(compiled, x[index]), ood_output, domain_output)
         diff = np.abs(probabilities(index, outputs) - reference_p[index])
         if len(index) == len(x) and np.array_equal(index, np.arange(len(x))):
             # 1 + ...: NNCF divides by the initial metric (for its relative drop) even when

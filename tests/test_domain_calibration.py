@@ -305,3 +305,27 @@ def test_server_and_offline_answers_apply_a_hard_assignment_from_the_artifact(
         out.probabilities, np.where(phone, both[:, 1], both[:, 0]), rtol=1e-5
     )
     assert_phone_threshold_and_offline_answers(model_dir, served, out, phone)
+
+
+def test_export_fast_reads_the_domain_from_its_own_output_when_the_gate_reads_another(
+    artifact_copy: Callable[..., Path],
+) -> None:
+    """The skin gate may score ``skin_embedding`` (or no gate, ``embedding``) while the domain
+    is read from ``ood_embedding``: export-fast keeps both, and answers as the server does."""
+    pytest.importorskip("openvino")
+    from model_training.export_fast import export_fast
+    from tests.conftest import fixture_validation
+
+    plain = TriageModel.load(artifact_copy("plain"))
+    dc = _reading_half_as_phone(plain._call("serve", fixture_batch(plain, 6)))
+    spec = {**dc.describe(), "thresholds": {"dermoscopy": 0.25, "phone": 0.9}}
+    model_dir = artifact_copy("domain-apart", domain_calibration=spec)
+    dc.save(model_dir / FILE)
+    assert "ood" not in json.loads((model_dir / "metadata.json").read_text())
+    export_fast(
+        model_dir, *fixture_validation(), batch_size=4, bench_seconds=0.2, precisions=["f32"]
+    )
+    record = json.loads((model_dir / "metadata.json").read_text())["runtimes"]["openvino"]
+    assert record["passed"] is True
+    assert record["agreement"]["label_agreement"] == 1.0
+    assert record["agreement"]["max_probability_diff"] < 1e-4

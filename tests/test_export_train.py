@@ -76,7 +76,7 @@ def test_tiny_artifact_has_saved_model_and_documented_metadata(artifact_dir: Pat
     assert meta["schema_version"] == 1
     assert meta["labels"] == ["benign", "malignant"] and meta["positive_label"] == "malignant"
     assert meta["endpoints"] == {
-        "serve": ["logit", "embedding", "ood_embedding"],
+        "serve": ["logit", "embedding", "ood_embedding", "skin_embedding"],
         "explain": ["logit", "heatmap", "heatmap_benign"],
     }
     inp = meta["input"]

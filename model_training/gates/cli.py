@@ -262,7 +262,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crops", type=int, default=4, help="random crops per non-skin photo")
     p.add_argument(
         "--variants",
-        default="ood_embedding:sqrt,embedding:sqrt",
+        default="skin_embedding:sqrt,ood_embedding:sqrt",
         help="skin-gate variants compared by LOSO: serve output:feature transform",
     )
     p.add_argument(

@@ -2,7 +2,8 @@
 
 Every image the gates are fitted or measured on goes through the artifact's ``serve``
 endpoint once: its ``logit`` (the model's answer, for the artefact-effect figures) and its
-feature outputs (``embedding``, 2048-d; ``ood_embedding``, mixed5, when listed). Results are
+feature outputs (``embedding``, 2048-d; ``ood_embedding``, mixed5; ``skin_embedding``, mixed5 plus
+mixed2 texture statistics; each when listed). Results are
 stored per item key in ``<cache>/<weights fingerprint>/<tag>.npz`` and appended as batches
 finish, so an interrupted run resumes and a changed sample only computes the new items.
 """
@@ -29,7 +30,7 @@ logger = logging.getLogger("model_training.gates")
 DEFAULT_CACHE = (
     Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "skin-lesion-triage" / "gates"
 )
-FEATURE_OUTPUTS = ("embedding", "ood_embedding")
+FEATURE_OUTPUTS = ("embedding", "ood_embedding", "skin_embedding")
 
 
 def stable_seed(*parts: object) -> int:
