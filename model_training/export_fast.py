@@ -38,6 +38,7 @@ import numpy as np
 
 from model_training import fastmodel, int8model
 from model_training.export import read_metadata, write_metadata
+from model_training.export_int8 import domain_key
 from model_training.preprocessing import load_image_file, resize_to_input
 from model_training.served import ServedAnswer
 
@@ -48,10 +49,10 @@ def _answer(
     served: ServedAnswer, outputs: dict[str, np.ndarray], ood_output: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """(served probability, each image's threshold) of scored outputs ("logit", "ood",
-    "embedding" and, when the domain is read from another serve output than the skin gate's,
-    "domain"; "ood" is the serve output ``ood_output``), exactly as the server answers."""
+    "embedding" and maybe "domain", see ``export_int8.domain_key``; "ood" is the serve output
+    ``ood_output``), exactly as the server answers."""
     named = {"embedding": outputs["embedding"], ood_output: outputs["ood"]}
-    if served.output is not None and served.output not in named:
+    if "domain" in outputs and served.output is not None:
         named[served.output] = outputs["domain"]
     return served.answer(outputs["logit"], named)
 
@@ -165,8 +166,9 @@ def _score(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Outputs of the fast model (and of TensorFlow when asked) on every image; "domain" is
     ``domain_output`` when it is not already kept under another key."""
-    extra = domain_output if domain_output not in (None, ood_output, "embedding") else None
     import tensorflow as tf
+
+    extra = domain_key(domain_output, ood_output)
 
     got: dict[str, dict[str, list[np.ndarray]]] = {"tensorflow": {}, "fast": {}}
 

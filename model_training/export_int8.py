@@ -65,18 +65,24 @@ def run_model(compiled: Any, x: np.ndarray, batch: int = 16) -> dict[str, np.nda
     return {n: np.concatenate(v) for n, v in got.items()}
 
 
+def domain_key(domain_output: str | None, ood_output: str) -> str | None:
+    """The serve output kept as "domain": the one the domain is read from, unless it is
+    already kept as "ood" (the skin gate's) or "embedding"."""
+    return None if domain_output in (None, ood_output, "embedding") else domain_output
+
+
 def as_candidate(
     outputs: dict[str, np.ndarray], ood_output: str, domain_output: str | None = None
 ) -> dict[str, np.ndarray]:
-    """The keys ``export_fast.agreement`` reads ("domain": the serve output the domain is
-    read from, when it is not the skin gate's)."""
+    """The keys ``export_fast.agreement`` reads (and "domain", see :func:`domain_key`)."""
     out = {
         "logit": outputs["logit"].reshape(-1),
         "ood": outputs[ood_output],
         "embedding": outputs["embedding"],
     }
-    if domain_output not in (None, ood_output, "embedding"):
-        out["domain"] = outputs[str(domain_output)]
+    extra = domain_key(domain_output, ood_output)
+    if extra:
+        out["domain"] = outputs[extra]
     return out
 
 
