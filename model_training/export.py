@@ -193,6 +193,18 @@ def write_metadata(artifact: Path, metadata: dict[str, Any]) -> Path:
     return path
 
 
+def saved_variables(saved_model: Path) -> list[Any]:
+    """A SavedModel's variables in the order its checkpoint numbers them (``_all_variables``,
+    which keras.export.ExportArchive writes)."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(saved_model))
+    variables = list(getattr(loaded, "_all_variables", []))
+    if not variables:
+        raise ValueError(f"{saved_model}: no tracked variables (not exported by this project?)")
+    return variables
+
+
 def read_metadata(artifact: Path) -> dict[str, Any]:
     """Read an artifact's ``metadata.json``."""
     data: dict[str, Any] = json.loads((artifact / METADATA_FILE).read_text())

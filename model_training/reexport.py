@@ -29,6 +29,7 @@ from model_training.export import (
     base_metadata,
     export_savedmodel,
     read_metadata,
+    saved_variables,
     write_metadata,
 )
 from model_training.runner import saved_model_fingerprint
@@ -53,10 +54,7 @@ def rebuild(meta: dict[str, Any]) -> keras.Model:
 
 def copy_weights(model: keras.Model, saved_model: Path) -> int:
     """Assign every weight of ``model`` from the SavedModel's variable of the same name."""
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(str(saved_model))
-    stored = {v.name.rsplit(":", 1)[0]: v.numpy() for v in getattr(loaded, "_all_variables", [])}
+    stored = {v.name.rsplit(":", 1)[0]: v.numpy() for v in saved_variables(saved_model)}
     wanted = {w.path: w for w in model.weights}
     if set(stored) != set(wanted):
         missing, extra = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))

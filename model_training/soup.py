@@ -19,25 +19,18 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from model_training.export import SAVED_MODEL_DIR, read_metadata, write_metadata
+from model_training.export import (
+    SAVED_MODEL_DIR,
+    read_metadata,
+    saved_variables,
+    write_metadata,
+)
 from model_training.runner import saved_model_fingerprint
 
 CHECKPOINT = "variables/variables"
-
-
-def _variables(saved_model: Path) -> list[Any]:
-    """The SavedModel's variables in the order its checkpoint numbers them."""
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(str(saved_model))
-    variables = list(getattr(loaded, "_all_variables", []))
-    if not variables:
-        raise ValueError(f"{saved_model}: no tracked variables (not exported by this project?)")
-    return variables
 
 
 def averaged_checkpoint(a: Path, b: Path, alpha: float) -> dict[str, np.ndarray]:
@@ -46,9 +39,9 @@ def averaged_checkpoint(a: Path, b: Path, alpha: float) -> dict[str, np.ndarray]
     import tensorflow as tf
 
     reader = tf.train.load_checkpoint(str(a / CHECKPOINT))
-    by_name = {v.name: v.numpy() for v in _variables(b)}
+    by_name = {v.name: v.numpy() for v in saved_variables(b)}
     out: dict[str, np.ndarray] = {}
-    for i, var in enumerate(_variables(a)):
+    for i, var in enumerate(saved_variables(a)):
         key = f"_all_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE"
         mine = reader.get_tensor(key)
         # The key must hold this very variable, or the written checkpoint would scramble it.
