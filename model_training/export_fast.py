@@ -255,6 +255,7 @@ def export_fast(
             heat = fastmodel.normalise_cam(cam, np.zeros(len(cam), bool))
             record["max_heatmap_diff"] = float(np.max(np.abs(heat - reference["heatmap"])))
         record["precision"] = precision
+        record["effective_precision"] = fastmodel.effective_precision(compiled)
         record["throughput_ips"] = _async_throughput(compiled, one, bench_seconds)
         record["passed"] = passes(record)
         variants.append(record)
@@ -282,6 +283,7 @@ def export_fast(
         "measured": {
             "at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+            "cpu": fastmodel.cpu_name(),
             "validation_images": len(y),
             "note": "throughput: raw in-process, batch 1, this machine at export time",
         },
@@ -440,7 +442,13 @@ def export_fast_from_data(
 def summary_line(v: dict[str, Any]) -> str:
     """One variant's figures in a line."""
     return (
-        f"openvino {v['precision']}: {v['throughput_ips']:.1f} img/s, max |AUC delta| "
+        f"openvino {v['precision']}"
+        + (
+            f" (ran as {v['effective_precision']} on this CPU)"
+            if v.get("effective_precision", v["precision"]) != v["precision"]
+            else ""
+        )
+        + f": {v['throughput_ips']:.1f} img/s, max |AUC delta| "
         f"{v['max_abs_auc_delta']:.4f}, max prob diff {v['max_probability_diff']:.4f}, "
         f"label agreement {v['label_agreement']:.4f}, "
         f"OOD decisions {v.get('ood_decision_agreement', float('nan')):.4f}, passed={v['passed']}"

@@ -192,6 +192,19 @@ def compile_openvino(
     return ov.Core().compile_model(model, "CPU", config)
 
 
+def effective_precision(compiled: Any) -> str:
+    """What the compiled model really computes in: a CPU without native bf16 (no AVX-512-BF16
+    or AMX) quietly runs a ``bf16`` request in f32."""
+    return str(compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
+
+
+def cpu_name() -> str:
+    """The CPU as OpenVINO names it (its model name)."""
+    import openvino as ov
+
+    return str(ov.Core().get_property("CPU", "FULL_DEVICE_NAME"))
+
+
 def normalise_cam(cam: np.ndarray, against: np.ndarray) -> np.ndarray:
     """Grad-CAM's ReLU and per-image peak scaling; rows in ``against`` get the flipped map."""
     signed = np.where(np.asarray(against, dtype=bool)[:, None, None], -cam, cam)

@@ -74,6 +74,14 @@ def test_export_fast_records_agreement_hashes_and_calibration(fast_artifact: Pat
     assert "saved_model/saved_model.pb" in files and all(len(h) == 64 for h in files.values())
     assert record["calibration"]["temperature"] == 1.5
     assert guard_failures(_meta(fast_artifact), fast_artifact) == []
+    # What the CPU really ran: a bf16 request is computed in f32 without native bf16.
+    import openvino as ov
+
+    native_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    for v in record["variants"]:
+        ran_as = "f32" if v["precision"] == "bf16" and not native_bf16 else v["precision"]
+        assert v["effective_precision"] == ran_as
+    assert _meta(fast_artifact)["runtimes"]["measured"]["cpu"]  # type: ignore[index]
 
 
 def test_guard_refuses_stale_or_failing_records(fast_artifact: Path, tmp_path: Path) -> None:

@@ -226,3 +226,48 @@ def test_draw_spread_and_its_card_table() -> None:
         section_gates({"ood": {"threshold": 0.2}}, {"skin": {"leave_one_source_out_draws": single}})
     )
     assert "random draws" not in card
+
+
+def test_variant_rank_prefers_variants_that_keep_refusing_non_skin() -> None:
+    from model_training.gates.cli import variant_rank
+
+    keeps = variant_rank(0.0048, 0.986, 0.98)
+    # Among variants meeting the non-skin floor, the lower worst LOSO refusal wins...
+    assert keeps < variant_rank(0.024, 0.99, 0.98)
+    # ... ties go to the one refusing more non-skin views ...
+    assert variant_rank(0.0048, 0.99, 0.98) < keeps
+    # ... and a variant below the floor ranks after them however few lesions it refuses.
+    assert keeps < variant_rank(0.0, 0.977, 0.98)
+    assert variant_rank(0.0, 0.977, 0.98) < variant_rank(0.0, 0.95, 0.98)
+
+
+def test_fit_gates_compares_regularisation_strengths_by_default() -> None:
+    import argparse
+
+    from model_training.gates.cli import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--artifact", "x"])
+    assert 0.5 in args.costs and min(args.costs) < 0.05
+    assert p.parse_args(["--artifact", "x", "--costs", "0.1,0.02"]).costs == [0.1, 0.02]
+
+
+def test_folder_photos_with_the_same_short_name_all_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Wallpaper packages laid out as <theme>/contents/images/<size>.jpg (KDE's) must not
+    collide: fit-gates stopped with "names must be unique" when one was installed."""
+    from model_training.gates import photos
+
+    for theme in ("Flow", "Kay"):
+        folder = tmp_path / theme / "contents" / "images"
+        folder.mkdir(parents=True)
+        Image.new("RGB", (120, 100), (10, 200, 30)).save(folder / "1920x1080.jpg")
+    monkeypatch.setattr(photos, "PHOTO_FOLDERS", (("walls", str(tmp_path), "**/*.jpg"),))
+    missing: list[str] = []
+    found = [name for name, _ in photos._folder_photos(missing)]
+    assert missing == []
+    assert len(found) == len(set(found)) == 2
+    assert "walls/images-1920x1080" in found  # the first keeps the short name
+    assert "walls/Kay-contents-images-1920x1080" in found

@@ -64,6 +64,9 @@ def _folder_photos(missing: list[str]) -> list[tuple[str, Image.Image]]:
     out: list[tuple[str, Image.Image]] = []
     counts: dict[str, int] = {}
     seen: set[Path] = set()
+    # The short name (source/folder-stem) unless taken: cache keys and the fit/held-out
+    # split are by name, so the photos found before keep theirs.
+    names: set[str] = set()
     for source, folder, pattern in PHOTO_FOLDERS:
         root = Path(folder)
         if not root.is_dir():
@@ -83,7 +86,11 @@ def _folder_photos(missing: list[str]) -> list[tuple[str, Image.Image]]:
             if max(img.size) > 1600:  # wallpapers: no need for 4K to make 299-px views
                 img.thumbnail((1600, 1600))
             counts[source] = counts.get(source, 0) + 1
-            out.append((f"{source}/{path.parent.name}-{path.stem}", img))
+            name = f"{source}/{path.parent.name}-{path.stem}"
+            if name in names:  # KDE-style wallpapers: <theme>/contents/images/<size>.jpg
+                name = f"{source}/" + "-".join(path.relative_to(root).with_suffix("").parts)
+            names.add(name)
+            out.append((name, img))
     return out
 
 

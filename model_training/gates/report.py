@@ -70,8 +70,8 @@ def metadata_blocks(
                 },
                 "rule": (
                     f"logistic regression (features {s['transform']}-transformed, standardised, "
-                    f"PCA {s['pca_components'] or 'none'}) on serve output "
-                    f"{s['embedding_output']}: lesion photos of every source plus "
+                    f"PCA {s['pca_components'] or 'none'}, L2 C {s.get('cost', 0.5):g}) on "
+                    f"serve output {s['embedding_output']}: lesion photos of every source plus "
                     "varied copies, and phone-look copies of the dermoscopy photos as phone "
                     "photos, against non-skin photos; threshold = the lowest per-domain "
                     f"{s['target_false_rejection']:.2%} quantile of out-of-fold lesion scores"
@@ -145,7 +145,7 @@ def summary(report: Mapping[str, Any]) -> str:
         "  degraded validation copies refused: "
         + _pct({k: v["rejected"] for k, v in q["validation"]["degraded"].items()}),
         f"skin gate: serve output {s['embedding_output']!r}, transform {s['transform']}, "
-        f"threshold {s['threshold']:.3f}",
+        f"C {s.get('cost', 0.5):g}, threshold {s['threshold']:.3f}",
         "  leave-one-source-out lesions refused: "
         + ", ".join(
             f"{k} {v['false_rejection']:.2%} ({v['refused']}/{v['images']})"
