@@ -25,9 +25,10 @@ METADATA_FILE = "metadata.json"
 OOD_LAYER = "mixed5"
 # The 35x35 block whose texture statistics (per-channel mean and standard deviation) join the
 # mixed5 means in ``skin_embedding``, the skin gate's input. Measured on three draws of the
-# gate's fitting photos (README, "How stable these figures are"): left-out-source false
-# rejection 0.86% on average and 2.56% at worst instead of 0.94% and 4.32%, and the gates
-# fitted without a source refuse 95.9-100% of held-out non-skin views instead of 91.3-99.4%.
+# gate's fitting photos (README, skin gate, "Tried and dropped"; gate C 0.5 then):
+# left-out-source false rejection 0.86% on average and 2.56% at worst instead of 0.94% and
+# 4.32%, and the gates fitted without a source refuse 95.9-100% of held-out non-skin views
+# instead of 91.3-99.4%.
 TEXTURE_LAYER = "mixed2"
 
 
