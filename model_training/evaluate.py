@@ -52,12 +52,18 @@ TTA_VIEWS = ("identity", *PREPROCESSING_TTA_VIEWS)
 
 
 def predict_artifact(
-    artifact: Path, paths: Sequence[str], batch_size: int = 16, views: Sequence[str] = ("identity",)
+    artifact: Path,
+    paths: Sequence[str],
+    batch_size: int = 16,
+    views: Sequence[str] = ("identity",),
+    output: str = DOMAIN_OUTPUT,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Logits (averaged over ``views``), embeddings of the first view, model seconds per image."""
+    """Logits (averaged over ``views``), the serve output ``output`` of the first view (what
+    the domain classifier reads, and what the cache stores under that name), model seconds
+    per image."""
     from model_training.runner import Embedder, lazy_files
 
-    embed = Embedder(artifact, batch_size)
+    embed = Embedder(artifact, batch_size, output=output)
     logits, embeddings = embed(lazy_files(paths), len(paths), f"score x{len(views)}", views)
     return logits, embeddings, embed.infer_seconds / max(1, len(paths))
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -134,6 +135,53 @@ wc -l /tmp/data/*/labels.csv
 echo "setup took $(( $(date +%s) - T0 ))s"
 # A loso plan writes straight into $OUT, so a run cut short still returns its finished jobs.
 RUN=/tmp/run; if [ "{command}" = loso ]; then RUN="$OUT/run"; fi
+PLANS="{plans}"
+if [ -n "$PLANS" ]; then
+    # One loso process per plan, at once: host-side augmentation is bound by one process's
+    # interpreter lock (about 4 of 16 cores), so processes, not threads, fill the machine.
+    # GPU memory is taken as needed (no preallocation), each process capped at a share.
+    N=$(echo "$PLANS" | awk -F, '{{print NF}}')
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(min(0.85, 1.6 / $N), 3))")
+    K=0; PIDS=""
+    for PLAN in ${{PLANS//,/ }}; do
+        python3 -m model_training loso --data-dir /tmp/data --sets {sets} \\
+            --init-weights .gpu/imagenet_int8.npz --out "/tmp/run-$K" \\
+            --workers $(( 16 / N + 2 )) --plan "$PLAN" {train_args} ${{TRAIN_EXTRA:-}} \\
+            2>&1 | sed -u "s/^/[$K] /" >> "$OUT/train.log" &
+        PIDS="$PIDS $!"; K=$((K + 1))
+    done
+    # At most 8 files come back: the plans' predictions in one file, the log, a saved job's
+    # weight shards and one tar of the rest (summaries, run.json, history.json). They are
+    # gathered every few seconds, so a call cut short still returns every finished job.
+    collect() {{
+        local files d f
+        files=$(ls /tmp/run-*/predictions.csv 2>/dev/null) || files=""
+        if [ -n "$files" ]; then
+            {{
+                head -n 1 "$(echo "$files" | head -n 1)"
+                for f in $files; do tail -n +2 "$f"; done
+            }} > "$OUT/predictions.tmp"
+            mv "$OUT/predictions.tmp" "$OUT/predictions.csv"
+        fi
+        for d in /tmp/run-*; do  # run.json is written after the shards
+            if [ -e "$d/run.json" ] && [ ! -e "$d/.copied" ]; then
+                for f in "$d"/weights/*.npz; do
+                    cp "$f" "$OUT/$(basename "$d")-$(basename "$f")"
+                done
+                touch "$d/.copied"
+            fi
+        done
+        (cd /tmp && tar -cf "$OUT/runs.tmp" run-*/*.json && mv "$OUT/runs.tmp" "$OUT/runs.tar")
+    }}
+    (while sleep 5; do collect || true; done) >/dev/null 2>&1 &
+    COPIER=$!
+    wait $PIDS || true
+    kill $COPIER || true
+    collect
+    echo "total on device $(( $(date +%s) - T0 ))s"
+    exit 0
+fi
 python3 -m model_training {command} --data-dir /tmp/data --sets {sets} \\
     --init-weights .gpu/imagenet_int8.npz --out "$RUN" --workers 14 \\
     {train_args} ${{TRAIN_EXTRA:-}} \\
@@ -156,7 +204,10 @@ def cmd_pack(args: argparse.Namespace) -> int:
     fetch_wheels(out / "wheels")
     (out / "remote.sh").write_text(
         REMOTE.format(
-            command=args.command_remote, sets=",".join(args.sets), train_args=args.train_args
+            command=args.command_remote,
+            sets=",".join(args.sets),
+            train_args=args.train_args,
+            plans=",".join(args.parallel_plans),
         )
     )
     fixed = tree_size(Path.cwd()) + sum(
@@ -198,9 +249,19 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     run: Path = args.run
     (run / "weights").mkdir(parents=True, exist_ok=True)
     # A train/sweep call returns flat files; a loso call returns run/ and run/weights/.
+    # Parallel plans return run-K-weights-*.npz (into run-K/weights/, which ``export --run
+    # <run>/run-K`` reads) and runs.tar (each plan's summaries, run.json and history.json).
     for f in sorted(p for p in Path(args.files).rglob("*") if p.is_file()):
-        target = run / "weights" / f.name if f.name.startswith("weights-") else run / f.name
-        shutil.copyfile(f, target)
+        if f.name == "runs.tar":
+            with tarfile.open(f) as tar:
+                tar.extractall(run, filter="data")
+        elif f.name.startswith("run-") and "-weights-" in f.name:
+            prefix, shard = f.name.split("-weights-", 1)
+            (run / prefix / "weights").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, run / prefix / "weights" / f"weights-{shard}")
+        else:
+            target = run / "weights" / f.name if f.name.startswith("weights-") else run / f.name
+            shutil.copyfile(f, target)
     print(f"run folder ready: {run}")
     return 0
 
@@ -219,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margin-mb", type=int, default=2)
     p.add_argument("--command-remote", choices=["train", "sweep", "loso"], default="train")
     p.add_argument("--train-args", default="--epochs 20 --head-epochs 2 --batch-size 128")
+    p.add_argument(
+        "--parallel-plans",
+        type=lambda v: v.split(","),
+        default=[],
+        help="loso plan files run as concurrent processes (--train-args then without --plan)",
+    )
     p.set_defaults(func=cmd_pack)
     p = sub.add_parser("unpack")
     p.add_argument("--files", type=Path, required=True)

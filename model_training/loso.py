@@ -13,6 +13,12 @@ Predictions are appended to ``predictions.csv`` after each job and ``loso.json``
 so a run cut short by its time limit still returns what it finished; a job that would not
 finish before ``deadline`` seconds is skipped. A job with ``"save": true`` also writes its
 weights (float16 shards) for ``export``.
+
+A job ``{"name", "soup_of": [job a, job b], "alpha", "leave_out"}`` trains nothing: it scores
+the weight average ``(1 - alpha) * a + alpha * b`` of two earlier jobs' networks (a model
+soup, as ``model_training.soup`` writes for artifacts), so a soup's leave-one-source-out
+figure needs no weights to leave the machine. It costs seconds and ignores the deadline; it
+is skipped when a parent did not run.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import pandas as pd
 from model_training import train as tr
 from model_training.data import class_weights, describe
 from model_training.metrics import auc_by_set
+from model_training.model import build_classifier
 
 PREDICTION_COLUMNS = ("job", "image_id", "dataset", "domain", "split", "label", "logit", "scored")
 
@@ -61,6 +68,44 @@ def predict_logits(classifier: keras.Model, images: np.ndarray, chunk: int = 102
         for i in range(0, len(images), chunk)
     ]
     return np.concatenate(out).reshape(-1)
+
+
+def average_weights(
+    a: dict[str, np.ndarray], b: dict[str, np.ndarray], alpha: float
+) -> dict[str, np.ndarray]:
+    """``(1 - alpha) * a + alpha * b`` per variable path; both must hold the same variables."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if a.keys() != b.keys():
+        raise ValueError(f"the networks differ in variables: {sorted(a.keys() ^ b.keys())[:5]}")
+    out = {}
+    for path, mine in a.items():
+        if mine.shape != b[path].shape:
+            raise ValueError(f"{path}: shapes {mine.shape} and {b[path].shape} differ")
+        if not np.issubdtype(mine.dtype, np.floating):  # a dropout seed state: not a weight
+            out[path] = mine
+            continue
+        out[path] = ((1.0 - alpha) * mine + alpha * b[path]).astype(mine.dtype)
+    return out
+
+
+def network_weights(model: keras.Model) -> dict[str, np.ndarray]:
+    """Every variable of ``model`` (batch-norm statistics included) by its path, on the host."""
+    return {v.path: np.array(v.numpy()) for v in model.variables}
+
+
+def souped_classifier(
+    parents: list[dict[str, np.ndarray]], alpha: float, config: tr.TrainConfig
+) -> keras.Model:
+    """A fresh classifier holding the weight average of two parents' networks."""
+    values = average_weights(parents[0], parents[1], alpha)
+    classifier = build_classifier(config.input_size, config.dropout)
+    missing = {v.path for v in classifier.variables} ^ values.keys()
+    if missing:
+        raise ValueError(f"the soup's parents do not match the classifier: {sorted(missing)[:5]}")
+    for variable in classifier.variables:
+        variable.assign(values[variable.path].astype(variable.dtype))
+    return classifier
 
 
 def past_deadline(elapsed: float, durations: list[float], deadline: float) -> bool:
@@ -99,7 +144,7 @@ def run_plan(
     out.mkdir(parents=True, exist_ok=True)
     policy = tr.setup_precision(base.mixed_precision)
     tr.log(f"backend {keras.backend.backend()}, dtype policy {policy}, {len(jobs)} job(s)")
-    aux = max(float(j["recipe"].get("aux_diagnosis", base.aux_diagnosis)) for j in jobs)
+    aux = max(float(j.get("recipe", {}).get("aux_diagnosis", base.aux_diagnosis)) for j in jobs)
     df = df.reset_index(drop=True)
     is_train = (df["split"] == "train").to_numpy()
     train_frame = df[is_train].reset_index(drop=True)
@@ -111,18 +156,34 @@ def run_plan(
     if not predictions.exists():
         predictions.write_text(",".join(PREDICTION_COLUMNS) + "\n")
     durations: list[float] = []
+    kept = {name for job in jobs for name in job.get("soup_of", [])}
+    networks: dict[str, dict[str, np.ndarray]] = {}  # parents of later soups, on the host
     for job in jobs:
         elapsed = time.time() - t_start
-        if past_deadline(elapsed, durations, deadline):
+        soup_of = list(job.get("soup_of", []))
+        if soup_of and not all(name in networks for name in soup_of):
+            tr.log(f"skipping {job['name']}: a parent of the soup did not run")
+            summary["jobs"].append({"name": job["name"], "skipped": True})
+            continue
+        if not soup_of and past_deadline(elapsed, durations, deadline):
             tr.log(f"deadline: skipping {job['name']} ({elapsed:.0f}s gone)")
             summary["jobs"].append({"name": job["name"], "skipped": True})
             continue
         t0 = time.time()
-        config = replace(base, **job["recipe"])
+        config = replace(base, **job.get("recipe", {}))
         train_mask, scored = job_rows(df, job.get("leave_out"))
-        subset = subset_data(data, train_mask[is_train], train_domains, config)
-        tr.log(f"{job['name']}: {len(subset.index)} crops/epoch, leave out {job.get('leave_out')}")
-        classifier, history = tr.fit_finetune(subset, config, imagenet_npz)
+        history: dict[str, Any] = {}
+        if soup_of:
+            alpha = float(job.get("alpha", 0.5))
+            classifier = souped_classifier([networks[n] for n in soup_of], alpha, config)
+            tr.log(f"{job['name']}: weights of {soup_of[0]} and {soup_of[1]}, alpha {alpha}")
+        else:
+            subset = subset_data(data, train_mask[is_train], train_domains, config)
+            tr.log(f"{job['name']}: {len(subset.index)} crops/epoch, "
+                   f"leave out {job.get('leave_out')}")  # fmt: skip
+            classifier, history = tr.fit_finetune(subset, config, imagenet_npz)
+        if job["name"] in kept:
+            networks[job["name"]] = network_weights(classifier)
         logits = predict_logits(classifier, score_images[scored])
         rows = df.loc[scored, ["image_id", "dataset", "domain", "split", "label"]].copy()
         rows.insert(0, "job", job["name"])
@@ -139,7 +200,9 @@ def run_plan(
             info = {**(provenance or {}), "config": config.to_json(), "job": job,
                     "data": describe(df[train_mask])}  # fmt: skip
             tr.write_run(out, classifier, history, info)
-        durations.append(time.time() - t0)
+        if not soup_of:
+            durations.append(time.time() - t0)
         (out / "loso.json").write_text(json.dumps(summary, indent=1, default=str))
         keras.backend.clear_session()
+    (out / "loso.json").write_text(json.dumps(summary, indent=1, default=str))  # skips too
     return summary

@@ -13,7 +13,14 @@ from PIL import Image
 
 from model_training import train as tr
 from model_training.augment import affine_params, domain_augment, jpeg_roundtrip
-from model_training.loso import job_rows, past_deadline, run_plan, subset_data, summarise_job
+from model_training.loso import (
+    average_weights,
+    job_rows,
+    past_deadline,
+    run_plan,
+    subset_data,
+    summarise_job,
+)
 from model_training.model import DermAugment
 
 FIXTURES = sorted((Path(__file__).parent / "fixtures" / "images").glob("*.jpg"))
@@ -118,6 +125,20 @@ def test_past_deadline_runs_the_first_job_and_skips_what_would_overrun() -> None
     assert past_deadline(150.0, [50.0, 80.0], 200.0)
 
 
+def test_average_weights_mixes_floats_keeps_integers_and_refuses_mismatches() -> None:
+    a = {"w": np.array([0.0, 2.0], np.float32), "seed": np.array([7, 9], np.int64)}
+    b = {"w": np.array([4.0, 6.0], np.float32), "seed": np.array([1, 1], np.int64)}
+    out = average_weights(a, b, 0.25)
+    np.testing.assert_allclose(out["w"], [1.0, 3.0])
+    assert out["w"].dtype == np.float32 and out["seed"].tolist() == [7, 9]
+    with pytest.raises(ValueError, match="differ in variables"):
+        average_weights(a, {"w": b["w"]}, 0.5)
+    with pytest.raises(ValueError, match="shapes"):
+        average_weights(a, {**b, "w": np.zeros(3, np.float32)}, 0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        average_weights(a, b, 1.5)
+
+
 @pytest.mark.slow
 def test_run_plan_trains_scores_and_saves(tmp_path: Path) -> None:
     """Two jobs on a small-input InceptionV3: predictions for both (the left-out source scored
@@ -126,16 +147,32 @@ def test_run_plan_trains_scores_and_saves(tmp_path: Path) -> None:
     jobs: list[dict[str, Any]] = [
         {"name": "full", "save": True, "leave_out": None, "recipe": recipe},
         {"name": "without-c", "leave_out": "c", "recipe": {**recipe, "augment": "strong"}},
+        {
+            "name": "soup-without-c",
+            "leave_out": "c",
+            "soup_of": ["full", "without-c"],
+            "alpha": 0.5,
+            "recipe": {},
+        },
+        {"name": "soup-of-missing", "leave_out": "c", "soup_of": ["full", "absent"]},
     ]
     base = tr.TrainConfig(input_size=(75, 75), crop_margin=4, batch_size=4, workers=1,
                           mixed_precision="off", domain_repeat={})  # fmt: skip
     run_plan(_frame(), jobs, base, None, tmp_path, deadline=1e9)
     predictions = pd.read_csv(tmp_path / "predictions.csv")
-    assert set(predictions["job"]) == {"full", "without-c"}
+    assert set(predictions["job"]) == {"full", "without-c", "soup-without-c"}
+    # The soup is a third network: its scores are neither parent's nor their mean logit.
+    valid = predictions[predictions["scored"] == "valid"]
+    by_job = {j: g.set_index("image_id")["logit"].sort_index() for j, g in valid.groupby("job")}
+    soup = by_job["soup-without-c"]
+    parents = [by_job[j].loc[soup.index] for j in ("full", "without-c")]
+    assert len(soup) == 8 and all(not np.allclose(soup, p) for p in parents)
     left_out = predictions[predictions["job"] == "without-c"]
     assert set(left_out.loc[left_out["scored"] == "left_out", "dataset"]) == {"c"}
     assert len(left_out[left_out["dataset"] == "c"]) == 8  # train and valid of the source
     assert len(list((tmp_path / "weights").glob("weights-*.npz"))) >= 1
     run = json.loads((tmp_path / "run.json").read_text())  # what export reads
     assert run["job"]["name"] == "full" and {d["dataset"] for d in run["data"]} == {"a", "b", "c"}
-    assert json.loads((tmp_path / "loso.json").read_text())["jobs"][1]["name"] == "without-c"
+    summary = json.loads((tmp_path / "loso.json").read_text())
+    assert [j["name"] for j in summary["jobs"]][:3] == ["full", "without-c", "soup-without-c"]
+    assert summary["jobs"][3] == {"name": "soup-of-missing", "skipped": True}

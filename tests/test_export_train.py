@@ -397,6 +397,52 @@ def test_choose_images_keeps_all_required_images_within_budget() -> None:
     assert again == chosen
 
 
+def test_remote_script_with_parallel_plans_is_valid_bash() -> None:
+    """The rendered device script parses, starts one loso process per plan and gathers at
+    most the 8 files a call may return."""
+    import shutil
+    import subprocess
+
+    from model_training.gpu_job import REMOTE
+
+    script = REMOTE.format(
+        command="loso", sets="isic2017,ham10000", train_args="--deadline 500", plans="a.json,b.json"
+    )
+    bash = shutil.which("bash")
+    assert bash is not None
+    subprocess.run([bash, "-n"], input=script.encode(), check=True)
+    assert 'PLANS="a.json,b.json"' in script and '--plan "$PLAN"' in script
+    assert 'PLANS=""' in REMOTE.format(command="train", sets="x", train_args="", plans="")
+
+
+def test_unpack_places_parallel_plan_outputs_where_export_and_loso_report_read(
+    tmp_path: Path,
+) -> None:
+    """predictions.csv at the top, run-K-weights-* into run-K/weights/, runs.tar unpacked."""
+    import tarfile
+
+    from model_training.gpu_job import main as gpu_job_main
+
+    fetched, staging = tmp_path / "fetched", tmp_path / "staging"
+    (staging / "run-3").mkdir(parents=True)
+    (staging / "run-3" / "run.json").write_text("{}")
+    (staging / "run-0").mkdir()
+    (staging / "run-0" / "loso.json").write_text("{}")
+    fetched.mkdir()
+    with tarfile.open(fetched / "runs.tar", "w") as tar:
+        tar.add(staging / "run-3" / "run.json", "run-3/run.json")
+        tar.add(staging / "run-0" / "loso.json", "run-0/loso.json")
+    np.savez(fetched / "run-3-weights-00-of-01.npz", w=np.zeros(2))
+    (fetched / "predictions.csv").write_text("job,image_id\nsoup-loso-x,1\n")
+    (fetched / "train.log").write_text("log")
+    run = tmp_path / "run"
+    assert gpu_job_main(["unpack", "--files", str(fetched), "--run", str(run)]) == 0
+    assert (run / "run-3" / "weights" / "weights-00-of-01.npz").is_file()
+    assert (run / "run-3" / "run.json").is_file() and (run / "run-0" / "loso.json").is_file()
+    assert (run / "predictions.csv").read_text().startswith("job,image_id")
+    assert (run / "train.log").is_file()
+
+
 # -- auxiliary diagnosis head ----------------------------------------------------------------
 
 

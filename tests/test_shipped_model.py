@@ -130,6 +130,24 @@ def rescore(
     return np.concatenate(logits).astype(np.float64), np.concatenate(features)
 
 
+@needs_data
+def test_evaluate_scores_the_output_the_domain_classifier_reads(artifact: Path) -> None:
+    """``evaluate`` fits (and caches) the domain classifier on the serve output that the
+    calibration file names, as the server reads it: not the final embedding (2,048 values,
+    which an earlier version scored under the mid-level output's name)."""
+    from model_training.domain_calibration import FILE, DomainCalibration
+    from model_training.evaluate import DOMAIN_OUTPUT, predict_artifact
+
+    paths = sorted(str(p) for p in (DATA_DIR / "pad-ufes-20" / "images").glob("*.jpg"))[:3]
+    paths += sorted(str(p) for p in (DATA_DIR / "isic2017" / "images").glob("*.jpg"))[:3]
+    _, features, _ = predict_artifact(artifact, paths)
+    _, served = rescore(artifact, paths, output=DOMAIN_OUTPUT)
+    np.testing.assert_allclose(features, served, rtol=1e-4, atol=1e-4)
+    domain = DomainCalibration.load(artifact / FILE)
+    assert domain.embedding_output == DOMAIN_OUTPUT
+    assert features.shape == (len(paths), domain.mean.shape[0])
+
+
 def served_probabilities(
     artifact: Path, metadata: dict[str, Any], paths: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
