@@ -176,3 +176,22 @@ def test_run_plan_trains_scores_and_saves(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "loso.json").read_text())
     assert [j["name"] for j in summary["jobs"]][:3] == ["full", "without-c", "soup-without-c"]
     assert summary["jobs"][3] == {"name": "soup-of-missing", "skipped": True}
+
+
+def test_should_ship_needs_every_part_of_the_rule() -> None:
+    """Leave-one-source-out AUC, pooled validation, the domain floor and the skin gate's
+    worst left-out source (no worse than the shipped gate or 1%, whichever is larger)."""
+    from model_training.selection import gate_worst_left_out, should_ship
+
+    old = {"pooled": 0.906, "domain:dermoscopy": 0.908, "domain:phone": 0.863}
+    new = {"pooled": 0.917, "domain:dermoscopy": 0.919, "domain:phone": 0.864}
+    ok, reasons = should_ship(0.753, 0.734, new, old, 0.0048, 0.0048)
+    assert ok and len(reasons) == 5
+    assert should_ship(0.753, 0.734, new, old, 0.0099, 0.0048)[0]  # within the 1% target
+    assert not should_ship(0.753, 0.734, new, old, 0.056, 0.0048)[0]  # the gate regressed
+    assert not should_ship(0.730, 0.734, new, old, 0.0048, 0.0048)[0]
+    assert not should_ship(0.753, 0.734, {**new, "domain:phone": 0.85}, old, 0.0, 0.0048)[0]
+    assert not should_ship(0.753, 0.734, {**new, "pooled": 0.9}, old, 0.0, 0.0048)[0]
+    gates = {"skin": {"leave_one_source_out": {
+        "a": {"false_rejection": 0.001}, "b": {"false_rejection": 0.056}}}}  # fmt: skip
+    assert gate_worst_left_out(gates) == 0.056
