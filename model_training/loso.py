@@ -89,9 +89,17 @@ def average_weights(
     return out
 
 
+def _is_weight(variable: Any) -> bool:
+    """A float variable: a weight or a batch-norm statistic. Dropout's seed state is not one,
+    and its path depends on how many seed generators the process made before."""
+    return bool(
+        np.issubdtype(np.dtype(keras.backend.standardize_dtype(variable.dtype)), np.floating)
+    )
+
+
 def network_weights(model: keras.Model) -> dict[str, np.ndarray]:
-    """Every variable of ``model`` (batch-norm statistics included) by its path, on the host."""
-    return {v.path: np.array(v.numpy()) for v in model.variables}
+    """Every weight of ``model`` (batch-norm statistics included) by its path, on the host."""
+    return {v.path: np.array(v.numpy()) for v in model.variables if _is_weight(v)}
 
 
 def souped_classifier(
@@ -100,10 +108,11 @@ def souped_classifier(
     """A fresh classifier holding the weight average of two parents' networks."""
     values = average_weights(parents[0], parents[1], alpha)
     classifier = build_classifier(config.input_size, config.dropout)
-    missing = {v.path for v in classifier.variables} ^ values.keys()
+    weights = [v for v in classifier.variables if _is_weight(v)]
+    missing = {v.path for v in weights} ^ values.keys()
     if missing:
         raise ValueError(f"the soup's parents do not match the classifier: {sorted(missing)[:5]}")
-    for variable in classifier.variables:
+    for variable in weights:
         variable.assign(values[variable.path].astype(variable.dtype))
     return classifier
 
