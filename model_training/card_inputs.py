@@ -93,6 +93,24 @@ def draw_lines(draws: Mapping[str, Any] | None) -> list[str]:
         f"at least {pct(draws.get('lowest_held_out_non_skin_rejection'))} of the held-out "
         "non-skin views.",
     ]
+    full = draws.get("full_gate")
+    if isinstance(full, Mapping) and full:
+        lines += [
+            "",
+            "The gate fitted on every source, once per draw (the first is the shipped gate):",
+            "",
+            "| draw | held-out non-skin views refused | whole photos refused | validation "
+            "lesions refused |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {seed} | {pct(g.get('held_out_non_skin_views_refused'))} | "
+            f"{pct(g.get('held_out_non_skin_photos_refused'))} "
+            f"(of {g.get('held_out_non_skin_photos', 'n/a')}) | "
+            + ", ".join(f"{d} {n}" for d, n in g.get("validation_refused", {}).items())
+            + " |"
+            for seed, g in full.items()
+        ]
     return lines
 
 

@@ -96,3 +96,35 @@ def draw_spread(draws: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> dict[st
         "worst_false_rejection": max(every_frr, default=float("nan")),
         "lowest_held_out_non_skin_rejection": min(every_non_skin, default=float("nan")),
     }
+
+
+def full_gate_draws(
+    draws: Mapping[int, Collected],
+    key: str,
+    target_frr: float,
+    n_components: int | None,
+    cost: float,
+) -> dict[str, Any]:
+    """The gate fitted on every source, once per draw of the fitting photos: the held-out
+    non-skin views and whole photos it refuses and the validation lesions it refuses per
+    domain (the shipped gate is the ``--seed`` draw's)."""
+    out: dict[str, Any] = {}
+    for seed, c in draws.items():
+        pos, groups, domains, neg, photos = skin_training_data(c, key)
+        fit = fit_skin(pos, groups, domains, neg, photos, target_frr, n_components, cost)
+        views = c.views.frame
+        held = (views["part"] == "held_out").to_numpy()
+        whole = held & (views["view"] == "full").to_numpy()
+        refused = fit.head.score(c.views.features(key)) < fit.threshold
+        valid = fit.head.score(c.valid.features(key)) < fit.threshold
+        domain = c.valid.frame["domain"].to_numpy()
+        out[str(seed)] = {
+            "threshold": fit.threshold,
+            "held_out_non_skin_views_refused": rate(refused[held]),
+            "held_out_non_skin_photos_refused": rate(refused[whole]),
+            "held_out_non_skin_photos": int(whole.sum()),
+            "validation_refused": {
+                str(d): int(valid[domain == d].sum()) for d in np.unique(domain)
+            },
+        }
+    return out

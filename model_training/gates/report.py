@@ -126,7 +126,14 @@ def _draw_lines(draws: Mapping[str, Any] | None) -> list[str]:
     return [
         f"  ... over {len(draws['seeds'])} draws (seeds {draws['seeds']}): {spread}; "
         f"mean {draws['mean_false_rejection']:.2%}, worst {draws['worst_false_rejection']:.2%}; "
-        f"held-out non-skin refused >= {draws['lowest_held_out_non_skin_rejection']:.1%}"
+        f"held-out non-skin refused >= {draws['lowest_held_out_non_skin_rejection']:.1%}",
+        *(
+            f"  gate on every source, draw {seed}: held-out non-skin views refused "
+            f"{g['held_out_non_skin_views_refused']:.1%}, whole photos "
+            f"{g['held_out_non_skin_photos_refused']:.1%}; validation lesions refused "
+            f"{_pct(g['validation_refused'])}"
+            for seed, g in draws.get("full_gate", {}).items()
+        ),
     ]
 
 
