@@ -14,10 +14,11 @@ The rule below was fixed on 2026-11-29, before the runs it judges; no test split
    domain's (dermoscopy, phone) ROC-AUC is lower by more than ``DOMAIN_FLOOR``, and (c)
    (added 2026-11-30, after a candidate met (a) and (b) but its refitted skin gate turned
    away 5.6% of the phone photos of a source it never saw, against 0.48%) the skin gate
-   fitted on its features (``fit-gates``) refuses, on the worst left-out source of the
-   shipped draw, no larger share of real lesions than the shipped gate or
-   ``GATE_LOSO_LIMIT``, whichever is larger: the gate reads the network's own features, so
-   a new network is a new gate, and a refused lesion is the first thing a user meets.
+   fitted on its features (``fit-gates``) refuses, on the worst left-out source (over every
+   draw ``gates.json`` holds, ``gate_worst_left_out``), no larger share of real lesions
+   than the shipped gate or ``GATE_LOSO_LIMIT``, whichever is larger: the gate reads the
+   network's own features, so a new network is a new gate, and a refused lesion is the
+   first thing a user meets.
 
 Calibration on a source never seen is measured too: the temperature and the prior
 correction are fitted on the job's validation images of the other sources, then the
@@ -112,8 +113,7 @@ def should_ship(
     incumbent_gate_worst: float,
 ) -> tuple[bool, list[str]]:
     """Rule 2 of the module docstring; the reasons say which parts held. The gate figures are
-    the worst left-out source's share of lesions refused (``gates.json`` →
-    ``skin.leave_one_source_out``)."""
+    the worst left-out source's share of lesions refused (``gate_worst_left_out``)."""
     reasons = [
         f"mean leave-one-source-out AUC {candidate_loso:.3f} vs {incumbent_loso:.3f}",
         f"pooled validation AUC {candidate_valid['pooled']:.3f} vs {incumbent_valid['pooled']:.3f}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -325,6 +326,16 @@ def test_the_full_gate_is_measured_on_every_draw() -> None:
         assert seed["held_out_non_skin_views_refused"] == 1.0
         assert seed["held_out_non_skin_photos_refused"] == 1.0
         assert seed["held_out_non_skin_photos"] == 50
+    # A gate already fitted on a draw (fit-gates passes the shipped one) is used, not refitted.
+    from model_training.gates.loso import skin_training_data
+    from model_training.gates.skin_fit import fit_skin
+
+    fit = fit_skin(*skin_training_data(draws[1234], key), 0.001, None, 0.5)
+    assert full_gate_draws(draws, key, 0.001, None, 0.5, {1234: fit}) == full
+    lenient = dataclasses.replace(fit, threshold=-1e6)  # refuses nothing
+    used = full_gate_draws(draws, key, 0.001, None, 0.5, {1234: lenient})
+    assert used["1234"]["held_out_non_skin_views_refused"] == 0.0
+    assert used["2"] == full["2"]
 
 
 def test_fit_gates_compares_regularisation_strengths_by_default() -> None:

@@ -183,12 +183,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logger.info("skin gate: serve output %s, transform %s, C %s", output, transform, cost)
     loso = per_draw[int(args.seed)]
     key = with_transformed(c, output, transform)
-    draws = {
-        **draw_spread(per_draw),
-        "full_gate": full_gate_draws(every_draw, key, args.target_frr, k, cost),
-    }
     pos, groups, domains, neg, photos = skin_training_data(c, key)
     skin = fit_skin(pos, groups, domains, neg, photos, args.target_frr, k, cost)
+    full_gate = full_gate_draws(every_draw, key, args.target_frr, k, cost, {int(args.seed): skin})
+    draws = {**draw_spread(per_draw), "full_gate": full_gate}
 
     x_note = np.concatenate([c.lesions.features(key), c.copies.features(key)])
     art = np.r_[np.full(len(c.lesions.frame), ""), c.copies.frame["artefact"].to_numpy()]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from model_training.gates.collect import Collected
-from model_training.gates.skin_fit import fit_skin
+from model_training.gates.skin_fit import SkinFit, fit_skin
 
 
 def rate(mask: np.ndarray) -> float:
@@ -104,14 +104,18 @@ def full_gate_draws(
     target_frr: float,
     n_components: int | None,
     cost: float,
+    fitted: Mapping[int, SkinFit] | None = None,
 ) -> dict[str, Any]:
     """The gate fitted on every source, once per draw of the fitting photos: the held-out
     non-skin views and whole photos it refuses and the validation lesions it refuses per
-    domain (the shipped gate is the ``--seed`` draw's)."""
+    domain (the shipped gate is the ``--seed`` draw's). ``fitted``: gates already fitted
+    on some draws with the same settings, used instead of fitting them again."""
     out: dict[str, Any] = {}
     for seed, c in draws.items():
-        pos, groups, domains, neg, photos = skin_training_data(c, key)
-        fit = fit_skin(pos, groups, domains, neg, photos, target_frr, n_components, cost)
+        fit = (fitted or {}).get(seed)
+        if fit is None:
+            pos, groups, domains, neg, photos = skin_training_data(c, key)
+            fit = fit_skin(pos, groups, domains, neg, photos, target_frr, n_components, cost)
         views = c.views.frame
         held = (views["part"] == "held_out").to_numpy()
         whole = held & (views["view"] == "full").to_numpy()
