@@ -188,6 +188,35 @@ def cmd_reexport(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune_top(args: argparse.Namespace) -> int:
+    """Fine-tune the top blocks on cached mid-level features; report against the start."""
+    from model_training import top_finetune
+    from model_training.data import check_no_leak, read_datasets
+    from model_training.export import read_metadata
+    from model_training.preprocessing import image_to_input
+
+    config = top_finetune.TopConfig(
+        split=args.split,
+        train_after=args.train_after or args.split,
+        lr=args.lr,
+        epochs=args.epochs,
+        views=args.views,
+        seed=args.seed,
+    )
+    df = read_datasets(args.data_dir, args.sets)
+    check_no_leak(df)
+    if args.limit:  # smoke run: a few images of each set and split
+        df = df.groupby(["dataset", "split"], group_keys=False).head(args.limit)
+    meta = read_metadata(args.artifact)
+    size = (int(meta["input"]["height"]), int(meta["input"]["width"]))
+    report = top_finetune.run(
+        args.artifact, df, config, args.out, lambda path: image_to_input(path, size), args.export_to
+    )
+    print("\n".join(top_finetune.summary_lines(report)))
+    print(f"report: {top_finetune.report_path(args.out, config)}")
+    return 0
+
+
 def cmd_export_fast(args: argparse.Namespace) -> int:
     """Derive the fast (OpenVINO) model, measure it against TensorFlow, record it."""
     from model_training.export_fast import export_fast_from_data, summary
@@ -341,6 +370,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="weight of b")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_soup)
+
+    p = sub.add_parser(
+        "finetune-top", help="fine-tune the top blocks on cached mid-level features (CPU)"
+    )
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--sets", type=_sets, default=["isic2017", "ham10000", "pad-ufes-20"])
+    p.add_argument("--out", type=Path, required=True, help="folder for the cache and report.json")
+    p.add_argument("--split", default="mixed8", help="layer whose output is cached")
+    p.add_argument("--train-after", default="", help="train the layers after this one "
+                   "(default: the split; 'embedding' trains the dense unit alone)")  # fmt: skip
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--views", type=int, default=2, help="cached views per training image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0, help="smoke run: N images per set and split")
+    p.add_argument("--export-to", type=Path, default=None, help="write the candidate artifact")
+    p.set_defaults(func=cmd_finetune_top)
 
     p = sub.add_parser(
         "reexport", help="write an artifact's SavedModel again with this exporter (same weights)"
