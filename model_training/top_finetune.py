@@ -343,7 +343,13 @@ def run(
     }
     report_path(out, config).write_text(json.dumps(report, indent=2))
     if export_to is not None:
-        export_candidate(artifact, model, export_to, {k: report[k] for k in ("config", "loss")})
+        record = {
+            "from_fingerprint": saved_model_fingerprint(artifact),
+            "config": report["config"],
+            "loss": report["loss"],
+            "validation": epochs[-1]["validation"] if epochs else {},
+        }
+        export_candidate(artifact, model, export_to, record)
     return report
 
 

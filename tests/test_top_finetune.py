@@ -93,5 +93,6 @@ def test_finetune_top_trains_the_top_only_and_exports_a_candidate(
                               after.get_layer("logit").weights[0].numpy())  # fmt: skip
     meta = read_metadata(tmp_path / "candidate")
     assert meta["top_finetune"]["config"]["train_after"] == "conv_b" and "runtimes" not in meta
+    assert meta["top_finetune"]["validation"]["pooled"]["n"] == 6
     with pytest.raises(FileExistsError):
         top.export_candidate(artifact_dir, after, tmp_path / "candidate", {})
