@@ -42,6 +42,8 @@ from model_training.export import SAVED_MODEL_DIR, export_savedmodel, read_metad
 from model_training.reexport import copy_weights, rebuild
 from model_training.runner import saved_model_fingerprint
 
+TRUNK_DIR = "trunk_saved_model"
+
 
 @dataclass
 class TopConfig:
@@ -111,7 +113,7 @@ def compile_trunk(trunk: keras.Model, workdir: Path) -> Any:
     """The trunk on OpenVINO (bf16 where the CPU has it), via a SavedModel in ``workdir``."""
     import openvino as ov
 
-    folder = workdir / "trunk_saved_model"
+    folder = workdir / TRUNK_DIR
     if folder.exists():
         shutil.rmtree(folder)
     trunk.export(str(folder), format="tf_saved_model", verbose=False)
@@ -159,6 +161,15 @@ def cache_key(artifact: Path, config: TopConfig, train: pd.DataFrame, valid: pd.
     return digest.hexdigest()[:16]
 
 
+def save_atomic(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` under another name first, so an interrupted run never leaves
+    a truncated cache file that a later run would take for a whole one."""
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("wb") as f:
+        np.save(f, array)
+    partial.replace(path)
+
+
 def cached_views(
     trunk: keras.Model,
     folder: Path,
@@ -175,8 +186,10 @@ def cached_views(
         rng = np.random.default_rng(config.seed)
         for i, name in enumerate(names[:-1]):  # view 0: the photo itself
             paths = train["path"].tolist()
-            np.save(folder / name, cache_features(compiled, load, paths, rng if i else None))
-        np.save(folder / names[-1], cache_features(compiled, load, valid["path"].tolist(), None))
+            save_atomic(folder / name, cache_features(compiled, load, paths, rng if i else None))
+        paths = valid["path"].tolist()
+        save_atomic(folder / names[-1], cache_features(compiled, load, paths, None))
+        shutil.rmtree(folder / TRUNK_DIR)  # the features are what is kept
     views = [np.load(folder / name, mmap_mode="r") for name in names[:-1]]
     return views, np.load(folder / names[-1]).astype("float32")
 

@@ -80,6 +80,8 @@ def test_finetune_top_trains_the_top_only_and_exports_a_candidate(
     # Another variant on the same images reuses the cached features (not recomputed).
     cached = sorted((tmp_path / "run").glob("cache-*/*.npy"))
     assert len(cached) == 3  # two training views and validation
+    assert not list((tmp_path / "run").glob("cache-*/*.partial"))
+    assert not list((tmp_path / "run").glob("cache-*/trunk_saved_model"))
     stamps = [p.stat().st_mtime_ns for p in cached]
     dense = top.TopConfig(split="conv_a", train_after="embedding", lr=0.05, epochs=1, batch_size=4)
     top.run(artifact_dir, _frame(), dense, tmp_path / "run", lambda p: image_to_input(p, (64, 64)))
