@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from model_training.data import domain_sets
 from model_training.export import SAVED_MODEL_DIR, export_savedmodel, read_metadata, write_metadata
 from model_training.reexport import copy_weights, rebuild
 from model_training.runner import saved_model_fingerprint
@@ -237,15 +238,6 @@ def train_top(
     return losses
 
 
-def subsets(frame: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Row masks: each data set, each domain, pooled."""
-    masks = {str(n): (frame["dataset"] == n).to_numpy() for n in sorted(frame["dataset"].unique())}
-    for domain in sorted(frame["domain"].unique()):
-        masks[f"domain:{domain}"] = (frame["domain"] == domain).to_numpy()
-    masks["pooled"] = np.ones(len(frame), dtype=bool)
-    return masks
-
-
 def paired_auc_delta(
     labels: np.ndarray,
     base: np.ndarray,
@@ -277,7 +269,7 @@ def compare(frame: pd.DataFrame, base: np.ndarray, new: np.ndarray) -> dict[str,
     """Per subset: both ROC-AUCs and the paired difference (None for a one-class subset)."""
     labels, groups = frame["label"].to_numpy(), frame["group"].to_numpy()
     out: dict[str, dict[str, Any]] = {}
-    for name, mask in subsets(frame).items():
+    for name, mask in domain_sets(frame).items():
         if labels[mask].min() == labels[mask].max():
             out[name] = {"n": int(mask.sum()), "auc_before": None, "auc_after": None}
             continue  # one class: no ROC-AUC
