@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from model_training.calibration import brier_score, expected_calibration_error
+from model_training.metrics import grouped_resamples
 
 ADAPTIVE_BINS = 5
 
@@ -95,14 +96,11 @@ def calibration_report(
     """
     labels = np.asarray(y, dtype=np.int64).ravel()
     prob = np.asarray(p, dtype=np.float64).ravel()
-    keys = np.asarray(groups if groups is not None else np.arange(labels.size)).astype(str)
-    _, codes = np.unique(keys, return_inverse=True)
-    members = [np.flatnonzero(codes == g) for g in range(int(codes.max()) + 1)]
+    keys = groups if groups is not None else np.arange(labels.size)
     rng = np.random.default_rng(seed)
     point = _measures(labels, prob)
     samples: dict[str, list[float]] = {k: [] for k in point}
-    for _ in range(n_boot):
-        rows = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+    for rows in grouped_resamples(keys, n_boot, rng):
         if labels[rows].min() == labels[rows].max():
             continue  # one class only: the slope is undefined
         for k, v in _measures(labels[rows], prob[rows]).items():

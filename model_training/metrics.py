@@ -7,7 +7,7 @@ Pure functions over arrays (NumPy and scikit-learn only). The positive class is 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -133,6 +133,17 @@ def binary_metrics(y_true: npt.ArrayLike, p: npt.ArrayLike, threshold: float) ->
     }
     out.update(operating_points(y, prob))
     return out
+
+
+def grouped_resamples(
+    groups: npt.ArrayLike, n_boot: int, rng: np.random.Generator
+) -> Iterator[npt.NDArray[np.int64]]:
+    """Row indices of ``n_boot`` bootstrap resamples that draw whole groups (a lesion's or
+    patient's images together) with replacement, as many groups as there are."""
+    _, codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    members = [np.flatnonzero(codes == g) for g in range(int(codes.max()) + 1)]
+    for _ in range(n_boot):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
 
 
 def _resample_counts(rng: np.random.Generator, size: int, n_boot: int) -> npt.NDArray[np.int64]:

@@ -40,6 +40,7 @@ from sklearn.metrics import roc_auc_score
 
 from model_training.data import domain_sets
 from model_training.export import SAVED_MODEL_DIR, export_savedmodel, read_metadata, write_metadata
+from model_training.metrics import grouped_resamples
 from model_training.reexport import copy_weights, rebuild
 from model_training.runner import saved_model_fingerprint
 
@@ -248,12 +249,8 @@ def paired_auc_delta(
 ) -> dict[str, float]:
     """ROC-AUC of ``new`` minus ``base`` with a 95% bootstrap interval over resampled groups
     (a lesion's or patient's images move together)."""
-    codes, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(codes))]
-    rng = np.random.default_rng(seed)
     deltas = []
-    for _ in range(n_boot):
-        rows = np.concatenate([members[g] for g in rng.integers(0, len(codes), len(codes))])
+    for rows in grouped_resamples(groups, n_boot, np.random.default_rng(seed)):
         if 0 < labels[rows].sum() < len(rows):
             deltas.append(roc_auc(labels[rows], new[rows]) - roc_auc(labels[rows], base[rows]))
     low, high = np.percentile(deltas, [2.5, 97.5])
