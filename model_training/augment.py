@@ -14,6 +14,11 @@ The ``domain`` recipe per training image:
    (hair, marker ink, ruler, vignette, dermatoscope rim): the label must not depend on them;
 3. with probability ``JPEG_P`` a JPEG re-encode at quality 25-85 (phones and web uploads);
    with probability ``RESCALE_P`` a shrink to 30-70 % and back (a small, soft phone crop).
+
+The ``clinical`` variant (``TrainConfig.phone_view``) also turns a share of the dermoscopy
+views into phone close-ups of the same spot with :func:`phone_view`: lay users send phone
+photos, and the only real ones in training are PAD-UFES-20's 524. It is a faster cousin of the
+skin gate's ``phone_look`` (which stays as it is: the shipped gates were fitted with it).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import io
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from model_training.artefacts import ARTEFACTS
 
@@ -68,6 +73,48 @@ def jpeg_roundtrip(img: Image.Image, quality: int) -> Image.Image:
     buffer.seek(0)
     with Image.open(buffer) as decoded:
         return decoded.convert("RGB")
+
+
+def phone_view(view: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A uint8 [H, W, 3] dermoscopy view made to look like a phone close-up of the same spot.
+
+    What a phone adds and a dermatoscope removes: a lower effective resolution, skin grain,
+    specular glints of unpolarised light, a warm or cool white balance, light falling off
+    across the frame, flatter and less saturated colour, and JPEG. About 5 ms at 299 px (the
+    gate's ``phone_look`` takes 9: glints are computed in their own box, grain is upsampled by
+    repetition), because it runs in the training loop's host threads.
+    """
+    h, w = view.shape[:2]
+    pil = Image.fromarray(view)
+    scale = float(rng.uniform(0.45, 1.0))
+    if scale < 0.95:
+        small = pil.resize((max(32, round(w * scale)), max(32, round(h * scale))))
+        pil = small.resize((w, h), Image.Resampling.BILINEAR)
+    # Skin grain (pores, fine lines): multiplicative noise at half resolution.
+    noise = rng.normal(0.0, rng.uniform(0.02, 0.06), size=(h // 2 + 1, w // 2 + 1))
+    grain = np.repeat(np.repeat(noise.astype(np.float32), 2, axis=0), 2, axis=1)[:h, :w]
+    # Light falling off across the frame (a lamp or window to one side).
+    tilt_x, tilt_y = (np.float32(t) for t in rng.uniform(-0.25, 0.25, size=2))
+    ramp_y = np.arange(h, dtype=np.float32)[:, None] / h - 0.5
+    ramp_x = np.arange(w, dtype=np.float32)[None, :] / w - 0.5
+    light = (1.0 + grain) * (1.0 + tilt_y * ramp_y + tilt_x * ramp_x)
+    gains = np.asarray(
+        [rng.uniform(0.95, 1.15), rng.uniform(0.85, 1.02), rng.uniform(0.7, 0.95)], np.float32
+    )
+    arr = np.asarray(pil, dtype=np.float32) * light[..., None] * gains
+    for _ in range(int(rng.integers(0, 4))):  # glints, each within 3 radii of its centre
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        r = rng.uniform(0.02, 0.08) * min(w, h)
+        strength = np.float32(255.0 * rng.uniform(0.15, 0.4))
+        x0, x1 = max(0, int(cx - 3 * r)), min(w, int(cx + 3 * r) + 1)
+        y0, y1 = max(0, int(cy - 3 * r)), min(h, int(cy + 3 * r) + 1)
+        gx = np.exp(-((np.arange(x0, x1, dtype=np.float32) - cx) ** 2) / (2 * r * r))
+        gy = np.exp(-((np.arange(y0, y1, dtype=np.float32) - cy) ** 2) / (2 * r * r))
+        arr[y0:y1, x0:x1] += strength * (gy[:, None] * gx[None, :])[..., None]
+    out = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    out = ImageEnhance.Color(out).enhance(float(rng.uniform(0.5, 0.9)))
+    out = ImageEnhance.Contrast(out).enhance(float(rng.uniform(0.7, 1.0)))
+    return np.asarray(jpeg_roundtrip(out, int(rng.integers(60, 91))), dtype=np.uint8)
 
 
 def domain_augment(

@@ -58,7 +58,9 @@ def subset_data(
     cw = class_weights(data.labels[rows])
     weights = np.where(data.labels == 1, cw[1], cw[0]).astype("float32")
     index = tr.epoch_index(domains[rows], config.domain_repeat)
-    return tr.TrainingData(data.images, data.labels, weights, rows[index], data.diagnoses)
+    return tr.TrainingData(
+        data.images, data.labels, weights, rows[index], data.diagnoses, data.dermoscopy
+    )
 
 
 def predict_logits(classifier: keras.Model, images: np.ndarray, chunk: int = 1024) -> np.ndarray:

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from model_training.augment import domain_augment
+from model_training.augment import domain_augment, phone_view
 from model_training.data import DIAGNOSIS_CLASSES, class_weights, diagnosis_codes
 from model_training.model import (
     INPUT_SIZE,
@@ -55,6 +55,9 @@ class TrainConfig:
     # (model_training.augment, model.DermAugment)
     augment: str = "basic"
     min_crop_area: float = 0.35  # strong: smallest crop, as a share of the stored image
+    # >0: that share of dermoscopy views made to look like phone close-ups (augment.phone_view;
+    # with augment "domain", the "clinical" recipe)
+    phone_view: float = 0.0
     ema: bool = False  # exponential moving average of the weights (kept at the end)
     ema_momentum: float = 0.99
     aux_diagnosis: float = 0.0  # >0: weight of an auxiliary diagnosis loss (training only)
@@ -110,10 +113,16 @@ class CropBatches(keras.utils.PyDataset):  # type: ignore[misc]
         augment: str = "basic",
         min_crop_area: float = 0.35,
         diagnoses: np.ndarray | None = None,
+        phone_view: float = 0.0,
+        dermoscopy: np.ndarray | None = None,
     ) -> None:
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=32)
+        if phone_view > 0 and dermoscopy is None:
+            raise ValueError("phone_view needs to know which images are dermoscopy photos")
         self.images, self.labels, self.weights = images, labels, weights
         self.diagnoses = diagnoses
+        self.phone_view = phone_view
+        self.dermoscopy = np.zeros(len(images), bool) if dermoscopy is None else dermoscopy
         self.augment = augment
         self.min_crop_area = min_crop_area
         self.base_index = index
@@ -141,6 +150,8 @@ class CropBatches(keras.utils.PyDataset):  # type: ignore[misc]
                 batch[j] = self._rotate_and_crop(self.images[k], rng)
             else:
                 batch[j] = self.images[k, oy[j] : oy[j] + ch, ox[j] : ox[j] + cw]
+            if self.dermoscopy[k] and self.phone_view > 0 and rng.random() < self.phone_view:
+                batch[j] = phone_view(batch[j], rng)
         labels = self.labels[idx].astype("float32")
         weights = self.weights[idx].astype("float32")
         if self.diagnoses is None:
@@ -285,6 +296,7 @@ class TrainingData:
     weights: np.ndarray
     index: np.ndarray
     diagnoses: np.ndarray | None = None  # DIAGNOSIS_CLASSES codes (auxiliary head only)
+    dermoscopy: np.ndarray | None = None  # per image: a dermoscopy photo (for phone_view)
 
 
 def prepare_training_data(
@@ -304,7 +316,8 @@ def prepare_training_data(
     weights = np.where(labels == 1, cw[1], cw[0])
     index = epoch_index(train["domain"].to_numpy(), config.domain_repeat)
     diagnoses = diagnosis_codes(train["diagnosis"]) if with_diagnoses else None
-    return TrainingData(images, labels, weights, index, diagnoses)
+    dermoscopy = (train["domain"] == "dermoscopy").to_numpy()
+    return TrainingData(images, labels, weights, index, diagnoses, dermoscopy)
 
 
 def train_finetune(
@@ -334,7 +347,7 @@ def fit_finetune(
     batches = CropBatches(
         data.images, data.labels, data.weights, data.index, config.input_size,
         config.batch_size, config.seed, config.workers, config.augment, config.min_crop_area,
-        data.diagnoses if config.aux_diagnosis > 0 else None,
+        data.diagnoses if config.aux_diagnosis > 0 else None, config.phone_view, data.dermoscopy,
     )  # fmt: skip
     classifier = build_classifier(config.input_size, config.dropout, imagenet_npz)
     trained = classifier

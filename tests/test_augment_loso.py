@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from model_training import train as tr
-from model_training.augment import affine_params, domain_augment, jpeg_roundtrip
+from model_training.augment import affine_params, domain_augment, jpeg_roundtrip, phone_view
 from model_training.loso import (
     average_weights,
     job_rows,
@@ -59,6 +60,48 @@ def test_jpeg_roundtrip_loses_detail_at_low_quality() -> None:
     high = np.asarray(jpeg_roundtrip(img, 95)).astype(int)
     original = np.asarray(img).astype(int)
     assert np.abs(low - original).mean() > np.abs(high - original).mean()
+
+
+def _saturation(img: np.ndarray) -> float:
+    rgb = img.astype(float)
+    return float((rgb.max(axis=2) - rgb.min(axis=2)).mean())
+
+
+def test_phone_view_is_reproducible_and_looks_like_a_phone_photo() -> None:
+    """Each draw a different view of the same spot, with flatter colour on average."""
+    view = _image((128, 128))
+    views = [phone_view(view, np.random.default_rng(i)) for i in range(16)]
+    assert all(v.shape == view.shape and v.dtype == np.uint8 for v in views)
+    np.testing.assert_array_equal(views[5], phone_view(view, np.random.default_rng(5)))
+    assert len({v.tobytes() for v in views}) == len(views)
+    assert np.mean([_saturation(v) for v in views]) < 0.9 * _saturation(view)
+    # The same spot: the views still correlate with the source pixel by pixel.
+    grey = view.astype(float).mean(axis=2).ravel()
+    assert min(np.corrcoef(grey, v.astype(float).mean(axis=2).ravel())[0, 1] for v in views) > 0.5
+
+
+def _stored(n: int, size: int) -> np.ndarray:
+    return np.stack([_image((size, size)) for _ in range(n)])
+
+
+def test_crop_batches_turn_only_dermoscopy_views_into_phone_views() -> None:
+    images, labels = _stored(6, 40), np.array([0, 1] * 3)
+    dermoscopy = np.array([True, True, True, False, False, False])
+
+    def first_batch(**kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+        batches = tr.CropBatches(
+            images, labels, np.ones(6), np.arange(6), (32, 32), 6, seed=1, workers=1, **kwargs
+        )
+        return batches[0][0], batches.order[:6]
+
+    plain, order = first_batch()
+    off, _ = first_batch(phone_view=0.0, dermoscopy=dermoscopy)
+    np.testing.assert_array_equal(plain, off)  # no extra draws: old recipes unchanged
+    always, _ = first_batch(phone_view=1.0, dermoscopy=dermoscopy)
+    changed = np.abs(always.astype(int) - plain.astype(int)).reshape(6, -1).mean(axis=1) > 1.0
+    np.testing.assert_array_equal(changed, dermoscopy[order])
+    with pytest.raises(ValueError, match="dermoscopy"):
+        first_batch(phone_view=0.5)
 
 
 def test_derm_augment_domain_shift_changes_training_views_only() -> None:
@@ -109,6 +152,9 @@ def test_subset_data_indexes_only_the_chosen_rows_and_balances_them() -> None:
     assert (sub.index == 6).sum() == 3 and (sub.index == 0).sum() == 1
     # Within the subset, 3 benign and 3 malignant rows: equal class weights.
     assert sub.weights[0] == pytest.approx(sub.weights[3])
+    assert sub.dermoscopy is None
+    flagged = replace(data, dermoscopy=domains == "dermoscopy")
+    assert subset_data(flagged, mask, domains, config).dermoscopy is flagged.dermoscopy
 
 
 def test_summarise_job_scores_the_left_out_source_and_validation() -> None:
