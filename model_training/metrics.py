@@ -146,6 +146,31 @@ def grouped_resamples(
         yield np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
 
 
+def paired_auc_delta(
+    labels: npt.NDArray[np.int64],
+    base: npt.NDArray[np.float64],
+    new: npt.NDArray[np.float64],
+    groups: npt.ArrayLike,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """ROC-AUC of ``new`` minus ``base`` on the same images, with a 95% bootstrap interval
+    over resampled groups (a lesion's or patient's images move together)."""
+    labels = np.asarray(labels)
+    deltas = []
+    for rows in grouped_resamples(groups, n_boot, np.random.default_rng(seed)):
+        if 0 < labels[rows].sum() < len(rows):
+            y = labels[rows]
+            deltas.append(roc_auc_score(y, new[rows]) - roc_auc_score(y, base[rows]))
+    low, high = np.percentile(deltas, [2.5, 97.5])
+    delta = roc_auc_score(labels, new) - roc_auc_score(labels, base)
+    return {
+        "delta": round(float(delta), 4),
+        "ci_low": round(float(low), 4),
+        "ci_high": round(float(high), 4),
+    }
+
+
 def _resample_counts(rng: np.random.Generator, size: int, n_boot: int) -> npt.NDArray[np.int64]:
     """``(n_boot, size)`` multiplicities of a with-replacement resample of ``size`` items."""
     if size == 0:

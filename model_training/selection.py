@@ -25,6 +25,10 @@ correction are fitted on the job's validation images of the other sources, then 
 left-out source's expected calibration error is computed with them.
 
     python -m model_training loso-report --predictions run/predictions.csv
+    python -m model_training loso-report --predictions run/predictions.csv \
+        --data-dir ../shared/data --against shipped --by-diagnosis
+    # + each recipe's paired difference from ``--against`` on every left-out source, and
+    #   which diagnoses the left-out AUC is lost on
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 
 from model_training import calibration as cal
-from model_training.metrics import bootstrap_ci
+from model_training.metrics import bootstrap_ci, paired_auc_delta
 
 DOMAIN_FLOOR = 0.01
 GATE_LOSO_LIMIT = 0.01  # issue #9's target for lesions refused on a left-out source
@@ -102,6 +107,74 @@ def loso_summary(predictions: pd.DataFrame) -> dict[str, Any]:
     for recipe in recipes.values():
         recipe["mean"] = float(np.mean(list(recipe["left_out_auc"].values())))
     return {"jobs": jobs, "recipes": recipes}
+
+
+def diagnosis_aucs(rows: pd.DataFrame) -> dict[str, float]:
+    """Where a left-out AUC is lost: every malignant image against each benign diagnosis, and
+    each malignant diagnosis against every benign image (``rows``: one job's left-out images,
+    with a ``diagnosis`` column; diagnoses as the source names them)."""
+    malignant, benign = rows[rows["label"] == 1], rows[rows["label"] == 0]
+    pairs = [(f"malignant vs {dx}", malignant, part) for dx, part in benign.groupby("diagnosis")]
+    pairs += [(f"{dx} vs benign", part, benign) for dx, part in malignant.groupby("diagnosis")]
+    out = {}
+    for name, pos, neg in pairs:
+        if len(pos) and len(neg):
+            score = np.concatenate([pos["logit"].to_numpy(), neg["logit"].to_numpy()])
+            label = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+            out[name] = float(roc_auc_score(label, score))
+    return out
+
+
+def diagnosis_table(predictions: pd.DataFrame, diagnoses: pd.DataFrame) -> str:
+    """Markdown, one table per left-out source: :func:`diagnosis_aucs` of every recipe.
+    ``diagnoses`` has ``dataset``, ``image_id`` and ``diagnosis``."""
+    held = predictions[predictions["scored"] == "left_out"].merge(
+        diagnoses[["dataset", "image_id", "diagnosis"]], on=["dataset", "image_id"], how="left"
+    )
+    held["diagnosis"] = held["diagnosis"].fillna("unknown").astype(str)
+    blocks = []
+    for source, part in held.groupby("dataset"):
+        by_job = {recipe_of(str(job)): diagnosis_aucs(rows) for job, rows in part.groupby("job")}
+        columns = sorted({name for aucs in by_job.values() for name in aucs})
+        lines = [f"left out: {source}", "", "| recipe | " + " | ".join(columns) + " |"]
+        lines.append("| --- |" + " --- |" * len(columns))
+        for recipe, aucs in by_job.items():
+            cells = [f"{aucs[c]:.3f}" if c in aucs else "-" for c in columns]
+            lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def paired_against(
+    predictions: pd.DataFrame, groups: pd.DataFrame, reference: str
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per left-out source, each recipe's left-out AUC minus ``reference``'s on the same
+    images, with a 95% interval over resampled lesions or patients (``groups`` has
+    ``dataset``, ``image_id`` and ``group``). Recipes of one run only: between runs the GPU's
+    arithmetic moves a recipe by more than these intervals."""
+    held = predictions[predictions["scored"] == "left_out"].merge(
+        groups[["dataset", "image_id", "group"]], on=["dataset", "image_id"], how="left"
+    )
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for source, part in held.groupby("dataset"):
+        jobs = {
+            recipe_of(str(job)): rows.sort_values("image_id") for job, rows in part.groupby("job")
+        }
+        if reference not in jobs:
+            continue
+        base = jobs[reference]
+        for recipe, rows in jobs.items():
+            if recipe == reference:
+                continue
+            if rows["image_id"].tolist() != base["image_id"].tolist():
+                raise ValueError(f"{recipe} and {reference} scored different images of {source}")
+            out.setdefault(recipe, {})[str(source)] = paired_auc_delta(
+                base["label"].to_numpy(),
+                base["logit"].to_numpy(),
+                rows["logit"].to_numpy(),
+                base["group"].fillna(base["image_id"]).to_numpy(),
+            )
+    return out
 
 
 def should_ship(
@@ -171,11 +244,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model_training loso-report")
     parser.add_argument("--predictions", type=Path, required=True)
     parser.add_argument("--out", type=Path, help="write the summary here (JSON)")
+    parser.add_argument(
+        "--data-dir", type=Path, help="the sets' folder (diagnoses, lesion and patient groups)"
+    )
+    parser.add_argument("--against", help="recipe: paired differences from it (needs --data-dir)")
+    parser.add_argument(
+        "--by-diagnosis", action="store_true", help="left-out AUC per diagnosis (needs --data-dir)"
+    )
     args = parser.parse_args(argv)
+    if (args.against or args.by_diagnosis) and not args.data_dir:
+        parser.error("--against and --by-diagnosis need --data-dir")
     predictions = pd.read_csv(args.predictions, dtype={"image_id": str})
     summary = loso_summary(predictions)
     sources = sorted({e["left_out"] for e in summary["jobs"].values() if "left_out" in e})
     print(markdown(summary, sources))
+    if args.data_dir:
+        from model_training.data import read_datasets
+
+        frame = read_datasets(args.data_dir, sources)
+        frame["image_id"] = frame["image_id"].astype(str)
+        if args.against:
+            summary["paired_against"] = {
+                args.against: paired_against(predictions, frame, args.against)
+            }
+            print(f"\npaired difference from {args.against}, left-out AUC [95% CI]:")
+            for recipe, by_source in summary["paired_against"][args.against].items():
+                cells = [f"{s} {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+                         for s, d in by_source.items()]  # fmt: skip
+                print(f"- {recipe}: " + "; ".join(cells))
+        if args.by_diagnosis:
+            print("\n" + diagnosis_table(predictions, frame))
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
     return 0

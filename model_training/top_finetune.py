@@ -40,7 +40,7 @@ from sklearn.metrics import roc_auc_score
 
 from model_training.data import domain_sets
 from model_training.export import SAVED_MODEL_DIR, export_savedmodel, read_metadata, write_metadata
-from model_training.metrics import grouped_resamples
+from model_training.metrics import paired_auc_delta
 from model_training.reexport import copy_weights, rebuild
 from model_training.runner import saved_model_fingerprint
 
@@ -237,29 +237,6 @@ def train_top(
         log(f"epoch {epoch + 1}: loss {losses[-1]:.4f}")
         after_epoch(epoch + 1)
     return losses
-
-
-def paired_auc_delta(
-    labels: np.ndarray,
-    base: np.ndarray,
-    new: np.ndarray,
-    groups: np.ndarray,
-    n_boot: int = 1000,
-    seed: int = 0,
-) -> dict[str, float]:
-    """ROC-AUC of ``new`` minus ``base`` with a 95% bootstrap interval over resampled groups
-    (a lesion's or patient's images move together)."""
-    deltas = []
-    for rows in grouped_resamples(groups, n_boot, np.random.default_rng(seed)):
-        if 0 < labels[rows].sum() < len(rows):
-            deltas.append(roc_auc(labels[rows], new[rows]) - roc_auc(labels[rows], base[rows]))
-    low, high = np.percentile(deltas, [2.5, 97.5])
-    delta = roc_auc(labels, new) - roc_auc(labels, base)
-    return {
-        "delta": round(delta, 4),
-        "ci_low": round(float(low), 4),
-        "ci_high": round(float(high), 4),
-    }
 
 
 def compare(frame: pd.DataFrame, base: np.ndarray, new: np.ndarray) -> dict[str, dict[str, Any]]:

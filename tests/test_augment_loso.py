@@ -247,3 +247,63 @@ def test_should_ship_needs_every_part_of_the_rule() -> None:
     assert gate_worst_left_out(with_draws) == 0.0288
     one = {"skin": {**gates["skin"], "leave_one_source_out_draws": {**draws, "seeds": [1234]}}}
     assert gate_worst_left_out(one) == 0.056
+
+
+def test_diagnosis_breakdown_finds_the_benign_diagnosis_a_left_out_auc_is_lost_on() -> None:
+    """Melanomas outrank nevi but not keratoses: the table says so per recipe and source."""
+    from model_training.selection import diagnosis_aucs, diagnosis_table
+
+    rows = pd.DataFrame(
+        {
+            "job": "r-loso-s",
+            "dataset": "s",
+            "image_id": [str(i) for i in range(6)],
+            "label": [1, 1, 0, 0, 0, 0],
+            "logit": [2.0, 3.0, 0.0, 1.0, 4.0, 5.0],
+            "scored": "left_out",
+        }
+    )
+    diagnoses = rows[["dataset", "image_id"]].assign(
+        diagnosis=["mel", "bcc", "nv", "nv", "ak", "ak"]
+    )
+    aucs = diagnosis_aucs(rows.merge(diagnoses))
+    assert aucs == {
+        "malignant vs ak": 0.0,
+        "malignant vs nv": 1.0,
+        "bcc vs benign": 0.5,
+        "mel vs benign": 0.5,
+    }
+    table = diagnosis_table(rows, diagnoses)
+    assert table.splitlines()[0] == "left out: s"
+    assert "| recipe | bcc vs benign | malignant vs ak | malignant vs nv | mel vs benign |" in table
+    assert "| r | 0.500 | 0.000 | 1.000 | 0.500 |" in table
+
+
+def test_paired_against_compares_recipes_on_the_same_left_out_images() -> None:
+    from model_training.selection import main as loso_report
+    from model_training.selection import paired_against
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 30)
+    ids = [str(i) for i in range(60)]
+    base = labels + rng.normal(0, 1.0, 60)
+
+    def job(recipe: str, logits: np.ndarray) -> pd.DataFrame:
+        frame = {"job": f"{recipe}-loso-s", "dataset": "s", "image_id": ids, "label": labels}
+        return pd.DataFrame({**frame, "logit": logits, "scored": "left_out"})
+
+    predictions = pd.concat(
+        [job("old", base), job("same", base.copy()), job("sharp", labels + rng.normal(0, 0.2, 60))]
+    )
+    groups = pd.DataFrame(
+        {"dataset": "s", "image_id": ids, "group": [f"l{i // 2}" for i in range(60)]}
+    )
+    out = paired_against(predictions, groups, "old")
+    assert set(out) == {"same", "sharp"}
+    assert out["same"]["s"] == {"delta": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    assert out["sharp"]["s"]["ci_low"] > 0
+    short = pd.concat([job("old", base), job("cut", base)[:-1]])
+    with pytest.raises(ValueError, match="different images"):
+        paired_against(short, groups, "old")
+    with pytest.raises(SystemExit):
+        loso_report(["--predictions", "p.csv", "--against", "old"])  # groups need --data-dir

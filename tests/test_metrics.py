@@ -14,6 +14,7 @@ from model_training.metrics import (
     auc_by_set,
     binary_metrics,
     bootstrap_ci,
+    paired_auc_delta,
     subgroup_metrics,
     weighted_auc,
 )
@@ -189,3 +190,14 @@ def test_auc_by_set_scores_each_set_and_skips_one_class_sets() -> None:
     score = [0.1, 0.9, 0.8, 0.2, 0.3, 0.4]
     out = auc_by_set(y, score, ["a", "a", "b", "b", "c", "c"])
     assert out == {"a": 1.0, "b": 0.0, "c": None}
+
+
+def test_paired_delta_is_zero_for_the_same_scores_and_positive_for_better_ones() -> None:
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 1], 40)
+    base = labels + rng.normal(0, 1.0, labels.size)
+    groups = np.arange(labels.size).astype(str)
+    same = paired_auc_delta(labels, base, base.copy(), groups, n_boot=200)
+    assert same == {"delta": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    better = paired_auc_delta(labels, base, labels + rng.normal(0, 0.2, labels.size), groups)
+    assert better["delta"] > 0 and better["ci_low"] > 0

@@ -53,17 +53,6 @@ def test_views_keep_the_pixels_and_weights_balance_the_classes() -> None:
     assert w[4] == pytest.approx(3 * w[0]) and w[5] == pytest.approx(3 * w[1])
 
 
-def test_paired_delta_is_zero_for_the_same_scores_and_positive_for_better_ones() -> None:
-    rng = np.random.default_rng(2)
-    labels = np.repeat([0, 1], 40)
-    base = labels + rng.normal(0, 1.0, labels.size)
-    groups = np.arange(labels.size).astype(str)
-    same = top.paired_auc_delta(labels, base, base.copy(), groups, n_boot=200)
-    assert same == {"delta": 0.0, "ci_low": 0.0, "ci_high": 0.0}
-    better = top.paired_auc_delta(labels, base, labels + rng.normal(0, 0.2, labels.size), groups)
-    assert better["delta"] > 0 and better["ci_low"] > 0
-
-
 def test_finetune_top_trains_the_top_only_and_exports_a_candidate(
     artifact_dir: Path, tmp_path: Path
 ) -> None:
