@@ -202,6 +202,7 @@ def cmd_finetune_top(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         views=args.views,
         seed=args.seed,
+        ignore_diagnoses=tuple(args.ignore_diagnoses),
     )
     df = read_datasets(args.data_dir, args.sets)
     check_no_leak(df)
@@ -387,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=0, help="smoke run: N images per set and split")
     p.add_argument("--export-to", type=Path, default=None, help="write the candidate artifact")
+    p.add_argument("--ignore-diagnoses", type=_sets, default=[],
+                   help="diagnoses left out of the loss, e.g. akiec,ACK")  # fmt: skip
     p.set_defaults(func=cmd_finetune_top)
 
     p = sub.add_parser(

@@ -183,6 +183,7 @@ def run_plan(
         t0 = time.time()
         config = replace(base, **job.get("recipe", {}))
         train_mask, scored = job_rows(df, job.get("leave_out"))
+        train_mask &= tr.learned_rows(df, config.ignore_diagnoses)  # scored all the same
         history: dict[str, Any] = {}
         if soup_of:
             alpha = float(job.get("alpha", 0.5))

@@ -43,6 +43,7 @@ from model_training.export import SAVED_MODEL_DIR, export_savedmodel, read_metad
 from model_training.metrics import paired_auc_delta
 from model_training.reexport import copy_weights, rebuild
 from model_training.runner import saved_model_fingerprint
+from model_training.train import learned_rows
 
 TRUNK_DIR = "trunk_saved_model"
 
@@ -61,11 +62,15 @@ class TopConfig:
     label_smoothing: float = 0.1
     weight_decay: float = 1e-4
     seed: int = 0
+    # diagnoses left out of the loss (weight 0): sources that label them differently, such as
+    # actinic keratoses (malignant "akiec" in HAM10000, benign "ACK" in PAD-UFES-20)
+    ignore_diagnoses: tuple[str, ...] = ()
 
 
 def report_path(out: Path, config: TopConfig) -> Path:
     """One report per trained part and schedule, so variants can share ``out`` (and its cache)."""
-    return out / f"report-after-{config.train_after}-lr{config.lr:g}-e{config.epochs}.json"
+    ignored = "".join(f"-without-{d}" for d in config.ignore_diagnoses)
+    return out / f"report-after-{config.train_after}-lr{config.lr:g}-e{config.epochs}{ignored}.json"
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -196,9 +201,14 @@ def cached_views(
     return views, np.load(folder / names[-1]).astype("float32")
 
 
-def sample_weights(labels: np.ndarray, phone: np.ndarray, phone_repeat: float) -> np.ndarray:
-    """Balanced classes over the phone-repeated set, phone photos counted ``phone_repeat`` times."""
+def sample_weights(
+    labels: np.ndarray, phone: np.ndarray, phone_repeat: float, keep: np.ndarray | None = None
+) -> np.ndarray:
+    """Balanced classes over the phone-repeated set, phone photos counted ``phone_repeat`` times;
+    rows outside ``keep`` weigh 0 and do not count in the balance."""
     repeat = np.where(phone, phone_repeat, 1.0)
+    if keep is not None:
+        repeat = np.where(keep, repeat, 0.0)
     positives, negatives = float((repeat * labels).sum()), float((repeat * (1 - labels)).sum())
     total = positives + negatives
     return repeat * np.where(labels == 1, total / (2 * positives), total / (2 * negatives))
@@ -295,9 +305,16 @@ def run(
     log(f"cached {len(train)} x {config.views} + {len(valid)} in {cache_seconds:.0f} s")
     base = top.predict(valid_x, batch_size=64, verbose=0).reshape(-1)
     trainable = freeze(model, top, config.split, config.train_after)
+    keep = learned_rows(train, config.ignore_diagnoses)
     weights = sample_weights(
-        train["label"].to_numpy(), (train["domain"] == "phone").to_numpy(), config.phone_repeat
+        train["label"].to_numpy(),
+        (train["domain"] == "phone").to_numpy(),
+        config.phone_repeat,
+        keep,
     )
+    if config.ignore_diagnoses:
+        left_out = f"{int((~keep).sum())} training images of {list(config.ignore_diagnoses)}"
+        log(f"{left_out} left out of the loss")
     epochs: list[dict[str, Any]] = []
 
     def measure(epoch: int) -> None:

@@ -58,6 +58,9 @@ class TrainConfig:
     # >0: that share of dermoscopy views made to look like phone close-ups (augment.phone_view;
     # with augment "domain", the "clinical" recipe)
     phone_view: float = 0.0
+    # diagnoses left out of training (scored as usual): where sources disagree on the label,
+    # as on actinic keratoses (HAM10000 "akiec": malignant; PAD-UFES-20 "ACK": benign)
+    ignore_diagnoses: tuple[str, ...] = ()
     ema: bool = False  # exponential moving average of the weights (kept at the end)
     ema_momentum: float = 0.99
     aux_diagnosis: float = 0.0  # >0: weight of an auxiliary diagnosis loss (training only)
@@ -187,6 +190,16 @@ class CropBatches(keras.utils.PyDataset):  # type: ignore[misc]
         self.order = self.rng.permutation(self.base_index)
 
 
+def learned_rows(frame: pd.DataFrame, ignore: Sequence[str]) -> np.ndarray:
+    """Rows training may learn from: every row whose diagnosis is not in ``ignore`` (any case)."""
+    if not ignore:
+        return np.ones(len(frame), dtype=bool)
+    if "diagnosis" not in frame:
+        raise ValueError(f"ignore_diagnoses {list(ignore)} needs a diagnosis column")
+    names = frame["diagnosis"].astype(str).str.lower()
+    return ~names.isin({d.lower() for d in ignore}).to_numpy()
+
+
 def epoch_index(domains: np.ndarray, repeat: dict[str, int]) -> np.ndarray:
     """Row indices for one epoch, repeating rows of under-represented domains."""
     parts = [np.repeat(np.flatnonzero(domains == d), repeat.get(str(d), 1)) for d in set(domains)]
@@ -312,9 +325,11 @@ def prepare_training_data(
     images = load_images(train["path"].tolist(), store, config.workers, progress=True)
     progress(f"decoded {len(images)} images at {store} in {time.time() - t0:.1f}s")
     labels = train["label"].to_numpy()
-    cw = class_weights(labels)
+    keep = learned_rows(train, config.ignore_diagnoses)
+    cw = class_weights(labels[keep])
     weights = np.where(labels == 1, cw[1], cw[0])
     index = epoch_index(train["domain"].to_numpy(), config.domain_repeat)
+    index = index[keep[index]]
     diagnoses = diagnosis_codes(train["diagnosis"]) if with_diagnoses else None
     dermoscopy = (train["domain"] == "dermoscopy").to_numpy()
     return TrainingData(images, labels, weights, index, diagnoses, dermoscopy)

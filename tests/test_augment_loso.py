@@ -307,3 +307,44 @@ def test_paired_against_compares_recipes_on_the_same_left_out_images() -> None:
         paired_against(short, groups, "old")
     with pytest.raises(SystemExit):
         loso_report(["--predictions", "p.csv", "--against", "old"])  # groups need --data-dir
+
+
+def test_ignored_diagnoses_are_not_trained_on_but_the_rest_is() -> None:
+    """Rows of a diagnosis the sources label differently leave the epoch (and the class
+    balance); every other row stays, phone rows still repeated."""
+    frame = _frame()
+    train = frame[frame["split"] == "train"].reset_index(drop=True)
+    train.loc[[1, 9], "diagnosis"] = ["AKIEC", "ack"]  # one dermoscopy, one phone row
+    keep = tr.learned_rows(train, ["akiec", "ACK"])
+    assert keep.tolist() == [i not in (1, 9) for i in range(len(train))]
+    assert tr.learned_rows(train, []).all()
+    with pytest.raises(ValueError, match="diagnosis column"):
+        tr.learned_rows(train.drop(columns="diagnosis"), ["akiec"])
+    config = tr.TrainConfig(input_size=(32, 32), crop_margin=4, workers=1)
+    plain = tr.prepare_training_data(train, config, progress=lambda _: None)
+    config = replace(config, ignore_diagnoses=("akiec", "ack"))
+    data = tr.prepare_training_data(train, config, progress=lambda _: None)
+    assert set(plain.index.tolist()) - set(data.index.tolist()) == {1, 9}
+    assert len(plain.index) - len(data.index) == 1 + 3  # the phone row came three times
+
+
+RECIPES = sorted((Path(__file__).parents[1] / "model_training" / "recipes").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_plan_and_sweep_builds_its_configs(path: Path) -> None:
+    """A typo in a plan would otherwise surface only on the lent GPU, minutes into a call."""
+    from model_training.data import DEFAULT_SETS
+
+    jobs = json.loads(path.read_text())
+    names = [job["name"] for job in jobs]
+    assert len(set(names)) == len(names)
+    for k, job in enumerate(jobs):
+        # A loso plan holds each job's recipe under "recipe" (a soup job has none); a sweep's
+        # entries are recipes themselves.
+        recipe = job.get("recipe", {}) if "loso" in path.name else job
+        fields = {k: v for k, v in recipe.items() if k != "name"}
+        replace(tr.TrainConfig(), **fields)  # unknown fields raise TypeError
+        assert job.get("leave_out") in (None, *DEFAULT_SETS)
+        for parent in job.get("soup_of", []):
+            assert parent in names[:k], f"{job['name']}: soup parent {parent} must come first"

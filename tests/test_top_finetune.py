@@ -51,6 +51,14 @@ def test_views_keep_the_pixels_and_weights_balance_the_classes() -> None:
     w = top.sample_weights(labels, phone, 3.0)
     assert w[labels == 1].sum() == pytest.approx(w[labels == 0].sum())
     assert w[4] == pytest.approx(3 * w[0]) and w[5] == pytest.approx(3 * w[1])
+    # Rows left out (a diagnosis the sources label differently) weigh 0; the rest stay balanced.
+    keep = np.array([1, 1, 1, 0, 0, 1], dtype=bool)
+    w = top.sample_weights(labels, phone, 3.0, keep)
+    assert w[3] == 0 and w[4] == 0
+    assert w[labels == 1].sum() == pytest.approx(w[labels == 0].sum())
+    assert top.report_path(Path("r"), top.TopConfig(ignore_diagnoses=("akiec",))).name.endswith(
+        "-without-akiec.json"
+    )
 
 
 def test_finetune_top_trains_the_top_only_and_exports_a_candidate(
