@@ -109,6 +109,15 @@ def loso_summary(predictions: pd.DataFrame) -> dict[str, Any]:
     return {"jobs": jobs, "recipes": recipes}
 
 
+def left_out_with(predictions: pd.DataFrame, frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The left-out rows of ``predictions`` with ``frame``'s ``column`` (the sets' labels table:
+    ``dataset``, ``image_id`` and e.g. ``diagnosis`` or ``group``) joined on."""
+    held = predictions[predictions["scored"] == "left_out"]
+    return held.merge(
+        frame[["dataset", "image_id", column]], on=["dataset", "image_id"], how="left"
+    )
+
+
 def diagnosis_aucs(rows: pd.DataFrame) -> dict[str, float]:
     """Where a left-out AUC is lost: every malignant image against each benign diagnosis, and
     each malignant diagnosis against every benign image (``rows``: one job's left-out images,
@@ -128,9 +137,7 @@ def diagnosis_aucs(rows: pd.DataFrame) -> dict[str, float]:
 def diagnosis_table(predictions: pd.DataFrame, diagnoses: pd.DataFrame) -> str:
     """Markdown, one table per left-out source: :func:`diagnosis_aucs` of every recipe.
     ``diagnoses`` has ``dataset``, ``image_id`` and ``diagnosis``."""
-    held = predictions[predictions["scored"] == "left_out"].merge(
-        diagnoses[["dataset", "image_id", "diagnosis"]], on=["dataset", "image_id"], how="left"
-    )
+    held = left_out_with(predictions, diagnoses, "diagnosis")
     held["diagnosis"] = held["diagnosis"].fillna("unknown").astype(str)
     blocks = []
     for source, part in held.groupby("dataset"):
@@ -152,9 +159,7 @@ def paired_against(
     images, with a 95% interval over resampled lesions or patients (``groups`` has
     ``dataset``, ``image_id`` and ``group``). Recipes of one run only: between runs the GPU's
     arithmetic moves a recipe by more than these intervals."""
-    held = predictions[predictions["scored"] == "left_out"].merge(
-        groups[["dataset", "image_id", "group"]], on=["dataset", "image_id"], how="left"
-    )
+    held = left_out_with(predictions, groups, "group")
     out: dict[str, dict[str, dict[str, float]]] = {}
     for source, part in held.groupby("dataset"):
         jobs = {
