@@ -19,6 +19,13 @@ the weight average ``(1 - alpha) * a + alpha * b`` of two earlier jobs' networks
 soup, as ``model_training.soup`` writes for artifacts), so a soup's leave-one-source-out
 figure needs no weights to leave the machine. It costs seconds and ignores the deadline; it
 is skipped when a parent did not run.
+
+A training job may name earlier jobs as ``"distil_from": [teacher, ...]`` (with a recipe
+whose ``distil_weight`` is above 0): it then learns, besides the labels, the teachers' mean
+logit on each of its training views (``model_training.distil``), so one network can carry
+what an ensemble of several knows. ``"start_from": job`` begins it from that job's network
+(a soup, say) instead of ImageNet's weights. Either is skipped when a job it names did not
+run.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import pandas as pd
 
 from model_training import train as tr
 from model_training.data import class_weights, describe
+from model_training.distil import assign_weights, is_weight
 from model_training.metrics import auc_by_set
 from model_training.model import build_classifier
 
@@ -91,38 +99,33 @@ def average_weights(
     return out
 
 
-def _is_weight(variable: Any) -> bool:
-    """A float variable: a weight or a batch-norm statistic. Dropout's seed state is not one,
-    and its path depends on how many seed generators the process made before."""
-    return bool(
-        np.issubdtype(np.dtype(keras.backend.standardize_dtype(variable.dtype)), np.floating)
-    )
-
-
 def network_weights(model: keras.Model) -> dict[str, np.ndarray]:
     """Every weight of ``model`` (batch-norm statistics included) by its path, on the host."""
-    return {v.path: np.array(v.numpy()) for v in model.variables if _is_weight(v)}
+    return {v.path: np.array(v.numpy()) for v in model.variables if is_weight(v)}
 
 
 def souped_classifier(
     parents: list[dict[str, np.ndarray]], alpha: float, config: tr.TrainConfig
 ) -> keras.Model:
     """A fresh classifier holding the weight average of two parents' networks."""
-    values = average_weights(parents[0], parents[1], alpha)
     classifier = build_classifier(config.input_size, config.dropout)
-    weights = [v for v in classifier.variables if _is_weight(v)]
-    missing = {v.path for v in weights} ^ values.keys()
-    if missing:
-        raise ValueError(f"the soup's parents do not match the classifier: {sorted(missing)[:5]}")
-    for variable in weights:
-        variable.assign(values[variable.path].astype(variable.dtype))
+    assign_weights(classifier, average_weights(parents[0], parents[1], alpha))
     return classifier
 
 
-def past_deadline(elapsed: float, durations: list[float], deadline: float) -> bool:
-    """Would one more job, as long as the longest so far, end after ``deadline`` seconds?
-    (The first job always runs: there is nothing to judge it by.)"""
-    return bool(durations) and elapsed + max(durations) > deadline
+def uses(job: dict[str, Any]) -> list[str]:
+    """Earlier jobs whose networks this job needs: a soup's parents, a student's teachers and
+    the network it starts from."""
+    start = [job["start_from"]] if "start_from" in job else []
+    return [*job.get("soup_of", []), *job.get("distil_from", []), *start]
+
+
+def past_deadline(elapsed: float, per_epoch: list[float], epochs: int, deadline: float) -> bool:
+    """Would one more job of ``epochs`` epochs end after ``deadline`` seconds, at the slowest
+    seconds per epoch seen so far? (Per epoch, not per job: a short job after a long one,
+    a student of three epochs after its teachers of seven, still fits. The first job always
+    runs: there is nothing to judge it by.)"""
+    return bool(per_epoch) and elapsed + max(per_epoch) * epochs > deadline
 
 
 def summarise_job(rows: pd.DataFrame, leave_out: str | None) -> dict[str, Any]:
@@ -166,22 +169,23 @@ def run_plan(
     predictions = out / "predictions.csv"
     if not predictions.exists():
         predictions.write_text(",".join(PREDICTION_COLUMNS) + "\n")
-    durations: list[float] = []
-    kept = {name for job in jobs for name in job.get("soup_of", [])}
-    networks: dict[str, dict[str, np.ndarray]] = {}  # parents of later soups, on the host
+    per_epoch: list[float] = []  # seconds per epoch of each finished training job
+    kept = {name for job in jobs for name in uses(job)}
+    networks: dict[str, dict[str, np.ndarray]] = {}  # what later jobs use, on the host
     for job in jobs:
         elapsed = time.time() - t_start
         soup_of = list(job.get("soup_of", []))
-        if soup_of and not all(name in networks for name in soup_of):
-            tr.log(f"skipping {job['name']}: a parent of the soup did not run")
+        if not all(name in networks for name in uses(job)):
+            tr.log(f"skipping {job['name']}: a job it builds on did not run")
             summary["jobs"].append({"name": job["name"], "skipped": True})
             continue
-        if not soup_of and past_deadline(elapsed, durations, deadline):
+        config = replace(base, **job.get("recipe", {}))
+        epochs = config.head_epochs + config.epochs
+        if not soup_of and past_deadline(elapsed, per_epoch, epochs, deadline):
             tr.log(f"deadline: skipping {job['name']} ({elapsed:.0f}s gone)")
             summary["jobs"].append({"name": job["name"], "skipped": True})
             continue
         t0 = time.time()
-        config = replace(base, **job.get("recipe", {}))
         train_mask, scored = job_rows(df, job.get("leave_out"))
         train_mask &= tr.learned_rows(df, config.ignore_diagnoses)  # scored all the same
         history: dict[str, Any] = {}
@@ -193,7 +197,11 @@ def run_plan(
             subset = subset_data(data, train_mask[is_train], train_domains, config)
             tr.log(f"{job['name']}: {len(subset.index)} crops/epoch, "
                    f"leave out {job.get('leave_out')}")  # fmt: skip
-            classifier, history = tr.fit_finetune(subset, config, imagenet_npz)
+            teachers = [networks[name] for name in job.get("distil_from", [])]
+            start = networks[job["start_from"]] if "start_from" in job else None
+            classifier, history = tr.fit_finetune(
+                subset, config, imagenet_npz, teachers=teachers, start=start
+            )
         if job["name"] in kept:
             networks[job["name"]] = network_weights(classifier)
         logits = predict_logits(classifier, score_images[scored])
@@ -213,7 +221,7 @@ def run_plan(
                     "data": describe(df[train_mask])}  # fmt: skip
             tr.write_run(out, classifier, history, info)
         if not soup_of:
-            durations.append(time.time() - t0)
+            per_epoch.append((time.time() - t0) / max(1, epochs))
         (out / "loso.json").write_text(json.dumps(summary, indent=1, default=str))
         keras.backend.clear_session()
     (out / "loso.json").write_text(json.dumps(summary, indent=1, default=str))  # skips too

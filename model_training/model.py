@@ -6,6 +6,7 @@ JAX on a lent GPU, and the weights move between them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from model_training.inception import LAST_BLOCK, inception_features, load_imagen
 
 INPUT_SIZE = (299, 299)
 HEAD_LAYERS = ("embedding", "dropout", "logit")
+DISTIL_OUTPUT = "distil"  # training only: [student logit, teachers' mean logit]
 
 
 def scaling_layer() -> layers.Layer:
@@ -181,12 +183,33 @@ def with_diagnosis_head(classifier: keras.Model, n_classes: int) -> keras.Model:
 
 
 def training_model(
-    classifier: keras.Model, seed: int | None = None, device_augment: bool = False
+    classifier: keras.Model,
+    seed: int | None = None,
+    device_augment: bool = False,
+    teachers: Sequence[keras.Model] = (),
 ) -> keras.Model:
     """Wrap the classifier with augmentation; takes uint8 crops (4x less host→device traffic).
-    ``device_augment`` adds DermAugment's source-shift part (the ``domain`` recipe)."""
+    ``device_augment`` adds DermAugment's source-shift part (the ``domain`` recipe). With
+    ``teachers`` (frozen networks, ``model_training.distil``) they score the same augmented
+    view, and a ``distil`` output pairs the student's logit with their mean logit."""
     size = classifier.input_shape[1:3]
     crops = keras.Input((*size, 3), dtype="uint8", name="crops")
     augment = DermAugment(seed=seed, domain=device_augment, name="augment")
-    outputs = classifier(augment(crops))
+    view = augment(crops)
+    outputs = classifier(view)
+    if teachers:
+        outputs = add_distil_output(outputs, view, teachers)
     return keras.Model(crops, outputs, name="train_wrapper")
+
+
+def add_distil_output(
+    outputs: Any, view: keras.KerasTensor, teachers: Sequence[keras.Model]
+) -> dict[str, Any]:
+    """The training model's outputs plus ``distil``: [student logit, teachers' mean logit]."""
+    if not teachers:
+        raise ValueError("distillation needs at least one teacher")
+    named = dict(outputs) if isinstance(outputs, dict) else {"logit": outputs}
+    logits = [teacher(view) for teacher in teachers]
+    mean = logits[0] if len(logits) == 1 else layers.Average(dtype="float32")(logits)
+    joined = layers.Concatenate(name=DISTIL_OUTPUT, dtype="float32")([named["logit"], mean])
+    return {**named, DISTIL_OUTPUT: joined}

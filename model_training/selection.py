@@ -29,6 +29,9 @@ left-out source's expected calibration error is computed with them.
         --data-dir ../shared/data --against shipped --by-diagnosis
     # + each recipe's paired difference from ``--against`` on every left-out source, and
     #   which diagnoses the left-out AUC is lost on
+    python -m model_training loso-report --predictions run/predictions.csv \
+        --ensemble shipped,clinical
+    # + the two recipes' mean-logit ensemble as a row of its own (what distillation aims at)
 """
 
 from __future__ import annotations
@@ -107,6 +110,30 @@ def loso_summary(predictions: pd.DataFrame) -> dict[str, Any]:
     for recipe in recipes.values():
         recipe["mean"] = float(np.mean(list(recipe["left_out_auc"].values())))
     return {"jobs": jobs, "recipes": recipes}
+
+
+def ensemble_jobs(predictions: pd.DataFrame, recipes: Sequence[str]) -> pd.DataFrame:
+    """Pseudo-jobs ``a+b-loso-<source>``: for each left-out source where every recipe ran, the
+    mean logit of their networks on every image all of them scored. The ensemble serving would
+    need one network per member for; what a distilled network (``distil_from``) aims to match.
+    """
+    if len(recipes) < 2:
+        raise ValueError(f"an ensemble needs two recipes or more, got {list(recipes)}")
+    keys = ["image_id", "dataset", "domain", "split", "label", "scored"]
+    by_job = {str(job): rows.set_index(keys)["logit"] for job, rows in predictions.groupby("job")}
+    parts = []
+    for job in by_job:
+        recipe, _, source = job.partition("-loso-")
+        if recipe != recipes[0] or not source:
+            continue
+        members = [by_job.get(f"{r}-loso-{source}") for r in recipes]
+        if any(m is None for m in members):
+            continue
+        logits = pd.concat(members, axis=1, join="inner").mean(axis=1)
+        rows = logits.rename("logit").reset_index()
+        rows.insert(0, "job", f"{'+'.join(recipes)}-loso-{source}")
+        parts.append(rows)
+    return pd.concat(parts, ignore_index=True)[predictions.columns] if parts else predictions[:0]
 
 
 def left_out_with(predictions: pd.DataFrame, frame: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -256,10 +283,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--by-diagnosis", action="store_true", help="left-out AUC per diagnosis (needs --data-dir)"
     )
+    parser.add_argument(
+        "--ensemble",
+        action="append",
+        default=[],
+        metavar="A,B",
+        help="add the recipes' mean-logit ensemble as a recipe of its own (repeatable)",
+    )
     args = parser.parse_args(argv)
     if (args.against or args.by_diagnosis) and not args.data_dir:
         parser.error("--against and --by-diagnosis need --data-dir")
     predictions = pd.read_csv(args.predictions, dtype={"image_id": str})
+    for members in args.ensemble:
+        extra = ensemble_jobs(predictions, members.split(","))
+        predictions = pd.concat([predictions, extra], ignore_index=True)
     summary = loso_summary(predictions)
     sources = sorted({e["left_out"] for e in summary["jobs"].values() if "left_out" in e})
     print(markdown(summary, sources))

@@ -20,9 +20,11 @@ import keras
 import numpy as np
 import pandas as pd
 
-from model_training.augment import domain_augment, phone_view
+from model_training.crops import CropBatches
 from model_training.data import DIAGNOSIS_CLASSES, class_weights, diagnosis_codes
+from model_training.distil import DistillationLoss, assign_weights, frozen_teacher
 from model_training.model import (
+    DISTIL_OUTPUT,
     INPUT_SIZE,
     build_classifier,
     set_trunk_trainable,
@@ -64,6 +66,10 @@ class TrainConfig:
     ema: bool = False  # exponential moving average of the weights (kept at the end)
     ema_momentum: float = 0.99
     aux_diagnosis: float = 0.0  # >0: weight of an auxiliary diagnosis loss (training only)
+    # >0 (with teachers, a plan's "distil_from"): share of the loss on matching the teachers'
+    # mean logit on each view (model_training.distil); the rest stays on the labels
+    distil_weight: float = 0.0
+    distil_temperature: float = 1.0
     domain_repeat: dict[str, int] = field(default_factory=lambda: {"phone": 3})
     mixed_precision: str = "auto"  # auto | bfloat16 | float16 | off
     seed: int = 1234
@@ -98,96 +104,6 @@ def load_images(
         for _ in iterator:
             pass
     return out
-
-
-class CropBatches(keras.utils.PyDataset):  # type: ignore[misc]
-    """Random crops of pre-resized uint8 images, shuffled each epoch, with sample weights."""
-
-    def __init__(
-        self,
-        images: np.ndarray,
-        labels: np.ndarray,
-        weights: np.ndarray,
-        index: np.ndarray,
-        crop: tuple[int, int],
-        batch_size: int,
-        seed: int,
-        workers: int = 8,
-        augment: str = "basic",
-        min_crop_area: float = 0.35,
-        diagnoses: np.ndarray | None = None,
-        phone_view: float = 0.0,
-        dermoscopy: np.ndarray | None = None,
-    ) -> None:
-        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=32)
-        if phone_view > 0 and dermoscopy is None:
-            raise ValueError("phone_view needs to know which images are dermoscopy photos")
-        self.images, self.labels, self.weights = images, labels, weights
-        self.diagnoses = diagnoses
-        self.phone_view = phone_view
-        self.dermoscopy = np.zeros(len(images), bool) if dermoscopy is None else dermoscopy
-        self.augment = augment
-        self.min_crop_area = min_crop_area
-        self.base_index = index
-        self.crop = crop
-        self.batch_size = batch_size
-        self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(self.base_index)
-
-    def __len__(self) -> int:
-        return len(self.base_index) // self.batch_size  # drop the ragged last batch
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, Any, np.ndarray]:
-        idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
-        ch, cw = self.crop
-        h, w = self.images.shape[1:3]
-        # A per-item generator keyed on (epoch order, batch) keeps runs reproducible with threads.
-        rng = np.random.default_rng([int(self.order[0]), i])
-        oy = rng.integers(0, h - ch + 1, len(idx))
-        ox = rng.integers(0, w - cw + 1, len(idx))
-        batch = np.empty((len(idx), ch, cw, 3), dtype=np.uint8)
-        for j, k in enumerate(idx):
-            if self.augment == "domain":
-                batch[j] = domain_augment(self.images[k], self.crop, rng, self.min_crop_area)
-            elif self.augment == "strong":
-                batch[j] = self._rotate_and_crop(self.images[k], rng)
-            else:
-                batch[j] = self.images[k, oy[j] : oy[j] + ch, ox[j] : ox[j] + cw]
-            if self.dermoscopy[k] and self.phone_view > 0 and rng.random() < self.phone_view:
-                batch[j] = phone_view(batch[j], rng)
-        labels = self.labels[idx].astype("float32")
-        weights = self.weights[idx].astype("float32")
-        if self.diagnoses is None:
-            return batch, labels, weights
-        return batch, {"logit": labels, "diagnosis": self.diagnoses[idx]}, weights
-
-    def _rotate_and_crop(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Any-angle rotation, then a random-resized crop (Inception-style scale and aspect).
-
-        Done here with Pillow in worker threads (it releases the GIL): affine warps inside the
-        model are ~90x slower on JAX.
-        """
-        from PIL import Image
-
-        h, w = image.shape[:2]
-        pil = Image.fromarray(image).rotate(
-            float(rng.uniform(0.0, 360.0)), resample=Image.Resampling.BILINEAR
-        )
-        area = rng.uniform(self.min_crop_area, 1.0) * h * w
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw_ = min(w, round(math.sqrt(area * ratio)))
-        ch_ = min(h, round(math.sqrt(area / ratio)))
-        x0 = int(rng.integers(0, w - cw_ + 1))
-        y0 = int(rng.integers(0, h - ch_ + 1))
-        out = pil.resize(
-            (self.crop[1], self.crop[0]),
-            Image.Resampling.BILINEAR,
-            box=(x0, y0, x0 + cw_, y0 + ch_),
-        )
-        return np.asarray(out)
-
-    def on_epoch_end(self) -> None:
-        self.order = self.rng.permutation(self.base_index)
 
 
 def learned_rows(frame: pd.DataFrame, ignore: Sequence[str]) -> np.ndarray:
@@ -259,23 +175,34 @@ def compile_model(
     optimizer: keras.optimizers.Optimizer,
     smoothing: float,
     aux_diagnosis: float = 0.0,
+    distil_weight: float = 0.0,
+    distil_temperature: float = 1.0,
 ) -> None:
     """Weighted binary cross-entropy on the logit, with a running AUC; with ``aux_diagnosis``
-    > 0 the model also has a ``diagnosis`` output, trained by cross-entropy at that weight."""
+    > 0 the model also has a ``diagnosis`` output, trained by cross-entropy at that weight;
+    with ``distil_weight`` > 0 a ``distil`` output, trained towards the teachers' answer at
+    that weight (the labels keep the rest)."""
     bce = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=smoothing)
     auc = keras.metrics.AUC(from_logits=True, name="auc")
-    if aux_diagnosis <= 0:
+    if aux_diagnosis <= 0 and distil_weight <= 0:
         model.compile(optimizer=optimizer, loss=bce, weighted_metrics=[], metrics=[auc])
         return
+    if not 0.0 <= distil_weight <= 1.0:
+        raise ValueError(f"distil_weight must be in [0, 1], got {distil_weight}")
+    losses: dict[str, Any] = {"logit": bce}
+    weights = {"logit": 1.0 - distil_weight}
+    if aux_diagnosis > 0:
+        losses["diagnosis"] = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        weights["diagnosis"] = aux_diagnosis
+    if distil_weight > 0:
+        losses[DISTIL_OUTPUT] = DistillationLoss(distil_temperature)
+        weights[DISTIL_OUTPUT] = distil_weight
     model.compile(
         optimizer=optimizer,
-        loss={
-            "logit": bce,
-            "diagnosis": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        },
-        loss_weights={"logit": 1.0, "diagnosis": aux_diagnosis},
-        weighted_metrics={"logit": [], "diagnosis": []},
-        metrics={"logit": [auc], "diagnosis": []},
+        loss=losses,
+        loss_weights=weights,
+        weighted_metrics={name: [] for name in losses},
+        metrics={name: [auc] if name == "logit" else [] for name in losses},
     )
 
 
@@ -354,26 +281,40 @@ def fit_finetune(
     config: TrainConfig,
     imagenet_npz: Path | None,
     progress: Callable[[str], None] = log,
+    teachers: Sequence[dict[str, np.ndarray]] = (),
+    start: dict[str, np.ndarray] | None = None,
 ) -> tuple[keras.Model, dict[str, list[Any]]]:
-    """Phase 1: the head on the frozen trunk. Phase 2: the whole network, batch norm frozen."""
+    """Phase 1: the head on the frozen trunk. Phase 2: the whole network, batch norm frozen.
+
+    ``teachers`` (networks' weights by variable path) turn it into distillation at
+    ``config.distil_weight``; ``start`` begins from those weights instead of ImageNet's."""
     if config.aux_diagnosis > 0 and data.diagnoses is None:
         raise ValueError("aux_diagnosis needs the data prepared with_diagnoses=True")
+    if bool(teachers) != (config.distil_weight > 0):
+        raise ValueError("distil_weight > 0 and teachers go together (a plan's distil_from)")
     keras.utils.set_random_seed(config.seed)
     batches = CropBatches(
         data.images, data.labels, data.weights, data.index, config.input_size,
         config.batch_size, config.seed, config.workers, config.augment, config.min_crop_area,
         data.diagnoses if config.aux_diagnosis > 0 else None, config.phone_view, data.dermoscopy,
+        bool(teachers),
     )  # fmt: skip
     classifier = build_classifier(config.input_size, config.dropout, imagenet_npz)
+    if start is not None:
+        assign_weights(classifier, start)
     trained = classifier
     if config.aux_diagnosis > 0:
         trained = with_diagnosis_head(classifier, len(DIAGNOSIS_CLASSES))
-    model = training_model(trained, seed=config.seed, device_augment=config.augment == "domain")
-    aux = config.aux_diagnosis
+    frozen = [frozen_teacher(values, config.input_size, i) for i, values in enumerate(teachers)]
+    model = training_model(
+        trained, seed=config.seed, device_augment=config.augment == "domain", teachers=frozen
+    )
+    losses = (config.label_smoothing, config.aux_diagnosis, config.distil_weight,
+              config.distil_temperature)  # fmt: skip
     history: dict[str, list[Any]] = {}
 
     set_trunk_trainable(classifier, False)
-    compile_model(model, keras.optimizers.Adam(config.head_lr), config.label_smoothing, aux)
+    compile_model(model, keras.optimizers.Adam(config.head_lr), *losses)
     t0 = time.time()
     fit = model.fit(batches, epochs=config.head_epochs, verbose=2)
     _merge(history, fit.history, "head")
@@ -395,7 +336,7 @@ def fit_finetune(
         use_ema=config.ema,
         ema_momentum=config.ema_momentum,
     )
-    compile_model(model, optimizer, config.label_smoothing, aux)
+    compile_model(model, optimizer, *losses)
     timer = EpochTimer()
     t0 = time.time()
     fit = model.fit(batches, epochs=config.epochs, verbose=2, callbacks=[timer])

@@ -14,6 +14,7 @@ from PIL import Image
 
 from model_training import train as tr
 from model_training.augment import affine_params, domain_augment, jpeg_roundtrip, phone_view
+from model_training.crops import CropBatches
 from model_training.loso import (
     average_weights,
     job_rows,
@@ -21,6 +22,7 @@ from model_training.loso import (
     run_plan,
     subset_data,
     summarise_job,
+    uses,
 )
 from model_training.model import DermAugment
 
@@ -89,7 +91,7 @@ def test_crop_batches_turn_only_dermoscopy_views_into_phone_views() -> None:
     dermoscopy = np.array([True, True, True, False, False, False])
 
     def first_batch(**kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-        batches = tr.CropBatches(
+        batches = CropBatches(
             images, labels, np.ones(6), np.arange(6), (32, 32), 6, seed=1, workers=1, **kwargs
         )
         return batches[0][0], batches.order[:6]
@@ -166,9 +168,11 @@ def test_summarise_job_scores_the_left_out_source_and_validation() -> None:
 
 
 def test_past_deadline_runs_the_first_job_and_skips_what_would_overrun() -> None:
-    assert not past_deadline(1000.0, [], 10.0)
-    assert not past_deadline(100.0, [50.0, 80.0], 200.0)
-    assert past_deadline(150.0, [50.0, 80.0], 200.0)
+    assert not past_deadline(1000.0, [], 7, 10.0)
+    # Jobs so far took 10 and 20 s per epoch: 3 more epochs take at most 60 s.
+    assert not past_deadline(100.0, [10.0, 20.0], 3, 160.0)
+    assert past_deadline(100.0, [10.0, 20.0], 3, 159.0)
+    assert past_deadline(100.0, [10.0, 20.0], 7, 200.0)  # a long job no longer fits
 
 
 def test_average_weights_mixes_floats_keeps_integers_and_refuses_mismatches() -> None:
@@ -201,18 +205,33 @@ def test_run_plan_trains_scores_and_saves(tmp_path: Path) -> None:
             "recipe": {},
         },
         {"name": "soup-of-missing", "leave_out": "c", "soup_of": ["full", "absent"]},
+        {
+            "name": "student-without-c",
+            "leave_out": "c",
+            "distil_from": ["full", "without-c"],
+            "start_from": "soup-without-c",
+            "recipe": {**recipe, "head_epochs": 0, "distil_weight": 0.5},
+        },
+        {
+            "name": "student-of-missing",
+            "leave_out": "c",
+            "distil_from": ["absent"],
+            "recipe": {"distil_weight": 0.5},
+        },
     ]
     base = tr.TrainConfig(input_size=(75, 75), crop_margin=4, batch_size=4, workers=1,
                           mixed_precision="off", domain_repeat={})  # fmt: skip
     run_plan(_frame(), jobs, base, None, tmp_path, deadline=1e9)
     predictions = pd.read_csv(tmp_path / "predictions.csv")
-    assert set(predictions["job"]) == {"full", "without-c", "soup-without-c"}
+    assert set(predictions["job"]) == {"full", "without-c", "soup-without-c", "student-without-c"}
     # The soup is a third network: its scores are neither parent's nor their mean logit.
     valid = predictions[predictions["scored"] == "valid"]
     by_job = {j: g.set_index("image_id")["logit"].sort_index() for j, g in valid.groupby("job")}
     soup = by_job["soup-without-c"]
     parents = [by_job[j].loc[soup.index] for j in ("full", "without-c")]
     assert len(soup) == 8 and all(not np.allclose(soup, p) for p in parents)
+    # The student started from the soup and trained on: a network of its own.
+    assert not np.allclose(by_job["student-without-c"].loc[soup.index], soup)
     left_out = predictions[predictions["job"] == "without-c"]
     assert set(left_out.loc[left_out["scored"] == "left_out", "dataset"]) == {"c"}
     assert len(left_out[left_out["dataset"] == "c"]) == 8  # train and valid of the source
@@ -222,6 +241,8 @@ def test_run_plan_trains_scores_and_saves(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "loso.json").read_text())
     assert [j["name"] for j in summary["jobs"]][:3] == ["full", "without-c", "soup-without-c"]
     assert summary["jobs"][3] == {"name": "soup-of-missing", "skipped": True}
+    assert summary["jobs"][4]["config"]["distil_weight"] == 0.5
+    assert summary["jobs"][5] == {"name": "student-of-missing", "skipped": True}
 
 
 def test_should_ship_needs_every_part_of_the_rule() -> None:
@@ -346,5 +367,38 @@ def test_every_shipped_plan_and_sweep_builds_its_configs(path: Path) -> None:
         fields = {k: v for k, v in recipe.items() if k != "name"}
         replace(tr.TrainConfig(), **fields)  # unknown fields raise TypeError
         assert job.get("leave_out") in (None, *DEFAULT_SETS)
-        for parent in job.get("soup_of", []):
-            assert parent in names[:k], f"{job['name']}: soup parent {parent} must come first"
+        for parent in uses(job):
+            assert parent in names[:k], f"{job['name']}: {parent} must come first"
+        assert bool(job.get("distil_from")) == (recipe.get("distil_weight", 0) > 0)
+
+
+def test_ensemble_jobs_average_logits_where_every_recipe_scored() -> None:
+    """Per left-out source the recipes' mean logit on the images all of them scored; a source
+    one recipe lacks gets no ensemble."""
+    from sklearn.metrics import roc_auc_score
+
+    from model_training.selection import ensemble_jobs
+
+    def job(name: str, source: str, ids: list[str], logits: list[float]) -> pd.DataFrame:
+        return pd.DataFrame({
+            "job": name, "image_id": ids, "dataset": source, "domain": "dermoscopy",
+            "split": "train", "label": [1 - int(i) % 2 for i in ids], "logit": logits,
+            "scored": "left_out",
+        })  # fmt: skip
+
+    predictions = pd.concat([
+        job("a-loso-s", "s", ["1", "2", "3", "4"], [0.0, 1.0, 2.0, -1.0]),
+        job("b-loso-s", "s", ["2", "3", "4", "1"], [3.0, 0.0, 5.0, 2.0]),
+        job("a-loso-t", "t", ["1", "2"], [0.0, 1.0]),  # no b without t: no ensemble there
+        job("b-full", "s", ["1", "2"], [9.0, 9.0]),  # not a left-out job
+    ], ignore_index=True)  # fmt: skip
+    out = ensemble_jobs(predictions, ["a", "b"])
+    assert list(out.columns) == list(predictions.columns)
+    assert set(out["job"]) == {"a+b-loso-s"}
+    logit = out.set_index("image_id")["logit"].sort_index()
+    np.testing.assert_allclose(logit.to_numpy(), [1.0, 2.0, 1.0, 2.0])
+    first = predictions[predictions["job"] == "a-loso-s"]
+    assert roc_auc_score(first["label"], first["logit"]) == 0.25
+    assert roc_auc_score(out["label"], out["logit"]) == 1.0  # the pair ranks better than a
+    with pytest.raises(ValueError, match="two recipes"):
+        ensemble_jobs(predictions, ["a"])

@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from model_training import train as tr
+from model_training.crops import CropBatches
 from model_training.export import export_artifact, read_metadata
 from model_training.model import (
     DermAugment,
@@ -259,7 +260,7 @@ def test_crop_batches_basic() -> None:
     labels = np.arange(10) % 2
     weights = np.where(labels == 1, 2.5, 0.5)
     index = np.repeat(np.arange(10), [1, 1, 1, 1, 1, 1, 1, 1, 2, 2])  # rows 8, 9 repeated
-    batches = tr.CropBatches(images, labels, weights, index, crop, 4, seed=0, workers=1)
+    batches = CropBatches(images, labels, weights, index, crop, 4, seed=0, workers=1)
     assert len(batches) == len(index) // 4 == 3
     seen: list[int] = []
     for i in range(len(batches)):
@@ -285,7 +286,7 @@ def test_crop_batches_strong() -> None:
     images = _stored_images(8, (crop[0] + 8, crop[1] + 8))
     labels = np.array([0, 1] * 4)
     weights = np.ones(8)
-    batches = tr.CropBatches(
+    batches = CropBatches(
         images, labels, weights, np.arange(8), crop, 4, seed=1, workers=1, augment="strong"
     )
     x, y, sw = batches[0]
@@ -452,7 +453,7 @@ def test_crop_batches_with_diagnoses_yield_both_targets() -> None:
     images = _stored_images(8, (crop[0] + 4, crop[1] + 4))
     labels = np.array([0, 1] * 4)
     codes = np.array([1, 0, 2, 3, 1, 4, 8, 0], dtype=np.int32)
-    batches = tr.CropBatches(
+    batches = CropBatches(
         images, labels, np.ones(8), np.arange(8), crop, 4, seed=2, workers=1, diagnoses=codes
     )
     _, y, sw = batches[1]
