@@ -120,6 +120,24 @@ def uses(job: dict[str, Any]) -> list[str]:
     return [*job.get("soup_of", []), *job.get("distil_from", []), *start]
 
 
+def check_plan(jobs: list[dict[str, Any]], base: tr.TrainConfig) -> None:
+    """Refuse a plan that would fail part-way (on the lent GPU, minutes into a call): repeated
+    names, unknown recipe fields, a job built on one that does not come before it, teachers
+    without a distillation weight or the reverse."""
+    names = [job["name"] for job in jobs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"job names repeat: {sorted(n for n in names if names.count(n) > 1)}")
+    for k, job in enumerate(jobs):
+        config = replace(base, **job.get("recipe", {}))  # unknown fields raise TypeError
+        late = [name for name in uses(job) if name not in names[:k]]
+        if late:
+            raise ValueError(f"{job['name']}: {late} must be jobs that come before it")
+        if bool(job.get("distil_from")) != (config.distil_weight > 0):
+            raise ValueError(f"{job['name']}: distil_from and distil_weight > 0 go together")
+        if "soup_of" in job and len(job["soup_of"]) != 2:
+            raise ValueError(f"{job['name']}: a soup has two parents")
+
+
 def past_deadline(elapsed: float, per_epoch: list[float], epochs: int, deadline: float) -> bool:
     """Would one more job of ``epochs`` epochs end after ``deadline`` seconds, at the slowest
     seconds per epoch seen so far? (Per epoch, not per job: a short job after a long one,
@@ -155,6 +173,7 @@ def run_plan(
     """Run the jobs in order (see the module docstring); returns the summary. ``provenance``
     (command, weights source, ...) goes into the saved job's run.json for ``export``."""
     t_start = time.time()
+    check_plan(jobs, base)
     out.mkdir(parents=True, exist_ok=True)
     policy = tr.setup_precision(base.mixed_precision)
     tr.log(f"backend {keras.backend.backend()}, dtype policy {policy}, {len(jobs)} job(s)")

@@ -17,12 +17,12 @@ from model_training.augment import affine_params, domain_augment, jpeg_roundtrip
 from model_training.crops import CropBatches
 from model_training.loso import (
     average_weights,
+    check_plan,
     job_rows,
     past_deadline,
     run_plan,
     subset_data,
     summarise_job,
-    uses,
 )
 from model_training.model import DermAugment
 
@@ -191,8 +191,9 @@ def test_average_weights_mixes_floats_keeps_integers_and_refuses_mismatches() ->
 
 @pytest.mark.slow
 def test_run_plan_trains_scores_and_saves(tmp_path: Path) -> None:
-    """Two jobs on a small-input InceptionV3: predictions for both (the left-out source scored
-    in full), weights for the saved one, and a summary after every job."""
+    """Jobs on a small-input InceptionV3: predictions for each (the left-out source scored in
+    full), weights for the saved one, a soup, a distilled student, a summary after every job;
+    a job past the deadline is skipped, and so is every job built on it."""
     recipe = {"augment": "domain", "epochs": 1, "head_epochs": 1, "aux_diagnosis": 0.5}
     jobs: list[dict[str, Any]] = [
         {"name": "full", "save": True, "leave_out": None, "recipe": recipe},
@@ -204,7 +205,9 @@ def test_run_plan_trains_scores_and_saves(tmp_path: Path) -> None:
             "alpha": 0.5,
             "recipe": {},
         },
-        {"name": "soup-of-missing", "leave_out": "c", "soup_of": ["full", "absent"]},
+        # Past any deadline at any speed: skipped, and the jobs built on it with it.
+        {"name": "endless", "leave_out": "c", "recipe": {**recipe, "epochs": 10**9}},
+        {"name": "soup-of-skipped", "leave_out": "c", "soup_of": ["full", "endless"]},
         {
             "name": "student-without-c",
             "leave_out": "c",
@@ -213,15 +216,15 @@ def test_run_plan_trains_scores_and_saves(tmp_path: Path) -> None:
             "recipe": {**recipe, "head_epochs": 0, "distil_weight": 0.5},
         },
         {
-            "name": "student-of-missing",
+            "name": "student-of-skipped",
             "leave_out": "c",
-            "distil_from": ["absent"],
+            "distil_from": ["endless"],
             "recipe": {"distil_weight": 0.5},
         },
     ]
     base = tr.TrainConfig(input_size=(75, 75), crop_margin=4, batch_size=4, workers=1,
                           mixed_precision="off", domain_repeat={})  # fmt: skip
-    run_plan(_frame(), jobs, base, None, tmp_path, deadline=1e9)
+    run_plan(_frame(), jobs, base, None, tmp_path, deadline=1e6)
     predictions = pd.read_csv(tmp_path / "predictions.csv")
     assert set(predictions["job"]) == {"full", "without-c", "soup-without-c", "student-without-c"}
     # The soup is a third network: its scores are neither parent's nor their mean logit.
@@ -240,9 +243,13 @@ def test_run_plan_trains_scores_and_saves(tmp_path: Path) -> None:
     assert run["job"]["name"] == "full" and {d["dataset"] for d in run["data"]} == {"a", "b", "c"}
     summary = json.loads((tmp_path / "loso.json").read_text())
     assert [j["name"] for j in summary["jobs"]][:3] == ["full", "without-c", "soup-without-c"]
-    assert summary["jobs"][3] == {"name": "soup-of-missing", "skipped": True}
-    assert summary["jobs"][4]["config"]["distil_weight"] == 0.5
-    assert summary["jobs"][5] == {"name": "student-of-missing", "skipped": True}
+    skipped = [j["name"] for j in summary["jobs"] if j.get("skipped")]
+    assert skipped == ["endless", "soup-of-skipped", "student-of-skipped"]
+    assert summary["jobs"][5]["config"]["distil_weight"] == 0.5
+    with pytest.raises(ValueError, match="come before"):  # refused before any work
+        run_plan(_frame(), [{**jobs[2], "soup_of": ["full", "absent"]}], base, None,
+                 tmp_path / "refused", deadline=1e6)  # fmt: skip
+    assert not (tmp_path / "refused").exists()
 
 
 def test_should_ship_needs_every_part_of_the_rule() -> None:
@@ -358,18 +365,32 @@ def test_every_shipped_plan_and_sweep_builds_its_configs(path: Path) -> None:
     from model_training.data import DEFAULT_SETS
 
     jobs = json.loads(path.read_text())
-    names = [job["name"] for job in jobs]
-    assert len(set(names)) == len(names)
-    for k, job in enumerate(jobs):
-        # A loso plan holds each job's recipe under "recipe" (a soup job has none); a sweep's
-        # entries are recipes themselves.
-        recipe = job.get("recipe", {}) if "loso" in path.name else job
-        fields = {k: v for k, v in recipe.items() if k != "name"}
-        replace(tr.TrainConfig(), **fields)  # unknown fields raise TypeError
-        assert job.get("leave_out") in (None, *DEFAULT_SETS)
-        for parent in uses(job):
-            assert parent in names[:k], f"{job['name']}: {parent} must come first"
-        assert bool(job.get("distil_from")) == (recipe.get("distil_weight", 0) > 0)
+    if "loso" not in path.name:  # a sweep's entries are recipes themselves
+        for recipe in jobs:
+            replace(tr.TrainConfig(), **{k: v for k, v in recipe.items() if k != "name"})
+        return
+    check_plan(jobs, tr.TrainConfig())
+    assert all(job.get("leave_out") in (None, *DEFAULT_SETS) for job in jobs)
+
+
+def test_check_plan_refuses_what_would_fail_part_way() -> None:
+    base = tr.TrainConfig()
+    teacher = {"name": "t", "recipe": {}}
+    student = {"name": "s", "distil_from": ["t"], "recipe": {"distil_weight": 0.5}}
+    check_plan([teacher, student], base)
+    cases = [
+        ([student, teacher], "come before"),
+        ([teacher, {**student, "recipe": {}}], "go together"),
+        ([teacher, {"name": "x", "recipe": {"distil_weight": 0.5}}], "go together"),
+        ([teacher, teacher], "repeat"),
+        ([teacher, {"name": "u", "soup_of": ["t"]}], "two parents"),
+        ([teacher, {"name": "v", "start_from": "w", "recipe": {}}], "come before"),
+    ]
+    for jobs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_plan(jobs, base)
+    with pytest.raises(TypeError):
+        check_plan([{"name": "typo", "recipe": {"epoch": 3}}], base)
 
 
 def test_ensemble_jobs_average_logits_where_every_recipe_scored() -> None:
