@@ -345,14 +345,15 @@ def subgroup_metrics(
     return out
 
 
+def roc_auc(y_true: npt.ArrayLike, score: npt.ArrayLike) -> float | None:
+    """ROC-AUC of any score (logits too); None when only one class is present."""
+    y = np.asarray(y_true)
+    return float(roc_auc_score(y, np.asarray(score))) if 0 < int(y.sum()) < y.size else None
+
+
 def auc_by_set(
     y_true: npt.ArrayLike, score: npt.ArrayLike, sets: Sequence[str]
 ) -> dict[str, float | None]:
     """ROC-AUC within each set named in ``sets`` (None where a set has one class only)."""
     y, s, names = np.asarray(y_true), np.asarray(score), np.asarray(sets)
-    out: dict[str, float | None] = {}
-    for name in sorted(set(names.tolist())):
-        mask = names == name
-        both = 0 < int(y[mask].sum()) < int(mask.sum())
-        out[str(name)] = float(roc_auc_score(y[mask], s[mask])) if both else None
-    return out
+    return {str(n): roc_auc(y[names == n], s[names == n]) for n in sorted(set(names.tolist()))}

@@ -113,7 +113,8 @@ def crossfit_operating_point(
     its own fitting images, to compare with what held out. ``n_boot`` > 0 adds
     :func:`calibration_stats.calibration_report` per set (intervals, noise floor).
     ``assignment``: how the per-domain scalings are combined ("mixture" or "hard";
-    :class:`DomainCalibration`). Each set's ``roc_auc`` is that of the held-out answers.
+    :class:`DomainCalibration`). Each set's ``roc_auc`` is that of the held-out answers,
+    ``roc_auc_logits`` that of the network's logits.
     """
     if thresholds not in ("shared", "per-domain"):
         raise ValueError(f"thresholds must be 'shared' or 'per-domain', not {thresholds!r}")
@@ -193,6 +194,10 @@ def crossfit_operating_point(
             "ece_single_temperature": cal.expected_calibration_error(y[mask], p_single[mask]),
             "brier": cal.brier_score(y[mask], p_out[mask]),
             "roc_auc": mt.binary_metrics(y[mask], p_out[mask], 0.5)["roc_auc"],
+            # The network's own ranking (nothing here was fitted on validation): what one
+            # calibration map serves. ``roc_auc`` pools five folds' maps, which reorders
+            # answers across folds, so it is lower by the folds' disagreement.
+            "roc_auc_logits": mt.roc_auc(y[mask], logits[mask]),
         }
         if embeddings is not None:
             out["sets"][name]["domain_accuracy"] = float(domain_hits[mask].mean())
