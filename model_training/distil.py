@@ -1,9 +1,10 @@
 """Ensemble distillation: one network fitted to the mean logit of frozen teacher networks.
 
-Two fine-tuned networks averaged in their logits rank better than either, and better than
-their weight average (the soup the shipped model is); serving two InceptionV3s would double
-the cost of every request. Distillation (Hinton et al. 2015) trains one student to match the
-ensemble instead. The teachers score the very views the student trains on, after every
+Two fine-tuned networks averaged in their logits can rank better than their weight average
+(the soup the shipped model is): on the 2026-11-30 runs, on dermoscopy from a source neither
+saw, though not on phone photos from one (README, "Distillation"). Serving two InceptionV3s
+would double the cost of every request. Distillation (Hinton et al. 2015) trains one student
+to match the ensemble instead. The teachers score the very views the student trains on, after every
 augmentation ("function matching", Beyer et al. 2022: a consistent and patient teacher), so
 the student learns the ensemble's answer on every crop, colour shift and artefact the recipe
 draws, not only on the clean training photo.
