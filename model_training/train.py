@@ -299,7 +299,9 @@ def fit_finetune(
         data.diagnoses if config.aux_diagnosis > 0 else None, config.phone_view, data.dermoscopy,
         bool(teachers),
     )  # fmt: skip
-    classifier = build_classifier(config.input_size, config.dropout, imagenet_npz)
+    # ImageNet's weights only when nothing else is given to start from
+    initial = imagenet_npz if start is None else None
+    classifier = build_classifier(config.input_size, config.dropout, initial)
     if start is not None:
         assign_weights(classifier, start)
     trained = classifier
