@@ -182,13 +182,13 @@ def compile_model(
     > 0 the model also has a ``diagnosis`` output, trained by cross-entropy at that weight;
     with ``distil_weight`` > 0 a ``distil`` output, trained towards the teachers' answer at
     that weight (the labels keep the rest)."""
+    if not 0.0 <= distil_weight <= 1.0:  # checked first: a negative weight must not pass
+        raise ValueError(f"distil_weight must be in [0, 1], got {distil_weight}")
     bce = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=smoothing)
     auc = keras.metrics.AUC(from_logits=True, name="auc")
     if aux_diagnosis <= 0 and distil_weight <= 0:
         model.compile(optimizer=optimizer, loss=bce, weighted_metrics=[], metrics=[auc])
         return
-    if not 0.0 <= distil_weight <= 1.0:
-        raise ValueError(f"distil_weight must be in [0, 1], got {distil_weight}")
     losses: dict[str, Any] = {"logit": bce}
     weights = {"logit": 1.0 - distil_weight}
     if aux_diagnosis > 0:

@@ -137,6 +137,8 @@ def test_distil_weight_and_teachers_go_together() -> None:
         tr.fit_finetune(data, tr.TrainConfig(input_size=SIZE), None, teachers=[weights])
     with pytest.raises(ValueError, match="distil_weight"):
         tr.compile_model(build_tiny_classifier(), "adam", 0.0, distil_weight=1.5)
+    with pytest.raises(ValueError, match="distil_weight"):  # not silently a plain model
+        tr.compile_model(build_tiny_classifier(), "adam", 0.0, distil_weight=-0.5)
 
 
 def test_a_job_uses_its_soup_parents_teachers_and_start() -> None:
