@@ -8,6 +8,16 @@ from typing import Any
 
 from model_training.card_format import NOT_MEASURED, fmt, pct
 
+# What each quality threshold refuses, in the card's words (two keys share "overexposed").
+QUALITY_WORDS = {
+    "min_side": "too small",
+    "min_sharpness": "blurred",
+    "min_brightness": "too dark",
+    "max_brightness": "overexposed",
+    "max_clipped_fraction": "overexposed",
+    "min_colourfulness": "in black and white",
+}
+
 
 def section_tta(metrics: Mapping[str, Any]) -> list[str]:
     """Test-time augmentation: measured gain and cost, and whether it is served."""
@@ -123,9 +133,11 @@ def section_gates(metadata: Mapping[str, Any], gates: Mapping[str, Any] | None) 
     if isinstance(quality, Mapping):
         # Sorted: metadata read from disk and freshly fitted thresholds come in different orders.
         pairs = ", ".join(f"{k} {fmt(v, 3)}" for k, v in sorted(quality.items()))
+        # Only what this artifact checks: older ones have no colour check.
+        problems = ", ".join(dict.fromkeys(w for k, w in QUALITY_WORDS.items() if k in quality))
         lines.append(
-            '- **Quality gate** ("unable to assess" only for unusable photos: too small, '
-            f"blurred, too dark, overexposed; each with its own advice): {pairs}."
+            f'- **Quality gate** ("unable to assess" only for unusable photos: {problems}; '
+            f"each with its own advice): {pairs}."
         )
         if isinstance(report, Mapping) and report.get("rule"):
             lines.append(f"  Rule: {report['rule']}")

@@ -1,4 +1,5 @@
-"""Photo-quality gate: too small, too blurry, too dark or overexposed → not assessed.
+"""Photo-quality gate: too small, too blurry, too dark, overexposed or without colour → not
+assessed.
 
 Only Pillow and NumPy are used, so the server imports this module without the training extras.
 The measures are taken on a grey (luma) copy squashed to a fixed working size, the way the
@@ -11,7 +12,8 @@ missing key switches that check off.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -25,6 +27,9 @@ CLIP_LEVEL = 250
 # borders) unless nearly all the photo is that dark (then it is the plain mean).
 SURROUND_LEVEL = 40
 MIN_LIT_FRACTION = 0.25
+# Colourfulness is this percentile of the lit pixels' chroma: the whole frame's mean called a
+# small coloured lesion on pale skin (ISIC_0009936) nearly grey.
+COLOUR_PERCENTILE = 99
 
 THRESHOLD_KEYS = (
     "min_side",
@@ -32,8 +37,11 @@ THRESHOLD_KEYS = (
     "min_brightness",
     "max_brightness",
     "max_clipped_fraction",
+    "min_colourfulness",
 )
-ISSUE_CODES = ("too_small", "too_blurry", "too_dark", "overexposed")
+# The integer fields of QualityMeasures; the rest are floats.
+SIZE_FIELDS = ("width", "height")
+ISSUE_CODES = ("too_small", "too_blurry", "too_dark", "overexposed", "no_colour")
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,11 @@ class QualityMeasures:
     ``SURROUND_LEVEL`` (the plain mean when fewer than ``MIN_LIT_FRACTION`` of them are), so
     the black surround of a contact dermatoscope does not make a well-lit lesion "too dark";
     ``dark_fraction`` and ``clipped_fraction`` the shares of working-size pixels with luma
-    <= 16 and >= 250.
+    <= 16 and >= 250; ``colourfulness`` the 99th percentile of the chroma, max(R, G, B) -
+    min(R, G, B) on 0..255, of the same lit pixels: the colour of the most colourful 1%, which
+    a small brown spot on pale skin has although the frame's mean is nearly grey (0 for a
+    black-and-white photo, in which the network, trained on colour, misses most malignant
+    lesions).
     """
 
     width: int
@@ -54,6 +66,7 @@ class QualityMeasures:
     brightness: float
     dark_fraction: float
     clipped_fraction: float
+    colourfulness: float
 
     @property
     def min_side(self) -> int:
@@ -63,6 +76,15 @@ class QualityMeasures:
     def as_dict(self) -> dict[str, float]:
         """Plain numbers (for logs, reports and JSON)."""
         return {k: float(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> QualityMeasures:
+        """Back from :meth:`as_dict` (extra keys, such as a report row's, are ignored)."""
+        return cls(
+            width=int(row["width"]),
+            height=int(row["height"]),
+            **{f.name: float(row[f.name]) for f in fields(cls) if f.name not in SIZE_FIELDS},
+        )
 
 
 @dataclass(frozen=True)
@@ -94,6 +116,11 @@ _TEXTS: dict[str, tuple[str, str]] = {
         "The photo is too bright or washed out: parts of it are pure white.",
         "Avoid direct sunlight and the flash; use even indirect light, such as near a window.",
     ),
+    "no_colour": (
+        "The photo is in black and white, so the colours of the spot cannot be judged.",
+        "Turn off any black-and-white or mono filter or effect and send the photo in colour, "
+        "taken in daylight or a well-lit room.",
+    ),
 }
 
 
@@ -113,27 +140,37 @@ def laplacian_variance(grey: np.ndarray) -> float:
     return float(lap.var())
 
 
-def _lit_mean(grey: np.ndarray) -> float:
+def _lit_mask(grey: np.ndarray) -> np.ndarray:
+    """The pixels brighter than the surround, or all of them when too few are."""
     lit = grey > SURROUND_LEVEL
-    count = int(np.count_nonzero(lit))
-    if count < MIN_LIT_FRACTION * grey.size:
-        return float(grey.mean())
-    return float(np.sum(grey, where=lit) / count)
+    if np.count_nonzero(lit) < MIN_LIT_FRACTION * grey.size:
+        return np.ones_like(lit)
+    return lit
+
+
+def _chroma(img: Image.Image) -> np.ndarray:
+    """max(R, G, B) - min(R, G, B) at the working size, 0..255 (0 everywhere for a grey mode)."""
+    if img.mode in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F", "LA"):
+        return np.zeros(WORK_SIZE[::-1], dtype=np.float64)
+    rgb = np.asarray(img.convert("RGB").resize(WORK_SIZE, Image.Resampling.BILINEAR))
+    return (rgb.max(axis=2) - rgb.min(axis=2)).astype(np.float64)
 
 
 def measure_quality(img: Image.Image) -> QualityMeasures:
     """Measure size, sharpness, brightness and clipping of one photo."""
     width, height = img.size
     if width == 0 or height == 0:
-        return QualityMeasures(width, height, 0.0, 0.0, 1.0, 0.0)
+        return QualityMeasures(width, height, 0.0, 0.0, 1.0, 0.0, 0.0)
     grey = _luma(img)
+    lit = _lit_mask(grey)
     return QualityMeasures(
         width=int(width),
         height=int(height),
         sharpness=laplacian_variance(grey),
-        brightness=_lit_mean(grey),
+        brightness=float(grey[lit].mean()),
         dark_fraction=float((grey <= DARK_LEVEL).mean()),
         clipped_fraction=float((grey >= CLIP_LEVEL).mean()),
+        colourfulness=float(np.percentile(_chroma(img)[lit], COLOUR_PERCENTILE)),
     )
 
 
@@ -142,9 +179,9 @@ def issues_from_measures(
 ) -> list[QualityIssue]:
     """The issues ``thresholds`` find in already-taken measures (empty list = usable).
 
-    Sharpness is not judged on a photo that is too dark or overexposed: the Laplacian of an
-    underexposed or blown-out photo is small whatever its focus, and "retake it in better
-    light" is the advice that helps.
+    Sharpness and colour are not judged on a photo that is too dark or overexposed: the
+    Laplacian and the chroma of an underexposed or blown-out photo are small whatever its focus
+    and colours, and "retake it in better light" is the advice that helps.
     """
     codes: list[str] = []
     if "min_side" in thresholds and measures.min_side < thresholds["min_side"]:
@@ -169,6 +206,12 @@ def issues_from_measures(
         and measures.sharpness < thresholds["min_sharpness"]
     ):
         codes.insert(1 if codes and codes[0] == "too_small" else 0, "too_blurry")
+    if (
+        not exposure_bad
+        and "min_colourfulness" in thresholds
+        and measures.colourfulness < thresholds["min_colourfulness"]
+    ):
+        codes.append("no_colour")
     return [QualityIssue(code, *_TEXTS[code]) for code in codes]
 
 

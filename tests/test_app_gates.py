@@ -19,13 +19,14 @@ from PIL import Image, ImageFilter
 IMAGES = Path(__file__).parent / "fixtures" / "images"
 PHOTO = IMAGES / "pad-ufes-20_nev_PAT_1107_427_352.jpg"
 # Lenient thresholds every fixture photo passes (their sharpness is 12..180, brightness
-# 76..164, no clipping), strict enough that a degraded copy fails.
+# 76..164, no clipping, colourfulness well above 3), strict enough that a degraded copy fails.
 QUALITY = {
     "min_side": 64,
     "min_sharpness": 5.0,
     "min_brightness": 30.0,
     "max_brightness": 235.0,
     "max_clipped_fraction": 0.5,
+    "min_colourfulness": 3.0,
 }
 
 
@@ -90,6 +91,7 @@ def test_quality_gate_refuses_a_too_small_photo(quality_server: Any) -> None:
             lambda img: img.resize((24, 24)).resize(img.size, Image.Resampling.BILINEAR),
             "too_blurry",
         ),
+        (lambda img: img.convert("L"), "no_colour"),
     ],
 )
 def test_quality_gate_names_what_is_wrong(

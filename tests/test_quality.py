@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageEnhance, ImageFilter
 
 from model_training.preprocessing import load_image_file
 from model_training.quality import (
@@ -29,6 +30,7 @@ REASONABLE = {
     "min_brightness": 70.0,
     "max_brightness": 225.0,
     "max_clipped_fraction": 0.1,
+    "min_colourfulness": 4.0,
 }
 
 
@@ -49,6 +51,30 @@ def phone() -> Image.Image:
 @pytest.mark.parametrize("path", LESIONS, ids=[p.stem for p in LESIONS])
 def test_real_lesion_photos_pass(path: Path) -> None:
     assert codes(load_image_file(path)) == []
+
+
+@pytest.mark.parametrize(
+    "drain",
+    [
+        lambda img: img.convert("L").convert("RGB"),  # a black-and-white filter, as RGB
+        lambda img: img.convert("L"),  # a true grey-mode file
+        lambda img: ImageEnhance.Color(img).enhance(0.03),  # all but a trace of colour gone
+    ],
+    ids=["grey-rgb", "grey-mode", "desaturated"],
+)
+def test_black_and_white_copy_is_flagged(phone: Image.Image, drain: Any) -> None:
+    assert measure_quality(phone).colourfulness > 20
+    assert codes(drain(phone)) == ["no_colour"]
+
+
+@pytest.mark.parametrize("path", LESIONS, ids=[p.stem for p in LESIONS])
+def test_muted_colours_are_not_black_and_white(path: Path) -> None:
+    """Half the saturation (pale skin, cool light) is still a colour photo."""
+    assert codes(ImageEnhance.Color(load_image_file(path)).enhance(0.5)) == []
+
+
+def test_colour_is_not_judged_in_a_photo_too_dark_to_show_it(phone: Image.Image) -> None:
+    assert codes(scaled(phone.convert("L").convert("RGB"), 0.15)) == ["too_dark"]
 
 
 def test_sharp_image_measures_sharper_than_its_blurred_copy(phone: Image.Image) -> None:
@@ -152,6 +178,7 @@ def test_threshold_rule_keeps_real_images_and_rejects_degraded_copies(phone: Ima
         "blurred": lambda m: m.sharpness < base.sharpness / 2,
         "dark": lambda m: m.brightness < base.brightness * 0.31,
         "overexposed": lambda m: m.clipped_fraction > base.clipped_fraction + 0.2,
+        "monochrome": lambda m: m.colourfulness < base.colourfulness * 0.05 + 1.0,  # rounding
     }.items():
         copy, _ = degrade(phone, kind, np.random.default_rng(1))
         assert check(measure_quality(copy)), kind
@@ -186,3 +213,28 @@ def test_brightness_leaves_out_a_black_surround() -> None:
     )
     assert measure_quality(rim).dark_fraction > 0.2
     assert measure_quality(scaled(img, 0.1)).brightness < 15
+    # The colourfulness too is the lit photo's: the rim's black is not "no colour".
+    assert measure_quality(rim).colourfulness == pytest.approx(50.0, abs=1.0)
+    # ... and a small coloured spot on grey-white skin is colour (ISIC_0009936, mean chroma 4).
+    spot = Image.new("RGB", (200, 200), (200, 199, 198))
+    spot.paste((150, 90, 60), (88, 88, 112, 112))  # 1.4% of the frame
+    assert codes(spot, {"min_colourfulness": REASONABLE["min_colourfulness"]}) == []
+    assert measure_quality(spot).colourfulness > 50
+
+
+def test_fit_quality_keeps_the_real_photos_and_refuses_their_degraded_copies() -> None:
+    """The whole fitting routine on the fixture photos (real images of all three sets): every
+    check gets a threshold, no real photo is refused, and each kind of degraded copy is refused
+    for its own reason, black-and-white ones included."""
+    import pandas as pd
+
+    from model_training.gates.quality_fit import EXPECTED_CODE, QUALITY_CHECKS, fit_quality
+
+    frame = pd.DataFrame(
+        {"path": [str(p) for p in LESIONS], "dataset": [p.name.split("_")[0] for p in LESIONS]}
+    )
+    thresholds, report = fit_quality(frame, frame, degrade_per_set=10, keep=0.99, seed=3)
+    assert set(thresholds) == set(QUALITY_CHECKS) == set(THRESHOLD_KEYS)
+    assert report["validation"]["real"]["rejected_pooled"] == 0.0
+    for kind, rates in report["validation"]["degraded"].items():
+        assert rates["rejected_for_expected_reason"] == 1.0, (kind, EXPECTED_CODE[kind])

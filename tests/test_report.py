@@ -175,3 +175,14 @@ def test_isic_challenge_score_missing_package(
     with caplog.at_level(logging.WARNING):
         assert isic_challenge_score([0, 1], [0.1, 0.9], ["a", "b"]) is None
     assert "isic-challenge-scoring" in caplog.text
+
+
+def test_card_names_only_the_quality_checks_the_artifact_has() -> None:
+    from model_training.card_inputs import section_gates
+
+    old = {"quality": {"min_side": 85.0, "max_brightness": 231.9, "max_clipped_fraction": 0.2}}
+    [line] = [x for x in section_gates(old, None) if "Quality gate" in x]
+    assert "too small, overexposed;" in line and "black and white" not in line
+    new = {"quality": {**old["quality"], "min_colourfulness": 10.5}}
+    [line] = [x for x in section_gates(new, None) if "Quality gate" in x]
+    assert "too small, overexposed, in black and white;" in line

@@ -26,11 +26,7 @@ from model_training.skin import SkinGate
 def _quality_refused(frame: Any, thresholds: Mapping[str, float]) -> np.ndarray:
     out = []
     for r in frame.to_dict("records"):
-        m = QualityMeasures(
-            int(r["width"]), int(r["height"]), float(r["sharpness"]), float(r["brightness"]),
-            float(r["dark_fraction"]), float(r["clipped_fraction"]),
-        )  # fmt: skip
-        out.append(bool(issues_from_measures(m, thresholds)))
+        out.append(bool(issues_from_measures(QualityMeasures.from_dict(r), thresholds)))
     return np.asarray(out, dtype=bool)
 
 

@@ -1,14 +1,15 @@
 """Fit the photo-quality gate (``model_training.quality``) on real and degraded images.
 
 Every training image of each set is measured, with one deliberately degraded copy per kind
-(shrunk to a thumbnail, Gaussian-blurred, darkened, overexposed; made in memory, seeded
-severity from a fixed range) of a sample of them. Each threshold is the max-margin one between
-the strictest value that still keeps >= 99.8 % of the real images of every set (so the five
-checks together keep >= 99 %) and the nearest degraded copy on the wrong side of it. The rates
-are then measured on the validation images, their degraded copies and their artefact copies
-(hair, ink, ruler, vignette, dermatoscope rim: never a reason to refuse), which the choice
-never saw. A sample of validation images also goes through the model with and without each
-degradation, to show that the copies the gate refuses are ones whose answer does change.
+(shrunk to a thumbnail, Gaussian-blurred, darkened, overexposed, drained of colour; made in
+memory, seeded severity from a fixed range) of a sample of them. Each threshold is the
+max-margin one between the strictest value that still keeps >= 99.83 % of the real images of
+every set (so the six checks together keep >= 99 %) and the nearest degraded copy on the wrong
+side of it. The rates are then measured on the validation images, their degraded copies and
+their artefact copies (hair, ink, ruler, vignette, dermatoscope rim: never a reason to refuse),
+which the choice never saw. A sample of validation images also goes through the model with and
+without each degradation, to show that the copies the gate refuses are ones whose answer does
+change.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageFilter
+from PIL import Image, ImageEnhance, ImageFilter
 
 from model_training.artefacts import ARTEFACTS, with_artefact
 from model_training.gates.features import FeatureStore, stable_seed
@@ -34,6 +35,8 @@ DEGRADATIONS: dict[str, tuple[str, float, float]] = {
     "blurred": ("Gaussian radius as a fraction of the shorter side", 0.012, 0.03),
     "dark": ("brightness factor", 0.08, 0.3),
     "overexposed": ("brightness gain, then clipped at 255", 1.8, 3.0),
+    # A black-and-white filter or mode, or a photo of a grey print (0: fully grey).
+    "monochrome": ("share of the colour saturation kept", 0.0, 0.05),
 }
 # Which degraded kind each threshold is set against, and its direction and scale.
 QUALITY_CHECKS: dict[str, tuple[str, str, str, str]] = {
@@ -43,12 +46,14 @@ QUALITY_CHECKS: dict[str, tuple[str, str, str, str]] = {
     "min_brightness": ("brightness", "dark", "min", "arithmetic"),
     "max_brightness": ("brightness", "overexposed", "max", "arithmetic"),
     "max_clipped_fraction": ("clipped_fraction", "overexposed", "max", "arithmetic"),
+    "min_colourfulness": ("colourfulness", "monochrome", "min", "arithmetic"),
 }
 EXPECTED_CODE = {
     "tiny": "too_small",
     "blurred": "too_blurry",
     "dark": "too_dark",
     "overexposed": "overexposed",
+    "monochrome": "no_colour",
 }
 ROUNDING = {
     "min_side": 0,
@@ -56,6 +61,7 @@ ROUNDING = {
     "min_brightness": 1,
     "max_brightness": 1,
     "max_clipped_fraction": 4,
+    "min_colourfulness": 1,
 }
 # Detector variants compared on the "choice" non-lesion photos: (group by, tied, components);
 
@@ -75,6 +81,8 @@ def degrade(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Imag
     if kind in ("dark", "overexposed"):
         arr = np.asarray(img, dtype=np.float32) * value
         return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8)), value
+    if kind == "monochrome":
+        return ImageEnhance.Color(img).enhance(value), value
     raise ValueError(f"unknown degradation {kind!r}")
 
 
@@ -147,14 +155,7 @@ def measure_images(
 
 
 def _issues(row: Mapping[str, Any], thresholds: Mapping[str, float]) -> list[str]:
-    measures = QualityMeasures(
-        width=int(row["width"]),
-        height=int(row["height"]),
-        sharpness=float(row["sharpness"]),
-        brightness=float(row["brightness"]),
-        dark_fraction=float(row["dark_fraction"]),
-        clipped_fraction=float(row["clipped_fraction"]),
-    )
+    measures = QualityMeasures.from_dict(row)
     return [issue.code for issue in issues_from_measures(measures, thresholds)]
 
 
@@ -263,6 +264,8 @@ def fit_quality(
             "sharpness": "variance of the 4-neighbour Laplacian of the luma at 256x256",
             "brightness": "mean luma 0..255 at 256x256",
             "clipped_fraction": "share of 256x256 luma pixels >= 250",
+            "colourfulness": "99th percentile of max(R, G, B) - min(R, G, B) at 256x256 over "
+            "the pixels the brightness is the mean of",
         },
         "degradations": {
             kind: {"parameter": p, "low": lo, "high": hi}
@@ -273,7 +276,7 @@ def fit_quality(
         "validation": _gate_rates(val_real, val_degraded),
         "quantiles_choice_real": {
             m: {f"q{q:g}": float(real[m].quantile(q / 100)) for q in (0, 0.2, 1, 50, 99, 99.8, 100)}
-            for m in ("min_side", "sharpness", "brightness", "clipped_fraction")
+            for m in ("min_side", "sharpness", "brightness", "clipped_fraction", "colourfulness")
         },
     }
     return thresholds, report
