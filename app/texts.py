@@ -101,6 +101,7 @@ HEATMAP_TEXTS: dict[str, dict[str, str]] = {
 PHOTO_TIPS: tuple[str, ...] = (
     "Hold the camera about 10 cm from the skin; tap the screen to focus.",
     "Use good, even daylight; avoid the flash (its glare hides detail).",
+    "Send the photo in colour: no black-and-white or other filters.",
     "Put the spot in the centre and let it fill most of the frame.",
     "Keep hair, clothing and shadows off the spot.",
     "One spot per photo.",

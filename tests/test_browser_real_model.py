@@ -31,6 +31,7 @@ PHONE = {"width": 390, "height": 844}
 TIMEOUT_MS = 120_000  # the full InceptionV3 plus its heat map on a couple of CPU cores
 PERCENT = re.compile(r"(less than 1%|more than 99%|\b\d{1,2}%)")
 TOO_DARK = "The photo is too dark to see the colours of the spot."
+NO_COLOUR = "The photo is in black and white, so the colours of the spot cannot be judged."
 
 pytestmark = [
     pytest.mark.slow,
@@ -60,14 +61,16 @@ def shipped(server_factory: Callable[..., AbstractContextManager[Any]]) -> Itera
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The lesion's far too dark copy (pixels x 0.1), as a JPEG."""
+    """The lesion's far too dark copy (pixels x 0.1) and its black-and-white copy, as JPEGs."""
     from PIL import Image
 
     folder = tmp_path_factory.mktemp("browser-photos")
     pixels = np.asarray(Image.open(LESION).convert("RGB"), dtype=np.float64)
     dark = folder / "dark-mole.jpg"
     Image.fromarray((pixels * 0.1).round().astype(np.uint8)).save(dark, quality=95)
-    return {"dark": dark}
+    grey = folder / "black-and-white-mole.jpg"
+    Image.open(LESION).convert("L").convert("RGB").save(grey, quality=95)
+    return {"dark": dark, "black_and_white": grey}
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +246,21 @@ def test_real_too_dark_photo(
         "a photo far too dark to judge was assessed: " + _shown(phone)
     )
     _assert_not_assessed(phone, HEADLINES["unable_to_assess"], TOO_DARK)
+    _assert_fits_phone(phone)
+
+
+def test_real_black_and_white_photo(
+    phone: Any, shipped: Any, metadata: dict[str, Any], photos: dict[str, Path], screenshot: Shot
+) -> None:
+    """The lesion through a black-and-white filter: unable to assess, because the model misses
+    most malignant lesions without their colours (README, "Photo-quality gate")."""
+    assert "min_colourfulness" in metadata["quality"], "the shipped model does not check colour"
+    card = _upload(phone, shipped.base_url, photos["black_and_white"])
+    screenshot(phone, "real-black-and-white.png")
+    assert "status-unable_to_assess" in (card.get_attribute("class") or ""), (
+        "a black-and-white photo was assessed: " + _shown(phone)
+    )
+    _assert_not_assessed(phone, HEADLINES["unable_to_assess"], NO_COLOUR)
     _assert_fits_phone(phone)
 
 
