@@ -235,32 +235,34 @@ def test_real_non_lesion_photo(
     _assert_fits_phone(phone)
 
 
-def test_real_too_dark_photo(
-    phone: Any, shipped: Any, metadata: dict[str, Any], photos: dict[str, Path], screenshot: Shot
+@pytest.mark.parametrize(
+    ("photo", "check", "message"),
+    [
+        # At a tenth of its brightness.
+        ("dark", "min_brightness", TOO_DARK),
+        # Through a black-and-white filter: the model misses most malignant lesions without
+        # their colours (README, "Photo-quality gate").
+        ("black_and_white", "min_colourfulness", NO_COLOUR),
+    ],
+)
+def test_real_unusable_photo(
+    phone: Any,
+    shipped: Any,
+    metadata: dict[str, Any],
+    photos: dict[str, Path],
+    screenshot: Shot,
+    photo: str,
+    check: str,
+    message: str,
 ) -> None:
-    """The lesion photo at a tenth of its brightness: unable to assess, because too dark."""
-    assert "quality" in metadata, "the shipped model has no photo-quality gate"
-    card = _upload(phone, shipped.base_url, photos["dark"])
-    screenshot(phone, "real-too-dark.png")
+    """The lesion photo made unusable: unable to assess, with the reason and its advice."""
+    assert check in metadata.get("quality", {}), f"the shipped quality gate has no {check}"
+    card = _upload(phone, shipped.base_url, photos[photo])
+    screenshot(phone, f"real-{photo.replace('_', '-')}.png")
     assert "status-unable_to_assess" in (card.get_attribute("class") or ""), (
-        "a photo far too dark to judge was assessed: " + _shown(phone)
+        f"a {photo} photo was assessed: " + _shown(phone)
     )
-    _assert_not_assessed(phone, HEADLINES["unable_to_assess"], TOO_DARK)
-    _assert_fits_phone(phone)
-
-
-def test_real_black_and_white_photo(
-    phone: Any, shipped: Any, metadata: dict[str, Any], photos: dict[str, Path], screenshot: Shot
-) -> None:
-    """The lesion through a black-and-white filter: unable to assess, because the model misses
-    most malignant lesions without their colours (README, "Photo-quality gate")."""
-    assert "min_colourfulness" in metadata["quality"], "the shipped model does not check colour"
-    card = _upload(phone, shipped.base_url, photos["black_and_white"])
-    screenshot(phone, "real-black-and-white.png")
-    assert "status-unable_to_assess" in (card.get_attribute("class") or ""), (
-        "a black-and-white photo was assessed: " + _shown(phone)
-    )
-    _assert_not_assessed(phone, HEADLINES["unable_to_assess"], NO_COLOUR)
+    _assert_not_assessed(phone, HEADLINES["unable_to_assess"], message)
     _assert_fits_phone(phone)
 
 
