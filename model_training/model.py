@@ -187,14 +187,20 @@ def training_model(
     seed: int | None = None,
     device_augment: bool = False,
     teachers: Sequence[keras.Model] = (),
+    saturation: float = 0.2,
+    channel_gain: float = 0.06,
 ) -> keras.Model:
     """Wrap the classifier with augmentation; takes uint8 crops (4x less host→device traffic).
-    ``device_augment`` adds DermAugment's source-shift part (the ``domain`` recipe). With
+    ``device_augment`` adds DermAugment's source-shift part (the ``domain`` recipe);
+    ``saturation`` and ``channel_gain`` are its colour jitter's spreads. With
     ``teachers`` (frozen networks, ``model_training.distil``) they score the same augmented
     view, and a ``distil`` output pairs the student's logit with their mean logit."""
     size = classifier.input_shape[1:3]
     crops = keras.Input((*size, 3), dtype="uint8", name="crops")
-    augment = DermAugment(seed=seed, domain=device_augment, name="augment")
+    augment = DermAugment(
+        saturation=saturation, channel_gain=channel_gain, seed=seed, domain=device_augment,
+        name="augment",
+    )  # fmt: skip
     view = augment(crops)
     outputs = classifier(view)
     if teachers:

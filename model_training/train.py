@@ -60,6 +60,11 @@ class TrainConfig:
     # >0: that share of dermoscopy views made to look like phone close-ups (augment.phone_view;
     # with augment "domain", the "clinical" recipe)
     phone_view: float = 0.0
+    # DermAugment's colour jitter, each a factor drawn from 1 +- the value: saturation (0.6:
+    # 40% to 160%, as muted and vivid phone photos come, docs/quality/photo_changes.txt) and
+    # per-channel gain (white balance: warm or cool light)
+    saturation_jitter: float = 0.2
+    channel_gain_jitter: float = 0.06
     # diagnoses left out of training (scored as usual): where sources disagree on the label,
     # as on actinic keratoses (HAM10000 "akiec": malignant; PAD-UFES-20 "ACK": benign)
     ignore_diagnoses: tuple[str, ...] = ()
@@ -309,8 +314,9 @@ def fit_finetune(
         trained = with_diagnosis_head(classifier, len(DIAGNOSIS_CLASSES))
     frozen = [frozen_teacher(values, config.input_size, i) for i, values in enumerate(teachers)]
     model = training_model(
-        trained, seed=config.seed, device_augment=config.augment == "domain", teachers=frozen
-    )
+        trained, seed=config.seed, device_augment=config.augment == "domain", teachers=frozen,
+        saturation=config.saturation_jitter, channel_gain=config.channel_gain_jitter,
+    )  # fmt: skip
     losses = (config.label_smoothing, config.aux_diagnosis, config.distil_weight,
               config.distil_temperature)  # fmt: skip
     history: dict[str, list[Any]] = {}

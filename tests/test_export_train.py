@@ -225,6 +225,30 @@ def test_derm_augment_identity_at_inference_changes_in_training(size: tuple[int,
     assert not np.array_equal(again, out)  # fresh randomness per call
 
 
+def test_colour_jitter_spreads_are_the_recipes() -> None:
+    """Saturation is scaled by a factor from 1 +- the spread: 0.8-1.2 by default, 0.4-1.6 with
+    the strong colour recipe (muted and vivid phone photos); the training wrapper passes the
+    spreads on."""
+    batch = fixture_batch((32, 32))
+
+    def chroma(x: np.ndarray) -> np.ndarray:  # flip- and transpose-invariant per image
+        return np.abs(x - x.mean(axis=3, keepdims=True)).sum(axis=(1, 2, 3))
+
+    def factors(spread: float) -> np.ndarray:
+        layer = DermAugment(brightness=0, contrast=0, saturation=spread, channel_gain=0, seed=1)
+        views = [np.asarray(layer(batch, training=True)) for _ in range(25)]
+        return np.concatenate([chroma(v) / chroma(batch) for v in views])
+
+    default, strong = factors(0.2), factors(0.6)
+    assert default.min() >= 0.79 and default.max() <= 1.21
+    assert strong.min() < 0.5 and strong.max() > 1.4
+    wrapper = training_model(
+        build_tiny_classifier(TINY_INPUT), seed=0, saturation=0.6, channel_gain=0.15
+    )
+    layer = wrapper.get_layer("augment")
+    assert (layer.saturation, layer.channel_gain) == (0.6, 0.15)
+
+
 def test_training_model_takes_uint8_and_is_the_classifier_at_inference() -> None:
     """The training wrapper accepts uint8 crops; without training it equals the classifier."""
     classifier = build_tiny_classifier(TINY_INPUT)
