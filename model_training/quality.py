@@ -157,7 +157,7 @@ def _chroma(img: Image.Image) -> np.ndarray:
 
 
 def measure_quality(img: Image.Image) -> QualityMeasures:
-    """Measure size, sharpness, brightness and clipping of one photo."""
+    """Measure size, sharpness, brightness, clipping and colourfulness of one photo."""
     width, height = img.size
     if width == 0 or height == 0:
         return QualityMeasures(width, height, 0.0, 0.0, 1.0, 0.0, 0.0)
