@@ -149,11 +149,14 @@ def _lit_mask(grey: np.ndarray) -> np.ndarray:
 
 
 def _chroma(img: Image.Image) -> np.ndarray:
-    """max(R, G, B) - min(R, G, B) at the working size, 0..255 (0 everywhere for a grey mode)."""
+    """max(R, G, B) - min(R, G, B) at the working size, uint8 (0 everywhere for a grey mode)."""
     if img.mode in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F", "LA"):
-        return np.zeros(WORK_SIZE[::-1], dtype=np.float64)
-    rgb = np.asarray(img.convert("RGB").resize(WORK_SIZE, Image.Resampling.BILINEAR))
-    return (rgb.max(axis=2) - rgb.min(axis=2)).astype(np.float64)
+        return np.zeros(WORK_SIZE[::-1], dtype=np.uint8)
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    small = np.asarray(rgb.resize(WORK_SIZE, Image.Resampling.BILINEAR))
+    # Channel by channel: a reduction over the last axis of length 3 is 30x slower.
+    r, g, b = small[..., 0], small[..., 1], small[..., 2]
+    return np.asarray(np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b))
 
 
 def measure_quality(img: Image.Image) -> QualityMeasures:
