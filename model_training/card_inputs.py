@@ -141,6 +141,13 @@ def section_gates(metadata: Mapping[str, Any], gates: Mapping[str, Any] | None) 
         )
         if isinstance(report, Mapping) and report.get("rule"):
             lines.append(f"  Rule: {report['rule']}")
+        loso = report.get("leave_one_source_out_real_rejected") if report else None
+        if isinstance(loso, Mapping) and loso:
+            shares = ", ".join(f"{k} {float(v):.2%}" for k, v in sorted(loso.items()))
+            lines.append(
+                "  Leave-one-source-out (thresholds chosen without a source, its real training "
+                f"photos then refused): {shares}."
+            )
     else:
         lines.append("- **Quality gate**: off.")
     ood = metadata.get("ood")

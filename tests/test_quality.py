@@ -238,3 +238,38 @@ def test_fit_quality_keeps_the_real_photos_and_refuses_their_degraded_copies() -
     assert report["validation"]["real"]["rejected_pooled"] == 0.0
     for kind, rates in report["validation"]["degraded"].items():
         assert rates["rejected_for_expected_reason"] == 1.0, (kind, EXPECTED_CODE[kind])
+    loso = report["leave_one_source_out"]
+    assert set(loso) == set(frame["dataset"])
+    assert {s: v["n"] for s, v in loso.items()} == frame["dataset"].value_counts().to_dict()
+
+
+def test_leave_one_source_out_shows_what_a_new_source_would_meet() -> None:
+    """A source whose photos are less colourful than the others' is safe when the threshold
+    sees it, and partly refused when it is left out of the choice: what LOSO is there to show."""
+    import pandas as pd
+
+    from model_training.gates.quality_fit import leave_one_source_out
+
+    rng = np.random.default_rng(0)
+    usable = {"width": 800, "height": 600, "min_side": 600, "sharpness": 100.0, "brightness": 128.0}
+    usable |= {"dark_fraction": 0.0, "clipped_fraction": 0.0}
+    spans = {"a": (50, 100), "b": (50, 100), "muted": (15, 60)}
+    real = pd.DataFrame(
+        [
+            {"dataset": s, **usable, "colourfulness": rng.uniform(*span)}
+            for s, span in spans.items()
+            for _ in range(300)
+        ]
+    )
+    degraded = pd.DataFrame(
+        [
+            {"dataset": s, "kind": "monochrome", **usable, "colourfulness": rng.uniform(0, 5)}
+            for s in spans
+            for _ in range(50)
+        ]
+    )
+    loso = leave_one_source_out(real, degraded, keep_per_check=0.998)
+    assert loso["a"]["refused"] == loso["b"]["refused"] == 0.0
+    assert loso["muted"]["n"] == 300 and loso["muted"]["refused"] > 0.1
+    assert set(loso["muted"]["reasons"]) == {"no_colour"}
+    assert loso["muted"]["thresholds"]["min_colourfulness"] > 20

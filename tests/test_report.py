@@ -183,6 +183,12 @@ def test_card_names_only_the_quality_checks_the_artifact_has() -> None:
     old = {"quality": {"min_side": 85.0, "max_brightness": 231.9, "max_clipped_fraction": 0.2}}
     [line] = [x for x in section_gates(old, None) if "Quality gate" in x]
     assert "too small, overexposed;" in line and "black and white" not in line
-    new = {"quality": {**old["quality"], "min_colourfulness": 10.5}}
-    [line] = [x for x in section_gates(new, None) if "Quality gate" in x]
+    new = {
+        "quality": {**old["quality"], "min_colourfulness": 10.5},
+        "quality_report": {"leave_one_source_out_real_rejected": {"b": 0.0031, "a": 0.0}},
+    }
+    lines = section_gates(new, None)
+    [line] = [x for x in lines if "Quality gate" in x]
     assert "too small, overexposed, in black and white;" in line
+    [loso] = [x for x in lines if "Leave-one-source-out (thresholds" in x]
+    assert loso.endswith("a 0.00%, b 0.31%.")

@@ -192,6 +192,44 @@ def _gate_rates(real: pd.DataFrame, degraded: pd.DataFrame) -> dict[str, Any]:
     }
 
 
+def choose_thresholds(
+    real: pd.DataFrame, degraded: pd.DataFrame, keep_per_check: float
+) -> dict[str, tuple[float, dict[str, float]]]:
+    """Each check's rounded threshold and what :func:`choose_quality_threshold` picked, from
+    the measures of real photos (by set) and of degraded copies (by kind)."""
+    out: dict[str, tuple[float, dict[str, float]]] = {}
+    for key, (measure, kind, direction, scale) in QUALITY_CHECKS.items():
+        by_set = {str(s): part[measure].to_numpy() for s, part in real.groupby("dataset")}
+        values = degraded.loc[degraded["kind"] == kind, measure].to_numpy()
+        picked = choose_quality_threshold(by_set, values, keep_per_check, direction, scale)
+        value = round(picked["threshold"], ROUNDING[key])
+        if key == "min_side":
+            value = float(math.ceil(picked["threshold"]))
+        out[key] = (value, picked)
+    return out
+
+
+def leave_one_source_out(
+    real: pd.DataFrame, degraded: pd.DataFrame, keep_per_check: float
+) -> dict[str, Any]:
+    """Each set in turn left out of the choice: the thresholds chosen on the other sets' real
+    photos and degraded copies, and the share of the left-out set's real photos that the
+    whole gate then refuses, with the reasons: how a new camera or clinic would fare."""
+    out: dict[str, Any] = {}
+    for held in sorted(str(s) for s in real["dataset"].unique()):
+        keep_real, keep_deg = real["dataset"] != held, degraded["dataset"] != held
+        chosen = choose_thresholds(real[keep_real], degraded[keep_deg], keep_per_check)
+        thresholds = {key: value for key, (value, _) in chosen.items()}
+        issues = [_issues(r, thresholds) for r in real[~keep_real].to_dict("records")]
+        out[held] = {
+            "n": len(issues),
+            "refused": _rate(np.asarray([bool(i) for i in issues])),
+            "reasons": _count_codes(pd.Series(issues, dtype=object)),
+            "thresholds": thresholds,
+        }
+    return out
+
+
 def fit_quality(
     choice: pd.DataFrame,
     held_out: pd.DataFrame,
@@ -217,16 +255,13 @@ def fit_quality(
         held_out, np.ones(len(held_out), dtype=bool), seed, "quality (validation)"
     )
 
-    thresholds: dict[str, float] = {}
+    chosen = choose_thresholds(real, degraded, keep_per_check)
+    thresholds = {key: value for key, (value, _) in chosen.items()}
     per_check: dict[str, Any] = {}
     for key, (measure, kind, direction, scale) in QUALITY_CHECKS.items():
         by_set = {str(s): part[measure].to_numpy() for s, part in real.groupby("dataset")}
         values = degraded.loc[degraded["kind"] == kind, measure].to_numpy()
-        picked = choose_quality_threshold(by_set, values, keep_per_check, direction, scale)
-        value = round(picked["threshold"], ROUNDING[key])
-        if key == "min_side":
-            value = float(math.ceil(picked["threshold"]))
-        thresholds[key] = value
+        value, picked = chosen[key]
 
         def reject(v: np.ndarray, t: float = value, d: str = direction) -> np.ndarray:
             return np.asarray(v < t if d == "min" else v > t)
@@ -272,6 +307,7 @@ def fit_quality(
             for kind, (p, lo, hi) in DEGRADATIONS.items()
         },
         "checks": per_check,
+        "leave_one_source_out": leave_one_source_out(real, degraded, keep_per_check),
         "choice": _gate_rates(real, degraded),
         "validation": _gate_rates(val_real, val_degraded),
         "quantiles_choice_real": {

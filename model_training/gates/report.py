@@ -53,6 +53,10 @@ def metadata_blocks(
                     k: v["rejected"] for k, v in q["validation"]["degraded"].items()
                 },
                 "choice_real_rejected": q["choice"]["real"]["rejected_by_set"],
+                # Each set's real photos refused when its photos were left out of the choice.
+                "leave_one_source_out_real_rejected": {
+                    k: v["refused"] for k, v in q.get("leave_one_source_out", {}).items()
+                },
             },
             "ood": {
                 "file": SKIN_FILE,
@@ -151,6 +155,8 @@ def summary(report: Mapping[str, Any]) -> str:
         + _pct(q["validation"]["real"]["rejected_by_set"]),
         "  degraded validation copies refused: "
         + _pct({k: v["rejected"] for k, v in q["validation"]["degraded"].items()}),
+        "  leave-one-source-out real photos refused: "
+        + _pct({k: v["refused"] for k, v in q.get("leave_one_source_out", {}).items()}),
         f"skin gate: serve output {s['embedding_output']!r}, transform {s['transform']}, "
         f"C {s.get('cost', 0.5):g}, threshold {s['threshold']:.3f}",
         "  leave-one-source-out lesions refused: "
