@@ -192,6 +192,14 @@ def _gate_rates(real: pd.DataFrame, degraded: pd.DataFrame) -> dict[str, Any]:
     }
 
 
+def check_values(
+    real: pd.DataFrame, degraded: pd.DataFrame, measure: str, kind: str
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One check's measure on the real photos, by set, and on the degraded copies of ``kind``."""
+    by_set = {str(s): part[measure].to_numpy() for s, part in real.groupby("dataset")}
+    return by_set, degraded.loc[degraded["kind"] == kind, measure].to_numpy()
+
+
 def choose_thresholds(
     real: pd.DataFrame, degraded: pd.DataFrame, keep_per_check: float
 ) -> dict[str, tuple[float, dict[str, float]]]:
@@ -199,8 +207,7 @@ def choose_thresholds(
     the measures of real photos (by set) and of degraded copies (by kind)."""
     out: dict[str, tuple[float, dict[str, float]]] = {}
     for key, (measure, kind, direction, scale) in QUALITY_CHECKS.items():
-        by_set = {str(s): part[measure].to_numpy() for s, part in real.groupby("dataset")}
-        values = degraded.loc[degraded["kind"] == kind, measure].to_numpy()
+        by_set, values = check_values(real, degraded, measure, kind)
         picked = choose_quality_threshold(by_set, values, keep_per_check, direction, scale)
         value = round(picked["threshold"], ROUNDING[key])
         if key == "min_side":
@@ -259,14 +266,13 @@ def fit_quality(
     thresholds = {key: value for key, (value, _) in chosen.items()}
     per_check: dict[str, Any] = {}
     for key, (measure, kind, direction, scale) in QUALITY_CHECKS.items():
-        by_set = {str(s): part[measure].to_numpy() for s, part in real.groupby("dataset")}
-        values = degraded.loc[degraded["kind"] == kind, measure].to_numpy()
+        by_set, values = check_values(real, degraded, measure, kind)
+        val_by_set, val_values = check_values(val_real, val_degraded, measure, kind)
         value, picked = chosen[key]
 
         def reject(v: np.ndarray, t: float = value, d: str = direction) -> np.ndarray:
             return np.asarray(v < t if d == "min" else v > t)
 
-        val_values = val_degraded.loc[val_degraded["kind"] == kind, measure].to_numpy()
         per_check[key] = {
             "measure": measure,
             "against": kind,
@@ -276,9 +282,7 @@ def fit_quality(
             "nearest_degraded": picked["edge"],
             "choice_real_rejected_by_set": {s: _rate(reject(v)) for s, v in by_set.items()},
             "choice_degraded_rejected": _rate(reject(values)),
-            "validation_real_rejected_by_set": {
-                str(s): _rate(reject(p[measure].to_numpy())) for s, p in val_real.groupby("dataset")
-            },
+            "validation_real_rejected_by_set": {s: _rate(reject(v)) for s, v in val_by_set.items()},
             "validation_degraded_rejected": _rate(reject(val_values)),
         }
 
