@@ -19,6 +19,9 @@ from model_training.inception import LAST_BLOCK, inception_features, load_imagen
 INPUT_SIZE = (299, 299)
 HEAD_LAYERS = ("embedding", "dropout", "logit")
 DISTIL_OUTPUT = "distil"  # training only: [student logit, teachers' mean logit]
+# DermAugment's default colour-jitter spreads (factors drawn from 1 +- these).
+SATURATION_JITTER = 0.2
+CHANNEL_GAIN_JITTER = 0.06
 
 
 def scaling_layer() -> layers.Layer:
@@ -85,8 +88,8 @@ class DermAugment(layers.Layer):
         self,
         brightness: float = 0.15,
         contrast: float = 0.2,
-        saturation: float = 0.2,
-        channel_gain: float = 0.06,
+        saturation: float = SATURATION_JITTER,
+        channel_gain: float = CHANNEL_GAIN_JITTER,
         seed: int | None = None,
         domain: bool = False,
         **kwargs: Any,
@@ -187,8 +190,8 @@ def training_model(
     seed: int | None = None,
     device_augment: bool = False,
     teachers: Sequence[keras.Model] = (),
-    saturation: float = 0.2,
-    channel_gain: float = 0.06,
+    saturation: float = SATURATION_JITTER,
+    channel_gain: float = CHANNEL_GAIN_JITTER,
 ) -> keras.Model:
     """Wrap the classifier with augmentation; takes uint8 crops (4x less host→device traffic).
     ``device_augment`` adds DermAugment's source-shift part (the ``domain`` recipe);

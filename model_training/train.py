@@ -24,8 +24,10 @@ from model_training.crops import CropBatches
 from model_training.data import DIAGNOSIS_CLASSES, class_weights, diagnosis_codes
 from model_training.distil import DistillationLoss, assign_weights, frozen_teacher
 from model_training.model import (
+    CHANNEL_GAIN_JITTER,
     DISTIL_OUTPUT,
     INPUT_SIZE,
+    SATURATION_JITTER,
     build_classifier,
     set_trunk_trainable,
     training_model,
@@ -63,8 +65,8 @@ class TrainConfig:
     # DermAugment's colour jitter, each a factor drawn from 1 +- the value: saturation (0.6:
     # 40% to 160%, as muted and vivid phone photos come, docs/quality/photo_changes.txt) and
     # per-channel gain (white balance: warm or cool light)
-    saturation_jitter: float = 0.2
-    channel_gain_jitter: float = 0.06
+    saturation_jitter: float = SATURATION_JITTER
+    channel_gain_jitter: float = CHANNEL_GAIN_JITTER
     # diagnoses left out of training (scored as usual): where sources disagree on the label,
     # as on actinic keratoses (HAM10000 "akiec": malignant; PAD-UFES-20 "ACK": benign)
     ignore_diagnoses: tuple[str, ...] = ()
