@@ -165,8 +165,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     train_all = c.data[c.data["split"] == "train"].sort_values("path").reset_index(drop=True)
     thresholds, quality_report = fit_quality(
-        train_all, c.valid.frame, args.degrade_per_set, args.keep, args.seed
-    )
+        train_all, c.valid.frame, args.degrade_per_set, args.keep, args.seed,
+        args.degraded_share,
+    )  # fmt: skip
     quality_report["artefact_copies"] = artefact_quality(c.valid_artefacts.frame, thresholds)
     served = ServedAnswer.of(artifact, meta)
     quality_report["model_sensitivity"] = quality_sensitivity(
@@ -299,6 +300,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cost", type=float, default=0.5, help="artefact notes' logistic regression C")
     p.add_argument("--keep", type=float, default=0.99, help="real images kept by the quality gate")
     p.add_argument("--degrade-per-set", type=int, default=400)
+    p.add_argument(
+        "--degraded-share", type=float, default=1.0,
+        help="quality thresholds: least share of each kind's degraded copies refused when "
+        "that widens the margin toward them (1: the nearest degraded copy bounds the margin)",
+    )  # fmt: skip
     p.add_argument("--sensitivity-per-set", type=int, default=30)
     p.add_argument("--non-skin-dir", type=Path, action="append", default=[])
     p.add_argument("--batch-size", type=int, default=16)

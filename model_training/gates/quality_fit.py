@@ -104,6 +104,7 @@ def choose_quality_threshold(
     keep: float,
     direction: str,
     scale: str,
+    degraded_share: float = 1.0,
 ) -> dict[str, float]:
     """Max-margin threshold that keeps >= ``keep`` of the real images of every set.
 
@@ -112,12 +113,21 @@ def choose_quality_threshold(
     their midpoint (geometric for scale-like measures), so it rejects exactly the degraded
     copies ``strict`` rejects while keeping as many real images as possible. Mirrored for
     "max".
+
+    With ``degraded_share`` < 1 the edge is instead the degraded copies' ``degraded_share``
+    quantile when that lies below ``strict``: the margin then widens toward the degraded
+    side, refusing at least that share of them, so a new source whose real tail reaches past
+    the fitted sources' is less often refused (see ``docs/quality/threshold_rule.py``).
     """
     sign = 1.0 if direction == "min" else -1.0
     # Work on sign * value so "reject below the threshold" covers both directions.
     strict = min(_quantile(sign * v, 1.0 - keep, "lower") for v in real_by_set.values())
     below = sign * degraded[sign * degraded < strict]
     edge = float(below.max()) if below.size else strict
+    if degraded_share < 1.0 and degraded.size:
+        share_edge = _quantile(sign * degraded, degraded_share, "higher")
+        if share_edge < strict:
+            edge = min(edge, share_edge)
     if scale == "geometric" and edge > 0 and strict > 0:
         mid = math.sqrt(edge * strict)
     else:
@@ -201,14 +211,19 @@ def check_values(
 
 
 def choose_thresholds(
-    real: pd.DataFrame, degraded: pd.DataFrame, keep_per_check: float
+    real: pd.DataFrame,
+    degraded: pd.DataFrame,
+    keep_per_check: float,
+    degraded_share: float = 1.0,
 ) -> dict[str, tuple[float, dict[str, float]]]:
     """Each check's rounded threshold and what :func:`choose_quality_threshold` picked, from
     the measures of real photos (by set) and of degraded copies (by kind)."""
     out: dict[str, tuple[float, dict[str, float]]] = {}
     for key, (measure, kind, direction, scale) in QUALITY_CHECKS.items():
         by_set, values = check_values(real, degraded, measure, kind)
-        picked = choose_quality_threshold(by_set, values, keep_per_check, direction, scale)
+        picked = choose_quality_threshold(
+            by_set, values, keep_per_check, direction, scale, degraded_share
+        )
         value = round(picked["threshold"], ROUNDING[key])
         if key == "min_side":
             value = float(math.ceil(picked["threshold"]))
@@ -217,7 +232,10 @@ def choose_thresholds(
 
 
 def leave_one_source_out(
-    real: pd.DataFrame, degraded: pd.DataFrame, keep_per_check: float
+    real: pd.DataFrame,
+    degraded: pd.DataFrame,
+    keep_per_check: float,
+    degraded_share: float = 1.0,
 ) -> dict[str, Any]:
     """Each set in turn left out of the choice: the thresholds chosen on the other sets' real
     photos and degraded copies, and the share of the left-out set's real photos that the
@@ -225,7 +243,9 @@ def leave_one_source_out(
     out: dict[str, Any] = {}
     for held in sorted(str(s) for s in real["dataset"].unique()):
         keep_real, keep_deg = real["dataset"] != held, degraded["dataset"] != held
-        chosen = choose_thresholds(real[keep_real], degraded[keep_deg], keep_per_check)
+        chosen = choose_thresholds(
+            real[keep_real], degraded[keep_deg], keep_per_check, degraded_share
+        )
         thresholds = {key: value for key, (value, _) in chosen.items()}
         issues = [_issues(r, thresholds) for r in real[~keep_real].to_dict("records")]
         out[held] = {
@@ -237,12 +257,38 @@ def leave_one_source_out(
     return out
 
 
+def degrade_mask(choice: pd.DataFrame, degrade_per_set: int, seed: int) -> np.ndarray:
+    """Which ``choice`` rows get degraded copies: a seeded sample of each set."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(choice), dtype=bool)
+    for _, part in choice.groupby("dataset"):
+        idx = np.flatnonzero((choice["dataset"] == part["dataset"].iloc[0]).to_numpy())
+        mask[rng.choice(idx, size=min(degrade_per_set, len(idx)), replace=False)] = True
+    return mask
+
+
+def measure_quality_sets(
+    choice: pd.DataFrame, held_out: pd.DataFrame, degrade_per_set: int, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Measures of the ``choice`` images and of degraded copies of a seeded sample of
+    ``degrade_per_set`` of them per set, then of the ``held_out`` images with one copy per
+    degradation kind each: (real, degraded, validation real, validation degraded)."""
+    real, degraded = measure_images(
+        choice, degrade_mask(choice, degrade_per_set, seed), seed, "quality (choice)"
+    )
+    val_real, val_degraded = measure_images(
+        held_out, np.ones(len(held_out), dtype=bool), seed, "quality (validation)"
+    )
+    return real, degraded, val_real, val_degraded
+
+
 def fit_quality(
     choice: pd.DataFrame,
     held_out: pd.DataFrame,
     degrade_per_set: int,
     keep: float,
     seed: int,
+    degraded_share: float = 1.0,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Quality thresholds chosen on ``choice`` images, rates reported on ``held_out`` ones.
 
@@ -250,19 +296,24 @@ def fit_quality(
     ``degrade_per_set`` of them per set; ``held_out``: the validation images, each with one
     copy per degradation kind.
     """
+    measured = measure_quality_sets(choice, held_out, degrade_per_set, seed)
+    return quality_from_measures(*measured, keep, degraded_share)
+
+
+def quality_from_measures(
+    real: pd.DataFrame,
+    degraded: pd.DataFrame,
+    val_real: pd.DataFrame,
+    val_degraded: pd.DataFrame,
+    keep: float,
+    degraded_share: float = 1.0,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Thresholds chosen on the measured choice photos and their report (see module doc)."""
     checks = len(QUALITY_CHECKS)
     keep_per_check = 1.0 - (1.0 - keep) / checks
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(len(choice), dtype=bool)
-    for _, part in choice.groupby("dataset"):
-        idx = np.flatnonzero((choice["dataset"] == part["dataset"].iloc[0]).to_numpy())
-        mask[rng.choice(idx, size=min(degrade_per_set, len(idx)), replace=False)] = True
-    real, degraded = measure_images(choice, mask, seed, "quality (choice)")
-    val_real, val_degraded = measure_images(
-        held_out, np.ones(len(held_out), dtype=bool), seed, "quality (validation)"
-    )
-
-    chosen = choose_thresholds(real, degraded, keep_per_check)
+    real, degraded = real.copy(), degraded.copy()
+    val_real, val_degraded = val_real.copy(), val_degraded.copy()
+    chosen = choose_thresholds(real, degraded, keep_per_check, degraded_share)
     thresholds = {key: value for key, (value, _) in chosen.items()}
     per_check: dict[str, Any] = {}
     for key, (measure, kind, direction, scale) in QUALITY_CHECKS.items():
@@ -293,11 +344,19 @@ def fit_quality(
         "rule": (
             f"per check, the max-margin threshold between the strictest value that keeps >= "
             f"{keep_per_check:.1%} of the real training images of every set (so the "
-            f"{checks} checks together keep >= {keep:.0%}) and the nearest degraded copy on "
-            "the wrong side of it (midpoint geometric for size and sharpness, arithmetic "
-            "otherwise); rates then measured on the validation images and their degraded "
-            "copies, which the choice never saw"
+            f"{checks} checks together keep >= {keep:.0%}) and "
+            + (
+                "the nearest degraded copy on the wrong side of it"
+                if degraded_share >= 1.0
+                else f"the degraded copies' {degraded_share:.0%} quantile toward the real "
+                "ones, or the nearest degraded copy on the wrong side of it when that is "
+                "nearer"
+            )
+            + " (midpoint geometric for size and sharpness, arithmetic otherwise); rates "
+            "then measured on the validation images and their degraded copies, which the "
+            "choice never saw"
         ),
+        "degraded_share": degraded_share,
         "measures": {
             "min_side": "shorter side of the photo as uploaded, pixels",
             "sharpness": "variance of the 4-neighbour Laplacian of the luma at 256x256",
@@ -311,7 +370,9 @@ def fit_quality(
             for kind, (p, lo, hi) in DEGRADATIONS.items()
         },
         "checks": per_check,
-        "leave_one_source_out": leave_one_source_out(real, degraded, keep_per_check),
+        "leave_one_source_out": leave_one_source_out(
+            real, degraded, keep_per_check, degraded_share
+        ),
         "choice": _gate_rates(real, degraded),
         "validation": _gate_rates(val_real, val_degraded),
         "quantiles_choice_real": {
