@@ -171,6 +171,21 @@ def test_threshold_rule_keeps_real_images_and_rejects_degraded_copies(phone: Ima
     )
     assert high["threshold"] == pytest.approx(-t)
 
+    # Degraded copies reaching into the real tail (as overexposed copies do for the clipped
+    # share): the shipped rule (share 1) hugs the real tail; a share widens the margin toward
+    # the copies while still refusing at least that share of them, and keeps every real image.
+    real_tail = {"a": np.concatenate([np.zeros(990), rng.uniform(0.0, 0.02, 10)])}
+    overlapping = rng.uniform(0.005, 1.0, 1000)
+    tight = choose_quality_threshold(real_tail, overlapping, 0.99, "max", "arithmetic")
+    wide = choose_quality_threshold(real_tail, overlapping, 0.99, "max", "arithmetic", 0.9)
+    assert tight["threshold"] < 0.02 < wide["threshold"]
+    assert np.mean(overlapping > wide["threshold"]) >= 0.9 > np.mean(overlapping > 0.2)
+    assert np.mean(real_tail["a"] > wide["threshold"]) == 0.0
+    # Where the copies leave a gap, a share below 1 only widens it on the copies' side.
+    gap = choose_quality_threshold(real, degraded, 0.99, "min", "arithmetic", 0.9)
+    assert gap["strict"] == picked["strict"] and gap["edge"] < picked["edge"]
+    assert np.mean(degraded < gap["threshold"]) >= 0.9
+
     # The degradations do what their names say, as the gate measures them.
     base = measure_quality(phone)
     for kind, check in {

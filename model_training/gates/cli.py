@@ -37,7 +37,12 @@ from model_training.gates.loso import (
     skin_training_data,
 )
 from model_training.gates.measure import measure_gate
-from model_training.gates.quality_fit import artefact_quality, fit_quality, quality_sensitivity
+from model_training.gates.quality_fit import (
+    DEGRADED_SHARE,
+    artefact_quality,
+    fit_quality,
+    quality_sensitivity,
+)
 from model_training.gates.report import summary, write_outputs
 from model_training.gates.skin_fit import fit_note, fit_skin
 from model_training.runner import saved_model_fingerprint
@@ -301,7 +306,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=float, default=0.99, help="real images kept by the quality gate")
     p.add_argument("--degrade-per-set", type=int, default=400)
     p.add_argument(
-        "--degraded-share", type=float, default=1.0,
+        "--degraded-share", type=float, default=DEGRADED_SHARE,
         help="quality thresholds: least share of each kind's degraded copies refused when "
         "that widens the margin toward them (1: the nearest degraded copy bounds the margin)",
     )  # fmt: skip
