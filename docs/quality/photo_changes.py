@@ -1,7 +1,7 @@
 """How the shipped model answers changed copies of the validation photos.
 
 Each validation image, as it is and changed the way a phone, its settings or the light
-change a photo (a black-and-white filter, muted or vivid colour, warm or cool light, harsh
+change a photo (a black-and-white or sepia filter, muted or vivid colour, warm or cool light, harsh
 JPEG, a low-resolution camera, brighter or darker mid-tones), run through the server's fast
 runtime (OpenVINO) and answered as the server answers (per-domain calibration and
 thresholds), with the share the artifact's quality gate refuses. The evidence for the quality
@@ -66,9 +66,12 @@ def _low_resolution(side: int) -> Callable[[Image.Image], Image.Image]:
     return change
 
 
+SEPIA = (0.393, 0.769, 0.189, 0.0, 0.349, 0.686, 0.168, 0.0, 0.272, 0.534, 0.131, 0.0)
 VARIANTS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "as taken": lambda im: im,
     "black and white": lambda im: im.convert("L").convert("RGB"),
+    # The classic sepia matrix of photo apps: one brown hue, chroma rising with brightness.
+    "sepia": lambda im: im.convert("RGB", SEPIA),
     "30% saturation": lambda im: ImageEnhance.Color(im).enhance(0.3),
     "60% saturation": lambda im: ImageEnhance.Color(im).enhance(0.6),
     "150% saturation": lambda im: ImageEnhance.Color(im).enhance(1.5),
