@@ -6,11 +6,11 @@ memory, seeded severity from a fixed range) of a sample of them. Each threshold 
 max-margin one between the strictest value that still keeps >= 99.83 % of the real images of
 every set (so the six checks together keep >= 99 %) and the degraded copies' 90 % quantile
 toward the real ones (``DEGRADED_SHARE``: at least 90 % of them refused), or the nearest
-degraded copy on the wrong side of it when that is nearer. The rates are then measured on the validation images, their degraded copies and
-their artefact copies (hair, ink, ruler, vignette, dermatoscope rim: never a reason to refuse),
-which the choice never saw. A sample of validation images also goes through the model with and
-without each degradation, to show that the copies the gate refuses are ones whose answer does
-change.
+degraded copy on the wrong side of it when that is nearer. The rates are then measured on
+the validation images, their degraded copies and their artefact copies (hair, ink, ruler,
+vignette, dermatoscope rim: never a reason to refuse), which the choice never saw. A sample
+of validation images also goes through the model with and without each degradation, to
+show that the copies the gate refuses are ones whose answer does change.
 """
 
 from __future__ import annotations
