@@ -22,6 +22,15 @@ DISTIL_OUTPUT = "distil"  # training only: [student logit, teachers' mean logit]
 # DermAugment's default colour-jitter spreads (factors drawn from 1 +- these).
 SATURATION_JITTER = 0.2
 CHANNEL_GAIN_JITTER = 0.06
+# Share of training views put through a one-hue filter (0: none, the shipped recipes). Sepia
+# photos pass the quality gate and collapse the shipped model's sensitivity
+# (docs/quality/colour_filter.md); the colour recipe shows it such views.
+ONE_HUE_PROBABILITY = 0.0
+# A one-hue filter's tint: each channel's gain drawn from this range, then scaled so the
+# luma is kept (sepia is about (1.12, 1.0, 0.78) of the grey; equal gains: black and white).
+ONE_HUE_GAIN = (0.6, 1.2)
+# ITU-R 601 luma weights (R, G, B), as Pillow's convert("L").
+LUMA = (0.299, 0.587, 0.114)
 
 
 def scaling_layer() -> layers.Layer:
@@ -76,7 +85,9 @@ class DermAugment(layers.Layer):
     """Cheap, GPU-friendly augmentation for dermoscopy (active only in training).
 
     Dihedral symmetries (flips and transposes: a lesion has no up or left) and colour jitter
-    (brightness, contrast, saturation, per-channel gain for white balance). With ``domain``
+    (brightness, contrast, saturation, per-channel gain for white balance), and with
+    ``one_hue`` > 0 that share of views through a one-hue filter (grey times a random tint:
+    sepia, black and white, cold or warm "vintage"). With ``domain``
     on, also what differs between cameras and clinics: gamma, a partial Shades-of-Gray colour
     constancy (Finlayson & Trezzi 2004; the model sees images with and without their
     illuminant removed) and a random amount of Gaussian blur. Only elementwise ops, one small
@@ -92,6 +103,7 @@ class DermAugment(layers.Layer):
         channel_gain: float = CHANNEL_GAIN_JITTER,
         seed: int | None = None,
         domain: bool = False,
+        one_hue: float = ONE_HUE_PROBABILITY,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("dtype", "float32")
@@ -101,6 +113,7 @@ class DermAugment(layers.Layer):
         self.contrast = contrast
         self.saturation = saturation
         self.channel_gain = channel_gain
+        self.one_hue = one_hue
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
@@ -129,9 +142,21 @@ class DermAugment(layers.Layer):
         x = grey + (x - grey) * self._uniform(coin, self.saturation)
         x = x * self._uniform((n, 1, 1, 3), self.channel_gain)
         x = ops.clip(x, 0.0, 255.0)
+        if self.one_hue > 0:
+            x = self._one_hue(x, coin)
         if self.domain:
             x = self._domain_shift(x, coin)
         return x
+
+    def _one_hue(self, x: Any, coin: tuple[Any, ...]) -> Any:
+        """A ``one_hue`` share of the views: their luma times a random, luma-keeping tint."""
+        luma = ops.sum(x * ops.convert_to_tensor(LUMA, "float32"), axis=3, keepdims=True)
+        low, high = ONE_HUE_GAIN
+        tint = keras.random.uniform((coin[0], 1, 1, 3), low, high, seed=self.seed_generator)
+        tint = tint / ops.sum(tint * ops.convert_to_tensor(LUMA, "float32"), axis=3, keepdims=True)
+        filtered = ops.clip(luma * tint, 0.0, 255.0)
+        chosen = keras.random.uniform(coin, seed=self.seed_generator) < self.one_hue
+        return ops.where(chosen, filtered, x)
 
     def _domain_shift(self, x: Any, coin: tuple[Any, ...]) -> Any:
         """Gamma, partial Shades-of-Gray (p = 6) and blur: how sources differ in look."""
@@ -168,6 +193,7 @@ class DermAugment(layers.Layer):
             channel_gain=self.channel_gain,
             seed=self.seed,
             domain=self.domain,
+            one_hue=self.one_hue,
         )
         return config
 
@@ -192,17 +218,19 @@ def training_model(
     teachers: Sequence[keras.Model] = (),
     saturation: float = SATURATION_JITTER,
     channel_gain: float = CHANNEL_GAIN_JITTER,
+    one_hue: float = ONE_HUE_PROBABILITY,
 ) -> keras.Model:
     """Wrap the classifier with augmentation; takes uint8 crops (4x less host→device traffic).
     ``device_augment`` adds DermAugment's source-shift part (the ``domain`` recipe);
-    ``saturation`` and ``channel_gain`` are its colour jitter's spreads. With
+    ``saturation`` and ``channel_gain`` are its colour jitter's spreads, ``one_hue`` its
+    share of one-hue (sepia-like) views. With
     ``teachers`` (frozen networks, ``model_training.distil``) they score the same augmented
     view, and a ``distil`` output pairs the student's logit with their mean logit."""
     size = classifier.input_shape[1:3]
     crops = keras.Input((*size, 3), dtype="uint8", name="crops")
     augment = DermAugment(
         saturation=saturation, channel_gain=channel_gain, seed=seed, domain=device_augment,
-        name="augment",
+        one_hue=one_hue, name="augment",
     )  # fmt: skip
     view = augment(crops)
     outputs = classifier(view)

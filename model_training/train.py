@@ -27,6 +27,7 @@ from model_training.model import (
     CHANNEL_GAIN_JITTER,
     DISTIL_OUTPUT,
     INPUT_SIZE,
+    ONE_HUE_PROBABILITY,
     SATURATION_JITTER,
     build_classifier,
     set_trunk_trainable,
@@ -67,6 +68,9 @@ class TrainConfig:
     # per-channel gain (white balance: warm or cool light)
     saturation_jitter: float = SATURATION_JITTER
     channel_gain_jitter: float = CHANNEL_GAIN_JITTER
+    # share of views through a one-hue filter (sepia, black and white, tints): sepia photos
+    # pass the quality gate and collapse the shipped model (docs/quality/colour_filter.md)
+    one_hue_probability: float = ONE_HUE_PROBABILITY
     # diagnoses left out of training (scored as usual): where sources disagree on the label,
     # as on actinic keratoses (HAM10000 "akiec": malignant; PAD-UFES-20 "ACK": benign)
     ignore_diagnoses: tuple[str, ...] = ()
@@ -318,6 +322,7 @@ def fit_finetune(
     model = training_model(
         trained, seed=config.seed, device_augment=config.augment == "domain", teachers=frozen,
         saturation=config.saturation_jitter, channel_gain=config.channel_gain_jitter,
+        one_hue=config.one_hue_probability,
     )  # fmt: skip
     losses = (config.label_smoothing, config.aux_diagnosis, config.distil_weight,
               config.distil_temperature)  # fmt: skip

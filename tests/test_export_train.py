@@ -249,6 +249,39 @@ def test_colour_jitter_spreads_are_the_recipes() -> None:
     assert (layer.saturation, layer.channel_gain) == (0.6, 0.15)
 
 
+def test_one_hue_views_keep_the_luma_in_one_tint() -> None:
+    """With ``one_hue`` a share of the views goes through a one-hue filter (sepia, black and
+    white, tints): every pixel of such a view has the same R:G:B ratios and its luma is kept;
+    the other views keep their colours. Off (0) by default; the wrapper passes it on."""
+    batch = fixture_batch((32, 32)).astype("float32")
+    luma_of = lambda x: x @ np.asarray([0.299, 0.587, 0.114], dtype="float32")  # noqa: E731
+
+    def one_hue(view: np.ndarray) -> bool:
+        # Ratios are noise where nearly black, and a tint above 1 clips the brightest pixels.
+        lit = (luma_of(view) > 20) & (view.max(axis=-1) < 254.9)
+        ratios = view[lit] / luma_of(view)[lit][:, None]
+        return bool(np.all(ratios.std(axis=0) < 1e-3))
+
+    layer = DermAugment(brightness=0, contrast=0, saturation=0, channel_gain=0, one_hue=1.0, seed=2)
+    views = np.asarray(layer(batch, training=True))
+    assert all(one_hue(v) for v in views)
+    # The luma is the original's, up to flips and transposes (compare sorted values).
+    for view, image in zip(views, batch, strict=True):
+        unclipped = view.max() < 255.0
+        if unclipped:
+            np.testing.assert_allclose(
+                np.sort(luma_of(view).ravel()), np.sort(luma_of(image).ravel()), atol=0.05
+            )
+    share = DermAugment(brightness=0, contrast=0, saturation=0, channel_gain=0, one_hue=0.3, seed=3)
+    picked = [one_hue(v) for _ in range(20) for v in np.asarray(share(batch, training=True))]
+    assert 0.15 < np.mean(picked) < 0.45
+    plain = DermAugment(brightness=0, contrast=0, saturation=0, channel_gain=0, seed=4)
+    assert DermAugment().one_hue == 0.0
+    assert not any(one_hue(v) for v in np.asarray(plain(batch, training=True)))
+    wrapper = training_model(build_tiny_classifier(TINY_INPUT), seed=0, one_hue=0.15)
+    assert wrapper.get_layer("augment").get_config()["one_hue"] == 0.15
+
+
 def test_training_model_takes_uint8_and_is_the_classifier_at_inference() -> None:
     """The training wrapper accepts uint8 crops; without training it equals the classifier."""
     classifier = build_tiny_classifier(TINY_INPUT)
