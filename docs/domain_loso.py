@@ -25,6 +25,21 @@ measured; only the shipped C 0.05 had been, by the first run of this script):
     .venv/bin/python docs/domain_loso.py --artifact models/default \
         --data-dir ../shared/data > docs/domain_loso.txt
 
+A second comparison (``--compare photos``; written after the first's outcome and before
+this one was measured): whether fitting the domain model on more photos helps.
+
+* candidates: the validation photos (shipped), and the validation photos plus the cached
+  training photos of half the lesion groups (half A: the CRC-32 of the group name even);
+  C 0.05 both;
+* headline: the worst left-out dermoscopy source's share read as phone, over its validation
+  photos and its half-B cached training photos (which no fit sees);
+* eligible when, fitted on all three sources, the half-B photos are read right no more than
+  1 point below the shipped fit's: PAD-UFES-20 as phone, each dermoscopy source as
+  dermoscopy;
+* the larger fit replaces the shipped one only if it lowers the headline by >= 5 points.
+
+    .venv/bin/python docs/domain_loso.py --compare photos > docs/domain_loso_photos.txt
+
 Needs the serve outputs that ``fit-gates`` caches (``~/.cache/skin-lesion-triage/gates``);
 seconds once they are there.
 """
@@ -33,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -93,12 +109,84 @@ def refit_reading(
     )
 
 
+def _rows(out: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[mask] for k, v in out.items()}
+
+
+def _join(
+    a: pd.DataFrame, a_out: dict[str, np.ndarray], b: pd.DataFrame, b_out: dict[str, np.ndarray]
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    frame = pd.concat([a, b], ignore_index=True)
+    return frame, {k: np.concatenate([a_out[k], b_out[k]]) for k in a_out if k in b_out}
+
+
+def compare_photos(
+    shipped: DomainCalibration,
+    valid: pd.DataFrame,
+    v_out: dict[str, np.ndarray],
+    train: pd.DataFrame,
+    t_out: dict[str, np.ndarray],
+) -> None:
+    """The second comparison of the module docstring: validation photos alone, or with half
+    the cached training photos, as the domain model's fitting photos."""
+    name = shipped.embedding_output
+    half_a = np.asarray([zlib.crc32(str(g).encode()) % 2 == 0 for g in train["group"]])
+    a, a_out = train[half_a].reset_index(drop=True), _rows(t_out, half_a)
+    b, b_out = train[~half_a].reset_index(drop=True), _rows(t_out, ~half_a)
+    fits = {
+        "validation": (valid, v_out),
+        "validation + training half A": _join(valid, v_out, a, a_out),
+    }
+    print(
+        f"half A {a['dataset'].value_counts().to_dict()}, "
+        f"half B {b['dataset'].value_counts().to_dict()}"
+    )
+    print(
+        "| fitting photos | worst left-out source read as phone | ISIC 2017 / HAM10000 left out |"
+        " half B read right, all fitted: PAD-UFES-20 / ISIC 2017 / HAM10000 |"
+    )
+    print("| --- | --- | --- | --- |")
+    results = {}
+    for label, (frame, out) in fits.items():
+        every = refit_reading(shipped, frame, out, SHIPPED_C)
+        second = every.is_second_domain(b_out[name])
+        seen = {
+            s: float(np.mean(second[(b["dataset"] == s).to_numpy()] == (s == "pad-ufes-20")))
+            for s in ("pad-ufes-20", *LEFT_OUT)
+        }
+        misread = {}
+        for held in LEFT_OUT:
+            keep = (frame["dataset"] != held).to_numpy()
+            loso = refit_reading(shipped, frame[keep], _rows(out, keep), SHIPPED_C)
+            read = np.concatenate([
+                loso.is_second_domain(v_out[name][(valid["dataset"] == held).to_numpy()]),
+                loso.is_second_domain(b_out[name][(b["dataset"] == held).to_numpy()]),
+            ])  # fmt: skip
+            misread[held] = float(read.mean())
+        results[label] = (max(misread.values()), seen)
+        print(
+            f"| {label} | {max(misread.values()):.1%} | "
+            f"{misread['isic2017']:.1%} / {misread['ham10000']:.1%} | "
+            + " / ".join(f"{v:.1%}" for v in seen.values())
+            + " |"
+        )
+    base_worst, base_seen = results["validation"]
+    worst, seen = results["validation + training half A"]
+    eligible = all(seen[s] >= base_seen[s] - MAX_PHONE_LOSS for s in seen)
+    kept = eligible and worst <= base_worst - MIN_GAIN
+    print(
+        f"\nlarger fit eligible: {eligible}; kept: "
+        + ("validation + training" if kept else "validation (shipped)")
+    )
+
+
 def main() -> None:
     """Fit the domain model without each dermoscopy source and read that source with it."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--artifact", type=Path, default=Path("models/default"))
     p.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--compare", choices=("strength", "photos"), default="strength")
     args = p.parse_args()
     meta = read_metadata(args.artifact)
     shipped = DomainCalibration.load(args.artifact / FILE)
@@ -109,6 +197,9 @@ def main() -> None:
     valid, v_out = outputs(cache, "valid", df[df["split"] == "valid"])
     train, t_out = outputs(cache, "lesions", df[df["split"] == "train"])
     name = shipped.embedding_output
+    if args.compare == "photos":
+        compare_photos(shipped, valid, v_out, train, t_out)
+        return
     print(
         f"domain model: {name}, sqrt {shipped.sqrt}, assignment {shipped.assignment}; "
         f"thresholds {thresholds[0]:.4f} / {thresholds[1]:.4f}; photos: validation "
