@@ -1,25 +1,28 @@
-"""Can the network's own features tell a sepia photo? A feasibility measurement (nothing ships).
+"""Can the network's own features tell a one-hue (sepia) photo? Compared, not shipped.
 
 The pixel check of ``colour_filter.md`` could not refuse sepia photos saved as JPEG without
 refusing real photos of a small mole on even skin. The skin gate already reads the network's
 mid-level features (``skin_embedding``: per-channel means and spreads of an early block,
 colour statistics among them) with linear heads; could one more head refuse one-hue photos?
 
-Sepia copies (the sepia matrix with 0-5% of the photo's colour blended back, saved as JPEG
-at a seeded quality 70-95, as ``colour_filter.md``) of a seeded sample of training photos
-per source are run through the network; a logistic regression (square-rooted, standardised
-features, balanced classes, L2 ``C``) tells them from the real photos of the gates' cached
-training sample. Its threshold keeps 99.9% of the real photos out of fold (5 folds by lesion
-group). Reported: out of fold; on validation photos and their sepia copies (never fitted);
-on the validation photos' copies through other one-hue tints (cold, warm, random; never
-fitted: does the head learn "one hue" or only "sepia"?); and leave-one-source-out (the head
-and its threshold fitted without one source, that source's real and sepia photos scored).
+One-hue copies of a seeded sample of training photos per source (the sepia matrix with 0-5%
+of the photo's colour blended back, or a random luma-keeping tint; saved as JPEG at a seeded
+quality 70-95) are run through the network; a logistic regression (square-rooted,
+standardised features, balanced classes, L2 ``C``) tells them from the real photos of the
+gates' cached training sample (with ``--with-copies`` also from the gates' varied and
+phone-look copies). Its threshold keeps 99.9% of the real photos out of fold (5 folds by
+lesion group). The variants are compared leave-one-source-out (head and threshold fitted
+without a source, that source's real photos and sepia copies scored); the rule for choosing
+and shipping is in ``colour_filter.md``. The chosen one is then read on the validation
+photos and their one-hue copies (sepia, cold, warm, random; never fitted).
 
     .venv/bin/python docs/quality/colour_filter_features.py --data-dir ../shared/data \
         > docs/quality/colour_filter_features.txt
+    .venv/bin/python docs/quality/colour_filter_features.py --data-dir ../shared/data \
+        --with-copies > docs/quality/colour_filter_features_copies.txt
 
-About 10 minutes on 2 cores (1,650 copies through the network, cached with the gates'
-features).
+About 10 minutes on 2 cores the first time (2,700 copies through the network, cached with
+the gates' features), then a minute.
 """
 
 from __future__ import annotations
@@ -83,16 +86,24 @@ def score(head: tuple[np.ndarray, np.ndarray, LogisticRegression], x: np.ndarray
     return np.asarray(model.decision_function((x - mean) / std))
 
 
-VARIANTS = [(c, kinds) for kinds in (("sepia",), ("sepia", "random")) for c in (0.02, 0.005, 0.001)]
+VARIANTS: list[tuple[float, tuple[str, ...]]] = [
+    (c, kinds) for kinds in (("sepia",), ("sepia", "random")) for c in (0.02, 0.005, 0.001)
+]
+# Third comparison (``--with-copies``): the gates' varied and phone-look copies as real.
+VARIANTS_WITH_COPIES: list[tuple[float, tuple[str, ...]]] = [
+    (c, ("sepia", "random")) for c in (0.02, 0.001)
+]
 MAX_LOSO_REFUSED = 0.01
 
 
-def oof_threshold(x: np.ndarray, y: np.ndarray, fold: np.ndarray, c: float) -> float:
-    """The score that keeps KEEP of the real photos, out of fold."""
+def oof_threshold(
+    x: np.ndarray, y: np.ndarray, fold: np.ndarray, c: float, real: np.ndarray
+) -> float:
+    """The score that keeps KEEP of the ``real`` photos (not copies), out of fold."""
     oof = np.zeros(len(y))
     for f in np.unique(fold):
         oof[fold == f] = score(fit(x[fold != f], y[fold != f], c), x[fold == f])
-    return float(np.quantile(oof[y == 0], KEEP))
+    return float(np.quantile(oof[real], KEEP))
 
 
 def main() -> None:
@@ -102,6 +113,10 @@ def main() -> None:
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--per-set", type=int, default=250)
     p.add_argument("--valid-per-set", type=int, default=100)
+    p.add_argument(
+        "--with-copies", action="store_true",
+        help="add the gates' cached varied and phone-look copies to the real class",
+    )  # fmt: skip
     args = p.parse_args()
     fingerprint = saved_model_fingerprint(args.artifact)
     store = FeatureStore(args.cache_dir, fingerprint, lambda: ServeRunner(args.artifact, 16))
@@ -129,7 +144,21 @@ def main() -> None:
     sets = np.asarray([*train["dataset"], *picked["dataset"], *picked["dataset"]])
     kind = np.asarray(["real"] * len(train) + ["sepia"] * len(picked) + ["random"] * len(picked))
     x = np.concatenate([real_x, copy_x["sepia"], copy_x["random"]])
-    y = (kind != "real").astype(float)
+    variants = VARIANTS
+    if args.with_copies:
+        with np.load(cache / "copies.npz", allow_pickle=False) as z:
+            keys = [str(k).split("#")[0] for k in z["keys"]]
+            varied_x = features(z[OUTPUT])
+        by_path = train.set_index("path")
+        keep = np.asarray([k in by_path.index for k in keys])
+        rows = by_path.loc[[k for k, m in zip(keys, keep, strict=True) if m]]
+        groups += list(rows["group"])
+        sets = np.r_[sets, rows["dataset"].to_numpy()]
+        kind = np.r_[kind, np.full(int(keep.sum()), "copy")]
+        x = np.concatenate([x, varied_x[keep]])
+        variants = VARIANTS_WITH_COPIES
+        print(f"with {int(keep.sum())} varied and phone-look copies as real photos")
+    y = np.isin(kind, ("sepia", "random")).astype(float)
     fold = np.asarray([zlib.crc32(str(g).encode()) % 5 for g in groups])
     print(
         f"real training photos {train['dataset'].value_counts().to_dict()}; sepia and random "
@@ -142,12 +171,13 @@ def main() -> None:
     )
     print("| --- | --- | --- | --- | --- |")
     rows = []
-    for c, kinds in VARIANTS:
-        use = np.isin(kind, ("real", *kinds))
+    base = ("real", "copy")
+    for c, kinds in variants:
+        use = np.isin(kind, (*base, *kinds))
         real_refused, sepia_refused = {}, []
         for held in sorted(np.unique(sets)):
             fit_rows = use & (sets != held)
-            t = oof_threshold(x[fit_rows], y[fit_rows], fold[fit_rows], c)
+            t = oof_threshold(x[fit_rows], y[fit_rows], fold[fit_rows], c, kind[fit_rows] == "real")
             head = fit(x[fit_rows], y[fit_rows], c)
             real_refused[held] = float(
                 np.mean(score(head, x[(sets == held) & (kind == "real")]) > t)
@@ -171,9 +201,9 @@ def main() -> None:
     _, _, _, c, kinds = min(tied, key=lambda r: (r[1], r[2]))
     print(f"\nchosen: C {c:g}, fitted on real photos and {' + '.join(kinds)} copies")
 
-    use = np.isin(kind, ("real", *kinds))
+    use = np.isin(kind, (*base, *kinds))
     head = fit(x[use], y[use], c)
-    cut = oof_threshold(x[use], y[use], fold[use], c)
+    cut = oof_threshold(x[use], y[use], fold[use], c, kind[use] == "real")
     valid = df[df["split"] == "valid"].sort_values("path").reset_index(drop=True)
     with np.load(cache / "valid.npz", allow_pickle=False) as z:
         vi = {str(k): i for i, k in enumerate(z["keys"])}
