@@ -40,6 +40,15 @@ this one was measured): whether fitting the domain model on more photos helps.
 
     .venv/bin/python docs/domain_loso.py --compare photos > docs/domain_loso_photos.txt
 
+A measurement, not a comparison (``--compare phone-look``; no decision rides on it): can the
+gates' phone-look copies of dermoscopy photos (``gates.augment.phone_look``) stand in for a
+phone source? With PAD-UFES-20 left out, the domain model is fitted on the dermoscopy
+validation photos against those copies, and PAD-UFES-20's real photos are read: the share
+read as phone is what a phone camera unlike any fitted one would meet, the riskier error
+the leave-one-source-out above cannot show.
+
+    .venv/bin/python docs/domain_loso.py --compare phone-look > docs/domain_loso_phone_look.txt
+
 Needs the serve outputs that ``fit-gates`` caches (``~/.cache/skin-lesion-triage/gates``);
 seconds once they are there.
 """
@@ -180,13 +189,63 @@ def compare_photos(
     )
 
 
+def phone_look(
+    shipped: DomainCalibration,
+    thresholds: tuple[float, float],
+    valid: pd.DataFrame,
+    v_out: dict[str, np.ndarray],
+    train: pd.DataFrame,
+    t_out: dict[str, np.ndarray],
+    cache: Path,
+) -> None:
+    """The ``--compare phone-look`` measurement of the module docstring."""
+    name = shipped.embedding_output
+    with np.load(cache / "copies.npz", allow_pickle=False) as z:
+        look = np.asarray(["#phone_look" in str(k) for k in z["keys"]])
+        paths = [str(k).split("#")[0] for k in z["keys"][look]]
+        copy_out = {k: np.asarray(z[k])[look] for k in ("logit", name)}
+    by_path = train.drop_duplicates("path").set_index("path")
+    copies = by_path.loc[paths].reset_index()[["path", "dataset", "label", "group"]]
+    copies["domain"] = "phone"  # they stand for phone photos here
+    derm = (valid["domain"] == "dermoscopy").to_numpy()
+    print(f"phone-look copies: {copies['dataset'].value_counts().to_dict()}")
+    print(
+        "| fitted on (dermoscopy / phone) | PAD-UFES-20 validation read as phone |"
+        " PAD-UFES-20 training read as phone | dermoscopy validation read as phone |"
+    )
+    print("| --- | --- | --- | --- |")
+    fits = {
+        "validation dermoscopy / PAD-UFES-20 validation (shipped)": (valid, v_out),
+        "validation dermoscopy / phone-look copies (PAD-UFES-20 left out)": _join(
+            valid[derm].reset_index(drop=True), _rows(v_out, derm), copies, copy_out
+        ),
+    }
+    pad_v = (valid["dataset"] == "pad-ufes-20").to_numpy()
+    pad_t = (train["dataset"] == "pad-ufes-20").to_numpy()
+    for label, (frame, out) in fits.items():
+        d = refit_reading(shipped, frame, out, SHIPPED_C)
+        print(
+            f"| {label} | {d.is_second_domain(v_out[name][pad_v]).mean():.1%} | "
+            f"{d.is_second_domain(t_out[name][pad_t]).mean():.1%} | "
+            f"{d.is_second_domain(v_out[name][derm]).mean():.1%} |"
+        )
+    # What the risky misreading costs: PAD-UFES-20's validation photos answered as phone
+    # photos (the shipped reading) and as dermoscopy (every one misread).
+    y, logit = valid["label"].to_numpy()[pad_v], v_out["logit"][pad_v]
+    both = shipped.per_domain(logit)
+    print("\nPAD-UFES-20 validation photos answered with each domain's scaling and threshold:")
+    for i, domain in enumerate(shipped.domains):
+        prob, t = both[:, i], np.full(len(y), thresholds[i])
+        print(f"  as {domain}: {answer_figures(y, prob, t)}")
+
+
 def main() -> None:
     """Fit the domain model without each dermoscopy source and read that source with it."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--artifact", type=Path, default=Path("models/default"))
     p.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    p.add_argument("--compare", choices=("strength", "photos"), default="strength")
+    p.add_argument("--compare", choices=("strength", "photos", "phone-look"), default="strength")
     args = p.parse_args()
     meta = read_metadata(args.artifact)
     shipped = DomainCalibration.load(args.artifact / FILE)
@@ -199,6 +258,9 @@ def main() -> None:
     name = shipped.embedding_output
     if args.compare == "photos":
         compare_photos(shipped, valid, v_out, train, t_out)
+        return
+    if args.compare == "phone-look":
+        phone_look(shipped, thresholds, valid, v_out, train, t_out, cache)
         return
     print(
         f"domain model: {name}, sqrt {shipped.sqrt}, assignment {shipped.assignment}; "
