@@ -150,10 +150,11 @@ class DermAugment(layers.Layer):
 
     def _one_hue(self, x: Any, coin: tuple[Any, ...]) -> Any:
         """A ``one_hue`` share of the views: their luma times a random, luma-keeping tint."""
-        luma = ops.sum(x * ops.convert_to_tensor(LUMA, "float32"), axis=3, keepdims=True)
+        weights = ops.convert_to_tensor(LUMA, "float32")
+        luma = ops.sum(x * weights, axis=3, keepdims=True)
         low, high = ONE_HUE_GAIN
         tint = keras.random.uniform((coin[0], 1, 1, 3), low, high, seed=self.seed_generator)
-        tint = tint / ops.sum(tint * ops.convert_to_tensor(LUMA, "float32"), axis=3, keepdims=True)
+        tint = tint / ops.sum(tint * weights, axis=3, keepdims=True)
         filtered = ops.clip(luma * tint, 0.0, 255.0)
         chosen = keras.random.uniform(coin, seed=self.seed_generator) < self.one_hue
         return ops.where(chosen, filtered, x)

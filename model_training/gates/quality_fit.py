@@ -130,9 +130,10 @@ def choose_quality_threshold(
     below = sign * degraded[sign * degraded < strict]
     edge = float(below.max()) if below.size else strict
     if degraded_share < 1.0 and degraded.size:
+        # A copy's own value ("higher"); below strict it is at most the nearest copy's.
         share_edge = _quantile(sign * degraded, degraded_share, "higher")
         if share_edge < strict:
-            edge = min(edge, share_edge)
+            edge = share_edge
     if scale == "geometric" and edge > 0 and strict > 0:
         mid = math.sqrt(edge * strict)
     else:
