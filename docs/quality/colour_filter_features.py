@@ -28,29 +28,25 @@ the gates' features), then a minute.
 from __future__ import annotations
 
 import argparse
-import io
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+# The sibling survey script (run from this folder): its sepia matrix and JPEG round trip.
+from photo_changes import SEPIA, _jpeg
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 from model_training.data import read_datasets
 from model_training.gates.features import DEFAULT_CACHE, FeatureStore, ServeRunner, stable_seed
+from model_training.model import LUMA
 from model_training.preprocessing import load_image_file
 from model_training.runner import saved_model_fingerprint
 
-SEPIA = (0.393, 0.769, 0.189, 0.0, 0.349, 0.686, 0.168, 0.0, 0.272, 0.534, 0.131, 0.0)
 OUTPUT = "skin_embedding"
 KEEP = 0.999
-
-
-def _jpeg(img: Image.Image, quality: int) -> Image.Image:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
 def filtered(img: Image.Image, kind: str, key: str) -> Image.Image:
@@ -58,14 +54,14 @@ def filtered(img: Image.Image, kind: str, key: str) -> Image.Image:
     rng = np.random.default_rng(stable_seed(7, key, kind))
     quality = int(rng.integers(70, 96))
     if kind == "sepia":
-        return _jpeg(
-            Image.blend(img.convert("RGB", SEPIA), img, float(rng.uniform(0, 0.05))), quality
+        return _jpeg(quality)(
+            Image.blend(img.convert("RGB", SEPIA), img, float(rng.uniform(0, 0.05)))
         )
     tint = {"cold": (0.7, 1.0, 1.1), "warm": (1.15, 0.95, 0.6)}.get(kind)
     gains = np.asarray(tint if tint else rng.uniform(0.6, 1.2, 3), dtype=np.float32)
-    gains /= gains @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+    gains /= gains @ np.asarray(LUMA, dtype=np.float32)
     grey = np.asarray(img.convert("L"), dtype=np.float32)[..., None] * gains
-    return _jpeg(Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)), quality)
+    return _jpeg(quality)(Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)))
 
 
 def features(x: np.ndarray) -> np.ndarray:
