@@ -49,6 +49,28 @@ the leave-one-source-out above cannot show.
 
     .venv/bin/python docs/domain_loso.py --compare phone-look > docs/domain_loso_phone_look.txt
 
+A third comparison (``--compare cut``; written after the phone-look measurement and before
+any cut below 0.5 was measured): whether to read "phone" when in doubt. A photo gets the
+phone scaling and threshold when its phone probability is at least the domain cut.
+
+* candidates: cut 0.5 (shipped), 0.3, 0.2, 0.1, 0.05, 0.02; the shipped domain model,
+  scalings and thresholds otherwise;
+* headline: the share of PAD-UFES-20's photos (validation and cached training photos) read
+  as phone, at that cut, by the phone-look fit above (PAD-UFES-20 left out; the dermoscopy
+  validation photos against the phone-look copies, C 0.05): a phone camera no fit has seen;
+* eligible when (a) with the shipped fit, each dermoscopy source's cached training photos
+  (which no domain fit sees) are read as dermoscopy no more than 1 point below cut 0.5's
+  share, and (b) with each leave-one-dermoscopy-source-out fit of the first comparison
+  (C 0.05), the left-out source's validation photos, answered with the shipped scalings and
+  thresholds, lose at most 0.03 of specificity against cut 0.5 read by the same fit;
+* the eligible cut with the highest headline (the higher cut on a tie) replaces 0.5 only if
+  it raises the headline by at least 10 points; otherwise 0.5 stays.
+
+Reported beside it, no decision riding on them: PAD-UFES-20's validation answers read by the
+phone-look fit, and the left-out dermoscopy sources' share read as phone and sensitivity.
+
+    .venv/bin/python docs/domain_loso.py --compare cut > docs/domain_loso_cut.txt
+
 Needs the serve outputs that ``fit-gates`` caches (``~/.cache/skin-lesion-triage/gates``);
 seconds once they are there.
 """
