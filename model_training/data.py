@@ -101,8 +101,12 @@ def read_dataset(root: Path, name: str | None = None, valid_percent: int = 15) -
 
 
 def read_datasets(data_dir: Path, names: Iterable[str] = DEFAULT_SETS) -> pd.DataFrame:
-    """Read and concatenate several sets found under ``data_dir``."""
-    frames = [read_dataset(data_dir / name, name) for name in names]
+    """Read and concatenate several sets found under ``data_dir``.
+
+    Image paths are absolute whatever ``data_dir``'s spelling: the feature caches are keyed,
+    and the gates' copies seeded, by path, so ``../shared/data`` and its absolute form must
+    name the same images."""
+    frames = [read_dataset(data_dir.resolve() / name, name) for name in names]
     return pd.concat(frames, ignore_index=True)
 
 

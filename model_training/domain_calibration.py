@@ -10,8 +10,9 @@ Platt scaling per domain, ``sigmoid((logit + bias_d) / T_d)``. With ``assignment
 (the default, and what files without the field mean) the answer is the mixture of the
 per-domain probabilities weighted by the domain probability, so a photo that looks half like
 each gets a blend rather than a jump; with ``"hard"`` each photo gets the scaling of its single
-inferred domain (domain probability >= 0.5: the second domain), which keeps the order of the
-logits within each inferred domain (docs/calibration.md, candidate H).
+inferred domain (the second domain when the domain probability is at least the cut, 0.5 unless
+the file says otherwise), which keeps the order of the logits within each inferred domain
+(docs/calibration.md, candidate H).
 
 The same hard reading picks each photo's threshold when the artifact has one per domain
 (:meth:`DomainCalibration.answer`, which the server and ``model_training.served`` both call:
@@ -37,7 +38,8 @@ DEFAULT_OUTPUT = "ood_embedding"
 # How the per-domain scalings are combined: weighted by the domain probability, or the one of
 # the inferred domain. Files written before the choice existed mean "mixture".
 ASSIGNMENTS = ("mixture", "hard")
-# A photo is read as the second domain when its domain probability is at least this.
+# A photo is read as the second domain when its domain probability is at least the cut;
+# files written before the cut could be chosen mean this one.
 SECOND_DOMAIN_CUT = 0.5
 
 
@@ -59,10 +61,13 @@ class DomainCalibration:
     embedding_output: str = "embedding"  # the serve output the classifier reads
     sqrt: bool = False  # square-root that output (clipped at 0) before standardising
     assignment: str = "mixture"  # one of ASSIGNMENTS
+    cut: float = SECOND_DOMAIN_CUT  # read as the second domain from this probability up
 
     def __post_init__(self) -> None:
         if self.assignment not in ASSIGNMENTS:
             raise ValueError(f"assignment must be one of {ASSIGNMENTS}, not {self.assignment!r}")
+        if not 0.0 < self.cut < 1.0:
+            raise ValueError(f"the domain cut must lie in (0, 1), not {self.cut!r}")
 
     def second_domain_probability(self, embeddings: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """P(domains[1] | embedding) for each row of ``embeddings`` [n, d] (the serve output
@@ -71,10 +76,8 @@ class DomainCalibration:
         return _sigmoid(x @ self.coef + self.intercept)
 
     def is_second_domain(self, embeddings: npt.ArrayLike) -> npt.NDArray[np.bool_]:
-        """Whether each photo is read as ``domains[1]`` (its domain probability >= 0.5)."""
-        return np.asarray(
-            self.second_domain_probability(embeddings) >= SECOND_DOMAIN_CUT, dtype=bool
-        )
+        """Whether each photo is read as ``domains[1]`` (its domain probability >= the cut)."""
+        return np.asarray(self.second_domain_probability(embeddings) >= self.cut, dtype=bool)
 
     def image_thresholds(
         self, embeddings: npt.ArrayLike, thresholds: tuple[float, float]
@@ -105,7 +108,7 @@ class DomainCalibration:
         """(calibrated probabilities, each photo's threshold or None without ``thresholds``),
         the domain read once for both (:meth:`calibrate`, :meth:`image_thresholds`)."""
         w = self.second_domain_probability(embeddings)
-        second = w >= SECOND_DOMAIN_CUT
+        second = w >= self.cut
         weight = second.astype(np.float64) if self.assignment == "hard" else w
         both = self.per_domain(logits)
         p = np.asarray((1 - weight) * both[:, 0] + weight * both[:, 1], dtype=np.float64)
@@ -120,7 +123,7 @@ class DomainCalibration:
             coef=self.coef, intercept=np.float64(self.intercept), bias=np.asarray(self.bias),
             temperature=np.asarray(self.temperature),
             embedding_output=np.asarray(self.embedding_output), sqrt=np.asarray(self.sqrt),
-            assignment=np.asarray(self.assignment),
+            assignment=np.asarray(self.assignment), cut=np.float64(self.cut),
         )  # fmt: skip
 
     @classmethod
@@ -136,6 +139,7 @@ class DomainCalibration:
             sqrt = bool(data["sqrt"]) if "sqrt" in data else False
             # Files written before the assignment could be chosen: the mixture.
             assignment = str(data["assignment"]) if "assignment" in data else "mixture"
+            cut = float(data["cut"]) if "cut" in data else SECOND_DOMAIN_CUT
         if len(domains) != 2 or not mean.shape == scale.shape == coef.shape:
             raise ValueError(f"{path}: inconsistent domain calibration")
         if np.any(np.asarray(temperature) <= 0) or np.any(scale <= 0):
@@ -143,7 +147,7 @@ class DomainCalibration:
         return cls(
             (domains[0], domains[1]), mean, scale, coef, intercept,
             (float(bias[0]), float(bias[1])), (float(temperature[0]), float(temperature[1])),
-            output, sqrt, assignment,
+            output, sqrt, assignment, cut,
         )  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
@@ -152,7 +156,7 @@ class DomainCalibration:
         if self.assignment == "hard":
             method = (
                 "p = sigmoid((logit + b_d) / T_d) for the photo's inferred domain d (the second "
-                f"domain when w >= {SECOND_DOMAIN_CUT}, else the first), w = {w} from a logistic "
+                f"domain when w >= {self.cut:g}, else the first), w = {w} from a logistic "
                 "model; (b_d, T_d) fitted by NLL on validation images of domain d"
             )
         else:
@@ -171,6 +175,7 @@ class DomainCalibration:
                 for d, b, t in zip(self.domains, self.bias, self.temperature, strict=True)
             },
             "assignment": self.assignment,
+            "cut": self.cut,
             "method": method,
         }
 
@@ -204,6 +209,7 @@ def fit_domain_calibration(
     embedding_output: str = DEFAULT_OUTPUT,
     sqrt: bool = True,
     assignment: str = "mixture",
+    cut: float = SECOND_DOMAIN_CUT,
 ) -> DomainCalibration:
     """Fit the domain classifier and the per-domain Platt scalings on labelled images.
 
@@ -211,7 +217,8 @@ def fit_domain_calibration(
     classifier is L2-regularised (``c``) on standardised (optionally square-rooted) features,
     and its classes are weighted equally: phone photos are few, and a user's domain is not
     the training mix. ``assignment``: how :meth:`DomainCalibration.calibrate` combines the
-    scalings (``ASSIGNMENTS``); the fitted parameters are the same either way.
+    scalings (``ASSIGNMENTS``) and ``cut`` from which domain probability a photo is read as
+    the second domain; the fitted parameters are the same either way.
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -229,5 +236,5 @@ def fit_domain_calibration(
     return DomainCalibration(
         (order[0], order[1]), mean, scale, clf.coef_.reshape(-1), float(clf.intercept_[0]),
         (params[0][0], params[1][0]), (params[0][1], params[1][1]), embedding_output, sqrt,
-        assignment,
+        assignment, cut,
     )  # fmt: skip

@@ -25,7 +25,7 @@ from model_training import metrics as mt
 from model_training.data import domain_sets, read_datasets
 from model_training.domain_calibration import (
     ASSIGNMENTS,
-    SECOND_DOMAIN_CUT,
+    DomainCalibration,
     fit_domain_calibration,
 )
 from model_training.domain_calibration import DEFAULT_OUTPUT as DOMAIN_OUTPUT
@@ -297,7 +297,7 @@ def evaluate_artifact(
             y, p, read_second, domain_cal.domains, target_sensitivity
         )
         threshold = domain_thresholds[domain_cal.domains[0]]
-        rule = _per_domain_rule(df, y, p, read_second, domain_cal.domains, domain_thresholds,
+        rule = _per_domain_rule(df, y, p, read_second, domain_cal, domain_thresholds,
                                 target_sensitivity)  # fmt: skip
     tiers = choose_tiers(y, p, threshold)
     decision = None
@@ -455,11 +455,12 @@ def _per_domain_rule(
     y: np.ndarray,
     p: np.ndarray,
     read_second: np.ndarray,
-    domains: tuple[str, str],
+    domain_cal: DomainCalibration,
     thresholds: dict[str, float],
     target_sensitivity: float,
 ) -> str:
     """The threshold rule's text, with the validation figures it gives."""
+    domains = domain_cal.domains
     t = np.where(read_second, thresholds[domains[1]], thresholds[domains[0]])
     pred = p >= t
     parts = []
@@ -475,7 +476,7 @@ def _per_domain_rule(
     return (
         "label malignant when calibrated p >= the threshold of the photo's inferred domain ("
         + ", ".join(f"{d} {thresholds[d]:.4f}" for d in domains)
-        + f"; domain read by the calibration's domain model, P >= {SECOND_DOMAIN_CUT}): in each "
+        + f"; domain read by the calibration's domain model, P >= {domain_cal.cut:g}): in each "
         "domain the "
         f"highest threshold whose validation sensitivity is >= {target_sensitivity:.2f} (so "
         f"the average over the domains is too); " + "; ".join([*parts, pooled])

@@ -186,6 +186,31 @@ def test_image_thresholds_follow_the_inferred_domain() -> None:
     np.testing.assert_array_equal(dc.is_second_domain(emb), second)
 
 
+def test_the_domain_cut_reads_doubtful_photos_as_the_second_domain(tmp_path: Path) -> None:
+    logits, emb, y, domains = _two_domains()
+    hard = fit_domain_calibration(logits, emb, y, domains, assignment="hard", cut=0.2)
+    w = hard.second_domain_probability(emb)
+    doubtful = (w >= 0.2) & (w < 0.5)
+    assert doubtful.any()  # the test means something only with photos between the cuts
+    np.testing.assert_array_equal(hard.is_second_domain(emb), w >= 0.2)
+    p, t = hard.answer(logits, emb, (0.1, 0.3))
+    assert t is not None
+    both = hard.per_domain(logits)
+    np.testing.assert_allclose(p[doubtful], both[doubtful, 1])
+    np.testing.assert_array_equal(t[doubtful], 0.3)
+    assert "w >= 0.2" in hard.describe()["method"] and hard.describe()["cut"] == 0.2
+    hard.save(tmp_path / FILE)
+    assert DomainCalibration.load(tmp_path / FILE).cut == 0.2
+    # A file without the field (the shipped artifact's) reads from 0.5.
+    with np.load(tmp_path / FILE) as data:
+        old = {k: data[k] for k in data.files if k != "cut"}
+    np.savez(tmp_path / "old.npz", **old)
+    assert DomainCalibration.load(tmp_path / "old.npz").cut == 0.5
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="cut"):
+            replace(hard, cut=bad)
+
+
 def _reading_half_as_phone(served: dict[str, np.ndarray]) -> DomainCalibration:
     """A calibration on sqrt(ood_embedding) whose domain model reads about half the photos
     as phone photos (intercept at the median score)."""

@@ -84,6 +84,20 @@ VARIANTS: dict[str, Callable[[Image.Image], Image.Image]] = {
 }
 
 
+def own_domain_answer(
+    served: ServedAnswer, outputs: dict[str, np.ndarray], domain: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(whether each photo's domain is read right, whether it is called malignant when
+    answered with its true domain's scaling and threshold)."""
+    dc, thresholds = served.domain, served.domain_thresholds
+    assert dc is not None and thresholds is not None, "needs per-domain calibration"
+    second = domain == dc.domains[1]
+    read_right = dc.is_second_domain(outputs[dc.embedding_output]) == second
+    both = dc.per_domain(outputs["logit"].reshape(-1))
+    prob = np.where(second, both[:, 1], both[:, 0])
+    return read_right, prob >= np.where(second, thresholds[1], thresholds[0])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--artifact", type=Path, default=Path("models/default"))
@@ -112,9 +126,12 @@ def main() -> None:
     y, domain = val["label"].to_numpy(), val["domain"].astype(str).to_numpy()
     counts = val["domain"].value_counts().to_dict()
     print(f"validation images {counts}; thresholds as served; quality gate of the artifact")
-    columns = "ROC-AUC | sensitivity | specificity | answer changed | gate refuses"
+    columns = (
+        "ROC-AUC | sensitivity | specificity | answer changed | gate refuses | read as its domain"
+        " | sensitivity, its domain's scaling and threshold"
+    )
     print(f"| photos | domain | {columns} |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     base: np.ndarray | None = None
     for variant in variants:
         change = VARIANTS[variant]
@@ -130,15 +147,19 @@ def main() -> None:
         joined = {n: np.concatenate(v) for n, v in outputs.items()}
         prob, threshold = served.answer(joined["logit"].reshape(-1), joined)
         malignant = prob >= threshold
+        # How much of a change's cost is the domain misread: the photo answered as the server
+        # would had it read the domain right.
+        own = own_domain_answer(served, joined, domain)
         base = malignant if base is None else base
         gate = np.asarray(refused)
         for name in ("dermoscopy", "phone"):
             m = domain == name
             sens, spec = malignant[m & (y == 1)].mean(), 1 - malignant[m & (y == 0)].mean()
             changed, refuses = np.mean(malignant[m] != base[m]), gate[m].mean()
+            read, own_sens = own[0][m].mean(), own[1][m & (y == 1)].mean()
             print(
                 f"| {variant} | {name} | {roc_auc(y[m], prob[m]):.3f} | {sens:.3f} | {spec:.3f} "
-                f"| {changed:.1%} | {refuses:.1%} |"
+                f"| {changed:.1%} | {refuses:.1%} | {read:.1%} | {own_sens:.3f} |"
             )
 
 
