@@ -30,3 +30,144 @@ The copies' serve outputs are cached beside the gates' (``~/.cache/skin-lesion-t
 gates``, tags ``jpeg-valid`` and ``jpeg-lesions``): about 15 minutes on two cores the first
 time, then seconds.
 """
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from domain_loso import LEFT_OUT, SHIPPED_C, outputs, refit_reading
+from PIL import Image
+from quality.photo_changes import _jpeg
+
+from model_training.data import read_datasets
+from model_training.domain_calibration import FILE, DomainCalibration
+from model_training.gates.features import DEFAULT_CACHE, FeatureStore, ServeRunner
+from model_training.preprocessing import load_image_file
+from model_training.runner import saved_model_fingerprint
+
+QUALITIES = (15, 30)
+MAX_READ_LOSS = 0.01
+MAX_LOSO_RISE = 0.05
+MIN_GAIN = 0.10
+SOURCES = ("ham10000", "isic2017", "pad-ufes-20")
+
+
+def jpeg_outputs(
+    store: FeatureStore, tag: str, frame: pd.DataFrame, quality: int
+) -> dict[str, np.ndarray]:
+    """Serve outputs of ``frame``'s photos saved as JPEG at ``quality`` (cached by path)."""
+    paths = [str(p) for p in frame["path"]]
+    change = _jpeg(quality)
+
+    def make(i: int) -> Image.Image:
+        return change(load_image_file(paths[i]))
+
+    keys = [f"{p}#jpeg{quality}" for p in paths]
+    return store.get(tag, keys, make, desc=f"{tag} q{quality}")
+
+
+def read_right(d: DomainCalibration, emb: np.ndarray, frame: pd.DataFrame) -> dict[str, float]:
+    """Per source, the share of ``frame``'s photos whose domain ``d`` reads right."""
+    second = d.is_second_domain(emb)
+    truth = (frame["domain"] == d.domains[1]).to_numpy()
+    return {
+        s: float(np.mean(second[m] == truth[m]))
+        for s in SOURCES
+        if (m := (frame["dataset"] == s).to_numpy()).any()
+    }
+
+
+def main() -> None:
+    """Fit the domain model with and without JPEG copies and judge both by the rule above."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--artifact", type=Path, default=Path("models/default"))
+    p.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    args = p.parse_args()
+    shipped = DomainCalibration.load(args.artifact / FILE)
+    name = shipped.embedding_output
+    fingerprint = saved_model_fingerprint(args.artifact)
+    cache = args.cache_dir / fingerprint
+    store = FeatureStore(args.cache_dir, fingerprint, lambda: ServeRunner(args.artifact, 16))
+    df = read_datasets(args.data_dir)
+    valid, v_out = outputs(cache, "valid", df[df["split"] == "valid"])
+    train, t_out = outputs(cache, "lesions", df[df["split"] == "train"])
+    v_jpeg = {q: jpeg_outputs(store, "jpeg-valid", valid, q) for q in QUALITIES}
+    t_jpeg = {q: jpeg_outputs(store, "jpeg-lesions", train, q) for q in QUALITIES}
+
+    def fit(use: np.ndarray, with_copies: bool) -> DomainCalibration:
+        """The domain model on the validation photos ``use`` (and their copies)."""
+        frames = [valid[use]]
+        outs = [{k: v_out[k][use] for k in ("logit", name)}]
+        if with_copies:
+            for q in QUALITIES:
+                frames.append(valid[use])
+                outs.append({k: v_jpeg[q][k][use] for k in ("logit", name)})
+        frame = pd.concat(frames, ignore_index=True)
+        out = {k: np.concatenate([o[k] for o in outs]) for k in ("logit", name)}
+        return refit_reading(shipped, frame, out, SHIPPED_C)
+
+    print(
+        f"validation photos {valid['dataset'].value_counts().to_dict()}, cached training "
+        f"photos {train['dataset'].value_counts().to_dict()}; JPEG qualities {QUALITIES}"
+    )
+    print(
+        "| fit | PAD-UFES-20 training copies read as phone, q15 / q30 (headline: worst) |"
+        " training photos read right: HAM10000 / ISIC 2017 / PAD-UFES-20 |"
+        " dermoscopy training copies read right, q15 / q30: HAM10000 / ISIC 2017 |"
+        " left out, read as phone: ISIC 2017 / HAM10000 (worst) |"
+    )
+    print("| --- | --- | --- | --- | --- |")
+    every = np.ones(len(valid), dtype=bool)
+    results = {}
+    for label, copies in (("shipped (validation photos)", False), ("+ JPEG copies", True)):
+        d = fit(every, copies)
+        as_is = read_right(d, t_out[name], train)
+        jpeg = {q: read_right(d, t_jpeg[q][name], train) for q in QUALITIES}
+        headline = min(jpeg[q]["pad-ufes-20"] for q in QUALITIES)
+        misread = {}
+        for held in LEFT_OUT:
+            loso = fit((valid["dataset"] != held).to_numpy(), copies)
+            emb = np.concatenate([
+                v_out[name][(valid["dataset"] == held).to_numpy()],
+                t_out[name][(train["dataset"] == held).to_numpy()],
+            ])  # fmt: skip
+            misread[held] = float(loso.is_second_domain(emb).mean())
+        results[label] = (headline, as_is, jpeg, max(misread.values()))
+        print(
+            f"| {label} | "
+            + " / ".join(f"{jpeg[q]['pad-ufes-20']:.1%}" for q in QUALITIES)
+            + f" ({headline:.1%}) | "
+            + " / ".join(f"{as_is[s]:.1%}" for s in SOURCES)
+            + " | "
+            + " / ".join(f"{jpeg[q]['ham10000']:.1%} {jpeg[q]['isic2017']:.1%}" for q in QUALITIES)
+            + " | "
+            + " / ".join(f"{misread[s]:.1%}" for s in LEFT_OUT)
+            + f" ({max(misread.values()):.1%}) |"
+        )
+    base_head, base_as_is, base_jpeg, base_loso = results["shipped (validation photos)"]
+    head, as_is, jpeg, loso_worst = results["+ JPEG copies"]
+    checks = {
+        "(a) training photos as they are": all(
+            as_is[s] >= base_as_is[s] - MAX_READ_LOSS for s in SOURCES
+        ),
+        "(b) dermoscopy copies": all(
+            jpeg[q][s] >= base_jpeg[q][s] - MAX_READ_LOSS for q in QUALITIES for s in LEFT_OUT
+        ),
+        "(c) left-out source": loso_worst <= base_loso + MAX_LOSO_RISE,
+    }
+    eligible = all(checks.values())
+    kept = eligible and head >= base_head + MIN_GAIN
+    print(
+        "\n"
+        + "; ".join(f"{k}: {'pass' if v else 'fail'}" for k, v in checks.items())
+        + f"\nheadline {base_head:.1%} -> {head:.1%}; kept: "
+        + ("+ JPEG copies" if kept else "shipped")
+    )
+
+
+if __name__ == "__main__":
+    main()
