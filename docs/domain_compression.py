@@ -65,6 +65,7 @@ QUALITIES = (15, 30)
 MAX_READ_LOSS = 0.01
 MAX_LOSO_RISE = 0.05
 MIN_GAIN = 0.10
+WEIGHTS = (1.0, 0.5, 0.25, 0.1)
 SOURCES = ("ham10000", "isic2017", "pad-ufes-20")
 
 
@@ -99,6 +100,7 @@ def main() -> None:
     p.add_argument("--artifact", type=Path, default=Path("models/default"))
     p.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--weights", action="store_true", help="the second comparison: copy weights")
     args = p.parse_args()
     shipped = DomainCalibration.load(args.artifact / FILE)
     name = shipped.embedding_output
@@ -111,74 +113,77 @@ def main() -> None:
     v_jpeg = {q: jpeg_outputs(store, "jpeg-valid", valid, q) for q in QUALITIES}
     t_jpeg = {q: jpeg_outputs(store, "jpeg-lesions", train, q) for q in QUALITIES}
 
-    def fit(use: np.ndarray, with_copies: bool) -> DomainCalibration:
-        """The domain model on the validation photos ``use`` (and their copies)."""
+    def fit(use: np.ndarray, weight: float) -> DomainCalibration:
+        """The domain model on the validation photos ``use`` and, at ``weight`` > 0, their
+        JPEG copies with that sample weight."""
         frames = [valid[use]]
         outs = [{k: v_out[k][use] for k in ("logit", name)}]
-        if with_copies:
-            for q in QUALITIES:
-                frames.append(valid[use])
-                outs.append({k: v_jpeg[q][k][use] for k in ("logit", name)})
+        weights = [np.ones(int(use.sum()))]
+        for q in QUALITIES if weight > 0 else ():
+            frames.append(valid[use])
+            outs.append({k: v_jpeg[q][k][use] for k in ("logit", name)})
+            weights.append(np.full(int(use.sum()), weight))
         frame = pd.concat(frames, ignore_index=True)
         out = {k: np.concatenate([o[k] for o in outs]) for k in ("logit", name)}
-        return refit_reading(shipped, frame, out, SHIPPED_C)
+        return refit_reading(shipped, frame, out, SHIPPED_C, np.concatenate(weights))
 
     print(
         f"validation photos {valid['dataset'].value_counts().to_dict()}, cached training "
         f"photos {train['dataset'].value_counts().to_dict()}; JPEG qualities {QUALITIES}"
     )
     print(
-        "| fit | PAD-UFES-20 training copies read as phone, q15 / q30 (headline: worst) |"
-        " training photos read right: HAM10000 / ISIC 2017 / PAD-UFES-20 |"
+        "| copy weight | PAD-UFES-20 training copies read as phone, q15 / q30 (headline: worst)"
+        " | training photos read right: HAM10000 / ISIC 2017 / PAD-UFES-20 |"
         " dermoscopy training copies read right, q15 / q30: HAM10000 / ISIC 2017 |"
-        " left out, read as phone: ISIC 2017 / HAM10000 (worst) |"
+        " left out, read as phone: ISIC 2017 / HAM10000 (worst) | eligible |"
     )
-    print("| --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- |")
     every = np.ones(len(valid), dtype=bool)
-    results = {}
-    for label, copies in (("shipped (validation photos)", False), ("+ JPEG copies", True)):
-        d = fit(every, copies)
+    base: tuple[float, dict[str, float], dict[int, dict[str, float]], float] | None = None
+    eligible = []
+    for weight in (0.0, *(WEIGHTS if args.weights else (1.0,))):
+        d = fit(every, weight)
         as_is = read_right(d, t_out[name], train)
         jpeg = {q: read_right(d, t_jpeg[q][name], train) for q in QUALITIES}
-        headline = min(jpeg[q]["pad-ufes-20"] for q in QUALITIES)
+        head = min(jpeg[q]["pad-ufes-20"] for q in QUALITIES)
         misread = {}
         for held in LEFT_OUT:
-            loso = fit((valid["dataset"] != held).to_numpy(), copies)
+            loso = fit((valid["dataset"] != held).to_numpy(), weight)
             emb = np.concatenate([
                 v_out[name][(valid["dataset"] == held).to_numpy()],
                 t_out[name][(train["dataset"] == held).to_numpy()],
             ])  # fmt: skip
             misread[held] = float(loso.is_second_domain(emb).mean())
-        results[label] = (headline, as_is, jpeg, max(misread.values()))
+        worst = max(misread.values())
+        base = base or (head, as_is, jpeg, worst)
+        _, b_as_is, b_jpeg, b_worst = base
+        checks = (
+            all(as_is[s] >= b_as_is[s] - MAX_READ_LOSS for s in SOURCES),
+            all(jpeg[q][s] >= b_jpeg[q][s] - MAX_READ_LOSS for q in QUALITIES for s in LEFT_OUT),
+            worst <= b_worst + MAX_LOSO_RISE,
+        )
+        if weight > 0 and all(checks):
+            eligible.append((head, -weight))
         print(
-            f"| {label} | "
+            f"| {'0 (shipped)' if weight == 0 else f'{weight:g}'} | "
             + " / ".join(f"{jpeg[q]['pad-ufes-20']:.1%}" for q in QUALITIES)
-            + f" ({headline:.1%}) | "
+            + f" ({head:.1%}) | "
             + " / ".join(f"{as_is[s]:.1%}" for s in SOURCES)
             + " | "
             + " / ".join(f"{jpeg[q]['ham10000']:.1%} {jpeg[q]['isic2017']:.1%}" for q in QUALITIES)
             + " | "
             + " / ".join(f"{misread[s]:.1%}" for s in LEFT_OUT)
-            + f" ({max(misread.values()):.1%}) |"
+            + f" ({worst:.1%}) | "
+            + ("-" if weight == 0 else " ".join("pass" if c else "fail" for c in checks))
+            + " |"
         )
-    base_head, base_as_is, base_jpeg, base_loso = results["shipped (validation photos)"]
-    head, as_is, jpeg, loso_worst = results["+ JPEG copies"]
-    checks = {
-        "(a) training photos as they are": all(
-            as_is[s] >= base_as_is[s] - MAX_READ_LOSS for s in SOURCES
-        ),
-        "(b) dermoscopy copies": all(
-            jpeg[q][s] >= base_jpeg[q][s] - MAX_READ_LOSS for q in QUALITIES for s in LEFT_OUT
-        ),
-        "(c) left-out source": loso_worst <= base_loso + MAX_LOSO_RISE,
-    }
-    eligible = all(checks.values())
-    kept = eligible and head >= base_head + MIN_GAIN
+    assert base is not None
+    # Highest headline; on a tie the smaller weight (max over (headline, -weight) picks it).
+    best = max(eligible, default=None)
+    kept = best is not None and best[0] >= base[0] + MIN_GAIN
     print(
-        "\n"
-        + "; ".join(f"{k}: {'pass' if v else 'fail'}" for k, v in checks.items())
-        + f"\nheadline {base_head:.1%} -> {head:.1%}; kept: "
-        + ("+ JPEG copies" if kept else "shipped")
+        "\nbounds (a) training photos as they are, (b) dermoscopy copies, (c) left-out source;"
+        f" kept: {f'copy weight {-best[1]:g}' if kept and best else 'shipped fit'}"
     )
 
 

@@ -128,13 +128,19 @@ LEFT_OUT = ("isic2017", "ham10000")
 
 
 def refit_reading(
-    shipped: DomainCalibration, frame: pd.DataFrame, out: dict[str, np.ndarray], c: float
+    shipped: DomainCalibration,
+    frame: pd.DataFrame,
+    out: dict[str, np.ndarray],
+    c: float,
+    weight: np.ndarray | None = None,
 ) -> DomainCalibration:
-    """The shipped calibration with its domain model fitted again on ``frame``'s photos."""
+    """The shipped calibration with its domain model fitted again on ``frame``'s photos
+    (each weighted by ``weight`` when given)."""
     name = shipped.embedding_output
     refit = fit_domain_calibration(
         out["logit"], out[name], frame["label"].to_numpy(), frame["domain"].to_numpy(), c=c,
         embedding_output=name, sqrt=shipped.sqrt, assignment=shipped.assignment,
+        sample_weight=weight,
     )  # fmt: skip
     # Only the domain reading changes: the shipped scalings and thresholds answer.
     return dataclasses.replace(

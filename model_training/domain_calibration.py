@@ -210,6 +210,7 @@ def fit_domain_calibration(
     sqrt: bool = True,
     assignment: str = "mixture",
     cut: float = SECOND_DOMAIN_CUT,
+    sample_weight: npt.ArrayLike | None = None,
 ) -> DomainCalibration:
     """Fit the domain classifier and the per-domain Platt scalings on labelled images.
 
@@ -218,7 +219,8 @@ def fit_domain_calibration(
     and its classes are weighted equally: phone photos are few, and a user's domain is not
     the training mix. ``assignment``: how :meth:`DomainCalibration.calibrate` combines the
     scalings (``ASSIGNMENTS``) and ``cut`` from which domain probability a photo is read as
-    the second domain; the fitted parameters are the same either way.
+    the second domain; the fitted parameters are the same either way. ``sample_weight``
+    weighs each image in the domain classifier's fit (not in the scalings').
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -230,7 +232,7 @@ def fit_domain_calibration(
     mean = emb.mean(axis=0)
     scale = emb.std(axis=0) + 1e-6
     clf = LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
-    clf.fit((emb - mean) / scale, names == order[1])
+    clf.fit((emb - mean) / scale, names == order[1], sample_weight=sample_weight)
     z, labels = np.asarray(logits, dtype=np.float64), np.asarray(y)
     params = [fit_platt(z[names == d], labels[names == d]) for d in order]
     return DomainCalibration(

@@ -211,6 +211,26 @@ def test_the_domain_cut_reads_doubtful_photos_as_the_second_domain(tmp_path: Pat
             replace(hard, cut=bad)
 
 
+def test_sample_weights_weigh_only_the_domain_classifiers_fit() -> None:
+    logits, emb, y, domains = _two_domains()
+    keep = np.arange(len(y)) < 400
+    alone = fit_domain_calibration(logits[keep], emb[keep], y[keep], domains[keep])
+    # Photos of weight 0 leave the classifier (they still enter the standardisation, so the
+    # readings agree rather than match).
+    weighted = fit_domain_calibration(
+        logits, emb, y, domains, sample_weight=np.where(keep, 1.0, 0.0)
+    )
+    assert weighted.bias == pytest.approx(
+        fit_domain_calibration(logits, emb, y, domains).bias
+    )  # the scalings see every photo, unweighted
+    agree = np.mean(weighted.is_second_domain(emb) == alone.is_second_domain(emb))
+    assert agree > 0.99
+    flipped = fit_domain_calibration(
+        logits, emb, y, domains, sample_weight=np.where(keep, 1.0, 50.0)
+    )
+    assert not np.allclose(flipped.coef, weighted.coef)
+
+
 def _reading_half_as_phone(served: dict[str, np.ndarray]) -> DomainCalibration:
     """A calibration on sqrt(ood_embedding) whose domain model reads about half the photos
     as phone photos (intercept at the median score)."""
