@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageFilter
 
 from model_training import fastmodel
 from model_training.data import read_datasets
@@ -66,6 +66,21 @@ def _low_resolution(side: int) -> Callable[[Image.Image], Image.Image]:
     return change
 
 
+def _sent_on(side: int, quality: int, median: int = 0) -> Callable[[Image.Image], Image.Image]:
+    """A photo passed on: smoothed by a phone's noise reduction (a median filter of that
+    size, 0 for none), its longer side cut to ``side`` and saved as JPEG at ``quality``."""
+    jpeg = _jpeg(quality)
+
+    def change(im: Image.Image) -> Image.Image:
+        if median:
+            im = im.filter(ImageFilter.MedianFilter(median))
+        k = min(1.0, side / max(im.size))
+        im = im.resize((round(im.width * k), round(im.height * k)), Image.Resampling.BICUBIC)
+        return jpeg(im)
+
+    return change
+
+
 SEPIA = (0.393, 0.769, 0.189, 0.0, 0.349, 0.686, 0.168, 0.0, 0.272, 0.534, 0.131, 0.0)
 VARIANTS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "as taken": lambda im: im,
@@ -81,6 +96,9 @@ VARIANTS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "JPEG quality 30": _jpeg(30),
     "JPEG quality 50": _jpeg(50),
     "JPEG quality 75": _jpeg(75),
+    "sent by a messenger (1600 px JPEG 60)": _sent_on(1600, 60),
+    "noise reduction (median 5) then 1600 px JPEG 50": _sent_on(1600, 50, median=5),
+    "thumbnail (640 px JPEG 40)": _sent_on(640, 40),
     "150 px camera": _low_resolution(150),
     "brighter mid-tones (gamma 0.7)": _gamma(0.7),
     "darker mid-tones (gamma 1.4)": _gamma(1.4),
