@@ -154,7 +154,8 @@ def test_laplacian_of_a_flat_image_is_zero() -> None:
 
 
 def test_threshold_rule_keeps_real_images_and_rejects_degraded_copies(phone: Image.Image) -> None:
-    from model_training.gates.quality_fit import choose_quality_threshold, degrade
+    from model_training.gates.degrade import degrade
+    from model_training.gates.quality_fit import choose_quality_threshold
 
     rng = np.random.default_rng(0)
     real = {"a": rng.uniform(100, 200, 1000), "b": rng.uniform(90, 180, 100)}

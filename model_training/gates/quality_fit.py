@@ -1,8 +1,9 @@
 """Fit the photo-quality gate (``model_training.quality``) on real and degraded images.
 
 Every training image of each set is measured, with one deliberately degraded copy per kind
-(shrunk to a thumbnail, Gaussian-blurred, darkened, overexposed, drained of colour; made in
-memory, seeded severity from a fixed range) of a sample of them. Each threshold is the
+(``model_training.gates.degrade``: shrunk to a thumbnail, Gaussian-blurred, darkened,
+overexposed, drained of colour; made in memory, seeded severity from a
+fixed range) of a sample of them. Each threshold is the
 max-margin one between the strictest value that still keeps >= 99.83 % of the real images of
 every set (so the six checks together keep >= 99 %) and the degraded copies' 90 % quantile
 toward the real ones (``DEGRADED_SHARE``: at least 90 % of them refused), or the nearest
@@ -22,10 +23,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image
 
 from model_training.artefacts import ARTEFACTS, with_artefact
-from model_training.gates.features import FeatureStore, stable_seed
+from model_training.gates.degrade import DEGRADATIONS, EXPECTED_CODE, degraded_copies
+from model_training.gates.features import FeatureStore
 from model_training.preprocessing import load_image_file
 from model_training.quality import QualityMeasures, issues_from_measures, measure_quality
 from model_training.served import ServedAnswer
@@ -34,15 +36,6 @@ from model_training.served import ServedAnswer
 # toward them: chosen leave-one-source-out first (docs/quality/threshold_rule.py and .txt;
 # with 1, ISIC 2017 left out of the choice had 3.41 % of its photos refused, with 0.9 0.75 %).
 DEGRADED_SHARE = 0.9
-# Degraded copies: kind -> (parameter, low, high); one copy per image and kind, seeded.
-DEGRADATIONS: dict[str, tuple[str, float, float]] = {
-    "tiny": ("shorter side in pixels", 12.0, 48.0),
-    "blurred": ("Gaussian radius as a fraction of the shorter side", 0.012, 0.03),
-    "dark": ("brightness factor", 0.08, 0.3),
-    "overexposed": ("brightness gain, then clipped at 255", 1.8, 3.0),
-    # A black-and-white filter or mode, or a photo of a grey print (0: fully grey).
-    "monochrome": ("share of the colour saturation kept", 0.0, 0.05),
-}
 # Which degraded kind each threshold is set against, and its direction and scale.
 QUALITY_CHECKS: dict[str, tuple[str, str, str, str]] = {
     # key: (measure, degraded kind, "min" | "max", "geometric" | "arithmetic")
@@ -53,13 +46,6 @@ QUALITY_CHECKS: dict[str, tuple[str, str, str, str]] = {
     "max_clipped_fraction": ("clipped_fraction", "overexposed", "max", "arithmetic"),
     "min_colourfulness": ("colourfulness", "monochrome", "min", "arithmetic"),
 }
-EXPECTED_CODE = {
-    "tiny": "too_small",
-    "blurred": "too_blurry",
-    "dark": "too_dark",
-    "overexposed": "overexposed",
-    "monochrome": "no_colour",
-}
 ROUNDING = {
     "min_side": 0,
     "min_sharpness": 2,
@@ -69,34 +55,6 @@ ROUNDING = {
     "min_colourfulness": 1,
 }
 # Detector variants compared on the "choice" non-lesion photos: (group by, tied, components);
-
-
-def degrade(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, float]:
-    """A degraded copy of ``img`` (see DEGRADATIONS) and the severity drawn."""
-    _, low, high = DEGRADATIONS[kind]
-    w, h = img.size
-    if kind == "tiny":
-        side = float(rng.integers(int(low), int(high) + 1))
-        scale = side / min(w, h)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        return img.resize(size, Image.Resampling.BILINEAR), side
-    value = float(rng.uniform(low, high))
-    if kind == "blurred":
-        return img.filter(ImageFilter.GaussianBlur(value * min(w, h))), value
-    if kind in ("dark", "overexposed"):
-        arr = np.asarray(img, dtype=np.float32) * value
-        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8)), value
-    if kind == "monochrome":
-        return ImageEnhance.Color(img).enhance(value), value
-    raise ValueError(f"unknown degradation {kind!r}")
-
-
-def degraded_copies(img: Image.Image, key: str, seed: int) -> dict[str, tuple[Image.Image, float]]:
-    """One copy per kind, each seeded by (seed, image key, kind): order-independent."""
-    return {
-        kind: degrade(img, kind, np.random.default_rng(stable_seed(seed, key, kind)))
-        for kind in DEGRADATIONS
-    }
 
 
 def _quantile(values: np.ndarray, q: float, method: str) -> float:
@@ -383,7 +341,14 @@ def quality_from_measures(
         "validation": _gate_rates(val_real, val_degraded),
         "quantiles_choice_real": {
             m: {f"q{q:g}": float(real[m].quantile(q / 100)) for q in (0, 0.2, 1, 50, 99, 99.8, 100)}
-            for m in ("min_side", "sharpness", "brightness", "clipped_fraction", "colourfulness")
+            for m in (
+                "min_side",
+                "sharpness",
+                "brightness",
+                "clipped_fraction",
+                "colourfulness",
+                "colour_spread",
+            )
         },
     }
     return thresholds, report
