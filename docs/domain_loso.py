@@ -81,6 +81,7 @@ import argparse
 import dataclasses
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -106,6 +107,16 @@ def outputs(
         raise SystemExit(f"{cache / name}.npz holds none of these photos: run fit-gates first")
     take = index[rows["path"]].to_numpy()
     return rows, {k: v[take] for k, v in got.items() if k != "keys"}
+
+
+class Photos(NamedTuple):
+    """The validation and cached training photos with their cached serve outputs."""
+
+    valid: pd.DataFrame
+    v_out: dict[str, np.ndarray]
+    train: pd.DataFrame
+    t_out: dict[str, np.ndarray]
+    cache: Path
 
 
 def answer_figures(y: np.ndarray, p: np.ndarray, t: np.ndarray) -> str:
@@ -234,16 +245,9 @@ def phone_look_copies(
     return copies, copy_out
 
 
-def phone_look(
-    shipped: DomainCalibration,
-    thresholds: tuple[float, float],
-    valid: pd.DataFrame,
-    v_out: dict[str, np.ndarray],
-    train: pd.DataFrame,
-    t_out: dict[str, np.ndarray],
-    cache: Path,
-) -> None:
+def phone_look(shipped: DomainCalibration, thresholds: tuple[float, float], photos: Photos) -> None:
     """The ``--compare phone-look`` measurement of the module docstring."""
+    valid, v_out, train, t_out, cache = photos
     name = shipped.embedding_output
     copies, copy_out = phone_look_copies(name, train, cache)
     derm = (valid["domain"] == "dermoscopy").to_numpy()
@@ -301,15 +305,10 @@ def phone_look_fit(
 
 
 def compare_cut(
-    shipped: DomainCalibration,
-    thresholds: tuple[float, float],
-    valid: pd.DataFrame,
-    v_out: dict[str, np.ndarray],
-    train: pd.DataFrame,
-    t_out: dict[str, np.ndarray],
-    cache: Path,
+    shipped: DomainCalibration, thresholds: tuple[float, float], photos: Photos
 ) -> None:
     """The third comparison of the module docstring: a domain cut below 0.5."""
+    valid, v_out, train, t_out, cache = photos
     name = shipped.embedding_output
     proxy = phone_look_fit(shipped, valid, v_out, train, cache)
     pad_v = (valid["dataset"] == "pad-ufes-20").to_numpy()
@@ -409,10 +408,10 @@ def main() -> None:
         compare_photos(shipped, valid, v_out, train, t_out)
         return
     if args.compare == "phone-look":
-        phone_look(shipped, thresholds, valid, v_out, train, t_out, cache)
+        phone_look(shipped, thresholds, Photos(valid, v_out, train, t_out, cache))
         return
     if args.compare == "cut":
-        compare_cut(shipped, thresholds, valid, v_out, train, t_out, cache)
+        compare_cut(shipped, thresholds, Photos(valid, v_out, train, t_out, cache))
         return
     print(
         f"domain model: {name}, sqrt {shipped.sqrt}, assignment {shipped.assignment}; "
