@@ -2,8 +2,8 @@
 
 Every training image of each set is measured, with one deliberately degraded copy per kind
 (``model_training.gates.degrade``: shrunk to a thumbnail, Gaussian-blurred, darkened,
-overexposed, drained of colour; made in memory, seeded severity from a
-fixed range) of a sample of them. Each threshold is the
+overexposed, drained of colour; made in memory, seeded severity from a fixed range) of a
+sample of them. Each threshold is the
 max-margin one between the strictest value that still keeps >= 99.83 % of the real images of
 every set (so the six checks together keep >= 99 %) and the degraded copies' 90 % quantile
 toward the real ones (``DEGRADED_SHARE``: at least 90 % of them refused), or the nearest
@@ -341,14 +341,7 @@ def quality_from_measures(
         "validation": _gate_rates(val_real, val_degraded),
         "quantiles_choice_real": {
             m: {f"q{q:g}": float(real[m].quantile(q / 100)) for q in (0, 0.2, 1, 50, 99, 99.8, 100)}
-            for m in (
-                "min_side",
-                "sharpness",
-                "brightness",
-                "clipped_fraction",
-                "colourfulness",
-                "colour_spread",
-            )
+            for m in ("min_side", "sharpness", "brightness", "clipped_fraction", "colourfulness")
         },
     }
     return thresholds, report
