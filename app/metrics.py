@@ -58,6 +58,14 @@ class Metrics:
             ["label"],
             registry=r,
         )
+        # A shift in this mix is the first sign of a new camera or clinic (a phone read as
+        # dermoscopy gets the less sensitive threshold: docs/calibration.md).
+        self.assessed_by_domain = Counter(
+            "triage_assessed_by_domain",
+            "Assessed photos by the kind of photo they were read as (domain_calibration.domains).",
+            ["domain"],
+            registry=r,
+        )
         self.rejected_inputs = Counter(
             "triage_rejected_inputs",
             "Uploads not assessed, by reason (not_an_image, empty_file, too_large, quality "

@@ -49,6 +49,9 @@ class Inference:
     # [n] decision threshold of each photo's inferred domain, when the artifact has one per
     # domain (metadata domain_calibration.thresholds); None: metadata's threshold for all
     thresholds: np.ndarray | None = None
+    # [n] the domain each photo was read as (metadata domain_calibration.domains), whose
+    # calibration answered it; None without per-domain calibration
+    domains: list[str] | None = None
 
 
 @dataclass
@@ -202,12 +205,14 @@ class TriageModel:
         # The output the OOD statistics were fitted on (metadata ood.embedding_output).
         embedding = outputs.get(self.metadata.ood_embedding_output)
         dc = self.domain_calibration
+        domains = None
         if dc is None:
             probabilities, thresholds = self.calibrate(logits), None
         else:
             # Per-domain calibration reads the domain off the un-flipped view's output.
             features = outputs[dc.embedding_output][:n]
             probabilities, thresholds = dc.answer(logits, features, self.domain_thresholds)
+            domains = [dc.domains[int(s)] for s in dc.is_second_domain(features)]
         cams = outputs.get("cam") if self.runtime.forward_cam else None
         return Inference(
             logits=logits,
@@ -215,6 +220,7 @@ class TriageModel:
             embeddings=None if embedding is None else embedding[:n],
             cams=None if cams is None else cams[:n],
             thresholds=thresholds,
+            domains=domains,
         )
 
     def explain(

@@ -135,6 +135,13 @@ class PredictionResult(BaseModel):
         examples=[0.31],
     )
     risk_tier: RiskTierOut | None = None
+    photo_domain: str | None = Field(
+        default=None,
+        description="Only with status ok, when the model calibrates per kind of photo: the "
+        "kind this photo was read as (one of the model's domain_calibration.domains, such as "
+        "dermoscopy or phone), whose calibration and threshold answered it; null otherwise",
+        examples=["phone"],
+    )
     headline: str = Field(description="The result in plain words")
     advice: str | None = Field(default=None, description="What to do next")
     reasons: list[ReasonOut] = Field(

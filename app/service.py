@@ -138,6 +138,7 @@ class TriageService:
         inference_ms = explain_ms = 0.0
         probabilities: dict[int, float] = {}
         thresholds: dict[int, float] = {}  # a photo's own threshold (per inferred domain)
+        domains: dict[int, str] = {}  # the domain each photo was read as
         outliers: set[int] = set()
         notes: dict[int, list[Reason]] = {}  # artefacts noted on assessed photos
         heatmaps: dict[int, tuple[np.ndarray, bool]] = {}  # map, shows evidence against
@@ -158,6 +159,8 @@ class TriageService:
                 probabilities[it.index] = float(p)
                 if inference.thresholds is not None:
                     thresholds[it.index] = float(inference.thresholds[row])
+                if inference.domains is not None:
+                    domains[it.index] = inference.domains[row]
             to_explain = [i for i, it in enumerate(runnable) if it.index not in outliers]
             if options.explain and to_explain:
                 # A negative answer shows the evidence against the positive label: the map of
@@ -202,6 +205,7 @@ class TriageService:
                     request_id,
                     thresholds.get(it.index),
                 )
+                result.photo_domain = domains.get(it.index)
                 result.notes = [NoteOut(**vars(n)) for n in notes.get(it.index, [])]
             if options.preview:
                 result.preview_jpeg_base64 = b64(preview_jpeg(it.image))
@@ -325,6 +329,8 @@ class TriageService:
     def _count(self, result: PredictionResult) -> None:
         if result.status == "ok":
             self.metrics.predictions.labels(label=result.label or "none").inc()
+            if result.photo_domain is not None:
+                self.metrics.assessed_by_domain.labels(domain=result.photo_domain).inc()
         else:
             for reason in result.reasons:
                 self.metrics.rejected_inputs.labels(reason=reason.code).inc()

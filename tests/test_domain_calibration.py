@@ -282,6 +282,8 @@ def test_server_applies_a_threshold_per_inferred_domain(
         out.probabilities, dc.calibrate(served["logit"], served["ood_embedding"]), rtol=1e-5
     )
     assert_phone_threshold_and_offline_answers(model_dir, served, out, phone)
+    assert out.domains == ["phone" if s else "dermoscopy" for s in phone]
+    assert plain.infer(batch).domains is None
     p_plain, t_plain = ServedAnswer.of(plain_dir, plain.metadata.raw).answer(served["logit"], {})
     np.testing.assert_allclose(p_plain, plain.infer(batch).probabilities, rtol=1e-5)
     assert set(t_plain) == {plain.metadata.raw["threshold"]}
@@ -300,6 +302,7 @@ def test_server_applies_a_threshold_per_inferred_domain(
             ).json()
             assert body["status"] == "ok", body
             assert body["threshold"] == pytest.approx(t)
+            assert body["photo_domain"] == ("phone" if t == 0.9 else "dermoscopy")
             assert body["label"] == ("malignant" if p >= t else "benign")
             tier = model.tier_for(float(p), float(t))
             assert body["risk_tier"]["name"] == tier.name
@@ -308,6 +311,13 @@ def test_server_applies_a_threshold_per_inferred_domain(
         assert page.status_code == 200
         want = "90%" if phone[0] else "25%"
         assert f"doctor's check from {want}" in page.text
+        # Operators see the mix of photo kinds (the page's photo counted too).
+        metrics = c.get("/metrics").text
+        for domain, n in (
+            ("phone", int(phone.sum()) + int(phone[0])),
+            ("dermoscopy", int((~phone).sum()) + int(not phone[0])),
+        ):
+            assert f'triage_assessed_by_domain_total{{domain="{domain}"}} {n}.0' in metrics
 
 
 def test_domain_thresholds_outside_the_neighbouring_tiers_are_refused(

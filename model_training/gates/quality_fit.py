@@ -3,11 +3,11 @@
 Every training image of each set is measured, with one deliberately degraded copy per kind
 (``model_training.gates.degrade``: shrunk to a thumbnail, Gaussian-blurred, darkened,
 overexposed, drained of colour; made in memory, seeded severity from a fixed range) of a
-sample of them. Each threshold is the
-max-margin one between the strictest value that still keeps >= 99.83 % of the real images of
-every set (so the six checks together keep >= 99 %) and the degraded copies' 90 % quantile
-toward the real ones (``DEGRADED_SHARE``: at least 90 % of them refused), or the nearest
-degraded copy on the wrong side of it when that is nearer. The rates are then measured on
+sample of them. Each threshold is the max-margin one between the strictest value that still
+keeps >= 99.83 % of the real images of every set (so the six checks together keep >= 99 %)
+and the degraded copies' 90 % quantile toward the real ones (``DEGRADED_SHARE``: at least
+90 % of them refused), or the nearest degraded copy on the wrong side of it when that is
+nearer. The rates are then measured on
 the validation images, their degraded copies and their artefact copies (hair, ink, ruler,
 vignette, dermatoscope rim: never a reason to refuse), which the choice never saw. A sample
 of validation images also goes through the model with and without each degradation, to
