@@ -330,11 +330,12 @@ def compare_cut(
     )
     print("| --- | --- | --- | --- | --- | --- |")
     rows = {}
+    y, logit = valid["label"].to_numpy()[pad_v], v_out["logit"][pad_v]
     for cut in CANDIDATE_CUTS:
         every = dataclasses.replace(shipped, cut=cut)
-        headline = float(dataclasses.replace(proxy, cut=cut).is_second_domain(pad_emb).mean())
-        y, logit = valid["label"].to_numpy()[pad_v], v_out["logit"][pad_v]
-        prob, t = dataclasses.replace(proxy, cut=cut).answer(logit, v_out[name][pad_v], thresholds)
+        reading = dataclasses.replace(proxy, cut=cut)
+        headline = float(reading.is_second_domain(pad_emb).mean())
+        prob, t = reading.answer(logit, v_out[name][pad_v], thresholds)
         assert t is not None
         pad_answers = answer_figures(y, prob, t)
         read_derm = {
