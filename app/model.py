@@ -211,8 +211,10 @@ class TriageModel:
         else:
             # Per-domain calibration reads the domain off the un-flipped view's output.
             features = outputs[dc.embedding_output][:n]
-            probabilities, thresholds = dc.answer(logits, features, self.domain_thresholds)
-            domains = [dc.domains[int(s)] for s in dc.is_second_domain(features)]
+            probabilities, thresholds, second = dc.answer_and_read(
+                logits, features, self.domain_thresholds
+            )
+            domains = [dc.domains[int(s)] for s in second]
         cams = outputs.get("cam") if self.runtime.forward_cam else None
         return Inference(
             logits=logits,

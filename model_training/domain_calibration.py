@@ -107,14 +107,25 @@ class DomainCalibration:
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64] | None]:
         """(calibrated probabilities, each photo's threshold or None without ``thresholds``),
         the domain read once for both (:meth:`calibrate`, :meth:`image_thresholds`)."""
+        p, t, _ = self.answer_and_read(logits, embeddings, thresholds)
+        return p, t
+
+    def answer_and_read(
+        self,
+        logits: npt.ArrayLike,
+        embeddings: npt.ArrayLike,
+        thresholds: tuple[float, float] | None = None,
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64] | None, npt.NDArray[np.bool_]]:
+        """:meth:`answer` plus the reading it used: whether each photo was read as
+        ``domains[1]`` (for callers that report it, without reading the domain again)."""
         w = self.second_domain_probability(embeddings)
-        second = w >= self.cut
+        second = np.asarray(w >= self.cut, dtype=bool)
         weight = second.astype(np.float64) if self.assignment == "hard" else w
         both = self.per_domain(logits)
         p = np.asarray((1 - weight) * both[:, 0] + weight * both[:, 1], dtype=np.float64)
         if thresholds is None:
-            return p, None
-        return p, np.where(second, float(thresholds[1]), float(thresholds[0]))
+            return p, None, second
+        return p, np.where(second, float(thresholds[1]), float(thresholds[0])), second
 
     def save(self, path: Path) -> None:
         """Write the parameters as a plain ``.npz`` (no pickles)."""
