@@ -98,6 +98,26 @@ HEATMAP_TEXTS: dict[str, dict[str, str]] = {
     },
 }
 
+# The result card's line naming the kind of photo a model with one calibration per kind read
+# the photo as (PredictionResult.photo_domain; model_training.data.DOMAINS names the kinds). A
+# phone photo read as dermoscopy gets dermoscopy's threshold, so a user who sees the wrong kind
+# knows the answer is less sure; two photos with different thresholds are explained too.
+PHOTO_KINDS: dict[str, str] = {
+    "dermoscopy": "a dermatoscope image (taken through a skin magnifier with its own light)",
+    "phone": "an ordinary close-up photo (a phone or camera, no dermatoscope)",
+}
+PHOTO_KIND_HINT = (
+    "The estimate and the level for a doctor's check are set for that kind of photo; if it "
+    "is wrong, treat the result with extra caution."
+)
+
+
+def photo_kind(domain: str) -> str:
+    """The result card's sentence for a photo read as ``domain`` (a name not in PHOTO_KINDS
+    is quoted as it is)."""
+    return f"Read as {PHOTO_KINDS.get(domain, f'a “{domain}” photo')}. {PHOTO_KIND_HINT}"
+
+
 PHOTO_TIPS: tuple[str, ...] = (
     "Hold the camera about 10 cm from the skin; tap the screen to focus.",
     "Use good, even daylight; avoid the flash (its glare hides detail).",

@@ -392,6 +392,10 @@
             " or above are flagged for a doctor's check.",
         ])
       );
+      var kind = r.photo_domain && model && model.photo_kinds ? model.photo_kinds[r.photo_domain] : null;
+      if (kind) {
+        children.push(el("p", { class: "hint photo-kind", "data-photo-domain": r.photo_domain }, [kind]));
+      }
       children.push(probabilityBar(r));
       children.push(
         el("section", { class: "next-step", "aria-labelledby": "next-step-heading" }, [

@@ -74,6 +74,7 @@ def test_upload_page_carries_model_facts_for_the_script(
     assert facts["threshold"] == metadata["threshold"]
     assert [t["name"] for t in facts["tiers"]] == [t["name"] for t in metadata["risk_tiers"]]
     assert {t["position"] for t in facts["tiers"]} <= {"lowest", "between", "above"}
+    assert facts["photo_kinds"] == {}  # one calibration for every photo: no kind to name
 
 
 def test_form_post_renders_the_result_page(
@@ -101,6 +102,7 @@ def test_form_post_renders_the_result_page(
     assert 'class="heat-toggle"' in html  # CSS-only toggle: works without JavaScript
     assert '<svg class="prob-bar"' in html and 'class="threshold"' in html
     assert api["model_version"] in html
+    assert api["photo_domain"] is None and "photo-kind" not in html
     for sign in ("Asymmetry", "Border", "Colour", "Diameter", "6 mm", "Evolving", "bleeds"):
         assert sign in html
     assert "not a diagnosis" in html.lower()

@@ -20,13 +20,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.texts import DISCLAIMER, HEADLINES, HEATMAP_TEXTS, OOD_MESSAGE
+from app.texts import DISCLAIMER, HEADLINES, HEATMAP_TEXTS, OOD_MESSAGE, photo_kind
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models" / "default"
 IMAGES = Path(__file__).parent / "fixtures" / "images"
 LESION = IMAGES / "isic2017_nevus_ISIC_0000000.jpg"
 MELANOMA = IMAGES / "isic2017_melanoma_ISIC_0000002.jpg"
+PHONE_PHOTO = IMAGES / "pad-ufes-20_nev_PAT_1107_427_352.jpg"
 PHONE = {"width": 390, "height": 844}
 TIMEOUT_MS = 120_000  # the full InceptionV3 plus its heat map on a couple of CPU cores
 PERCENT = re.compile(r"(less than 1%|more than 99%|\b\d{1,2}%)")
@@ -125,6 +126,16 @@ def _assert_assessed(page: Any, metadata: dict[str, Any]) -> None:
     assert DISCLAIMER in page.locator(".disclaimer").inner_text()
 
 
+def _assert_photo_kind(page: Any, metadata: dict[str, Any], domain: str) -> None:
+    """The card says which kind of photo the model read it as (the shipped model calibrates
+    and thresholds per kind), in the same words with and without JavaScript."""
+    assert domain in metadata["domain_calibration"]["domains"]
+    line = page.locator(".result-card .photo-kind")
+    assert line.get_attribute("data-photo-domain") == domain
+    assert line.inner_text() == photo_kind(domain)
+    assert line.is_visible()
+
+
 def _assert_heat_map_toggles(page: Any) -> None:
     """The heat map is hidden, then shown exactly over the photo once the switch is on."""
     heat = page.locator(".photo-stack .heat")
@@ -194,6 +205,7 @@ def test_real_lesion_with_javascript(
     _upload(phone, shipped.base_url, LESION)
     assert phone.url == shipped.base_url + "/"
     _assert_assessed(phone, metadata)
+    _assert_photo_kind(phone, metadata, "dermoscopy")
     assert phone.evaluate("document.activeElement.id") == "result-headline"
     _assert_fits_phone(phone)
     _assert_readable_bar(phone, metadata)
@@ -219,6 +231,21 @@ def test_real_melanoma_heat_map_is_visible(
     assert _heat_map_opacity(phone) > 0, "the heat map is switched on but fully transparent"
     phone.locator(".photo-block").scroll_into_view_if_needed()
     screenshot(phone, "real-melanoma-heatmap.png")
+
+
+def test_real_phone_photo_is_read_as_one(
+    phone: Any, shipped: Any, metadata: dict[str, Any], screenshot: Shot
+) -> None:
+    """A real PAD-UFES-20 phone photo: assessed, with the phone photos' threshold, and the card
+    says it was read as an ordinary photo."""
+    _upload(phone, shipped.base_url, PHONE_PHOTO)
+    _assert_assessed(phone, metadata)
+    _assert_photo_kind(phone, metadata, "phone")
+    threshold = metadata["domain_calibration"]["thresholds"]["phone"]
+    keys = phone.locator(".prob-keys").inner_text()
+    assert f"doctor's check from {round(threshold * 100)}%" in keys
+    _assert_fits_phone(phone)
+    screenshot(phone, "real-phone-photo-result.png")
 
 
 def test_real_non_lesion_photo(
@@ -280,6 +307,7 @@ def test_real_lesion_without_javascript(
     assert nav.value is not None and nav.value.status == 200
     assert page.url == shipped.base_url + "/assess"
     _assert_assessed(page, metadata)
+    _assert_photo_kind(page, metadata, "dermoscopy")
     _assert_fits_phone(page)
     _assert_readable_bar(page, metadata)
     screenshot(page, "real-nojs-result.png")

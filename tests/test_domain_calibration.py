@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from app.metadata import ModelLoadError
 from app.model import TriageModel
+from app.texts import PHOTO_KINDS
 from model_training.calibration import expected_calibration_error
 from model_training.domain_calibration import (
     FILE,
@@ -311,6 +312,10 @@ def test_server_applies_a_threshold_per_inferred_domain(
         assert page.status_code == 200
         want = "90%" if phone[0] else "25%"
         assert f"doctor's check from {want}" in page.text
+        # The card names the kind of photo it was read as (static/app.js shows the same line).
+        kind = "phone" if phone[0] else "dermoscopy"
+        assert f'class="hint photo-kind" data-photo-domain="{kind}"' in page.text
+        assert f"Read as {PHOTO_KINDS[kind]}." in page.text
         # Operators see the mix of photo kinds (the page's photo counted too).
         metrics = c.get("/metrics").text
         for domain, n in (

@@ -32,6 +32,7 @@ from app.texts import (
     WARNING_SIGNS,
     bound_percent,
     percent,
+    photo_kind,
 )
 from app.uploads import MULTIPART_OVERHEAD, missing_field, read_upload
 
@@ -180,6 +181,7 @@ def _model_context(service: TriageService | None) -> dict[str, Any]:
         return {"model": None}
     meta = service.model.metadata
     tiers = _tier_views(service, None)
+    dc = service.model.domain_calibration
     return {
         "model": {
             "name": meta.name,
@@ -190,6 +192,9 @@ def _model_context(service: TriageService | None) -> dict[str, Any]:
             "tiers": tiers,
             "threshold_x": _svg_percent(threshold_position(meta.threshold, meta.risk_tiers)),
             "bar_inset": BAR_INSET,
+            # The sentence per kind of photo the model reads (result.photo_domain); the page's
+            # script shows the same, so both renderings say it alike.
+            "photo_kinds": {d: photo_kind(d) for d in dc.domains} if dc else {},
         }
     }
 
