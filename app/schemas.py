@@ -34,11 +34,23 @@ class NoteOut(BaseModel):
     advice: str = Field(examples=["If you can, gently part or trim the hair ..."])
 
 
+class CropBox(BaseModel):
+    """The part of the photo that was assessed, in the upright photo's pixels."""
+
+    left: int = Field(ge=0, examples=[1012])
+    top: int = Field(ge=0, examples=[1816])
+    width: int = Field(ge=1, examples=[1000])
+    height: int = Field(ge=1, examples=[1000])
+
+
 class ImageInfo(BaseModel):
     """Size of the photo as the server saw it: upright (EXIF orientation applied)."""
 
     width: int = Field(examples=[3024])
     height: int = Field(examples=[4032])
+    crop: CropBox | None = Field(
+        default=None, description="The part assessed when the request asked for a `crop`"
+    )
 
 
 class Timings(BaseModel):
@@ -184,6 +196,8 @@ class PredictionResult(BaseModel):
         for key in ("heatmap_png_base64", "heatmap_evidence", "preview_jpeg_base64"):
             if data.get(key) is None:
                 data.pop(key, None)
+        if data.get("image") and data["image"].get("crop") is None:
+            data["image"].pop("crop", None)  # only a cropped request says what it assessed
         return data
 
 

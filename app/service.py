@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import repeat
 from pathlib import Path
 from typing import BinaryIO, Literal, TypedDict
 
@@ -26,6 +27,7 @@ from app.metrics import Metrics
 from app.model import TriageModel
 from app.schemas import (
     BatchItemError,
+    CropBox,
     ImageInfo,
     NoteOut,
     PredictionResult,
@@ -43,7 +45,7 @@ from app.texts import (
     UNABLE_ADVICE_FALLBACK,
 )
 from app.uploads import FilePart
-from model_training.preprocessing import ImageDecodeError, decode_upload, resize_to_input
+from model_training.preprocessing import Crop, ImageDecodeError, decode_upload, resize_to_input
 
 logger = logging.getLogger("app.service")
 
@@ -54,6 +56,7 @@ class Options:
 
     explain: bool = False
     preview: bool = False
+    crop: Crop | None = None  # the part of each photo to assess (fractions); None: all of it
 
 
 class _Common(TypedDict):
@@ -129,9 +132,9 @@ class TriageService:
     ) -> list[PredictionResult | BatchItemError]:
         """Assess every part; one entry per part, in order. ``started`` is perf_counter()."""
         if len(parts) > 1:  # decode and quality-check the files of a batch in parallel
-            items = list(_DECODERS.map(self._decode_and_check, parts))
+            items = list(_DECODERS.map(self._decode_and_check, parts, repeat(options.crop)))
         else:
-            items = [self._decode_and_check(part) for part in parts]
+            items = [self._decode_and_check(part, options.crop) for part in parts]
 
         # One batched forward pass over every photo that passed decoding and the quality gate.
         runnable = [it for it in items if it.model_input is not None]
@@ -218,7 +221,7 @@ class TriageService:
         return results
 
     # -- steps -----------------------------------------------------------------------------
-    def _decode_and_check(self, part: FilePart) -> _Item:
+    def _decode_and_check(self, part: FilePart, crop: Crop | None = None) -> _Item:
         item = _Item(index=part.index)
         if part.oversized:
             item.error = BatchItemError(
@@ -230,7 +233,7 @@ class TriageService:
             return item
         t0 = time.perf_counter()
         try:
-            decoded = decode_upload(bytes(part.data))
+            decoded = decode_upload(bytes(part.data), crop=crop)
         except ImageDecodeError as exc:
             item.error = BatchItemError(index=part.index, status_code=415, detail=str(exc))
             reason = "empty_file" if not part.data else "not_an_image"
@@ -240,12 +243,21 @@ class TriageService:
             item.decode_ms = _ms(time.perf_counter() - t0)
             part.data = bytearray()  # drop the raw bytes (and any EXIF/GPS in them) early
         img = decoded.image  # a large JPEG arrives reduced (DCT scaling), never below 1024 px
-        item.reasons = shape_reasons(decoded.original_size, self.settings.max_aspect_ratio)
+        box = decoded.crop_box
+        # The shape the model will see: the crop's, when the client cropped.
+        shape = decoded.original_size if box is None else (box[2], box[3])
+        item.reasons = shape_reasons(shape, self.settings.max_aspect_ratio)
         if self.gates.quality is not None:
             t0 = time.perf_counter()
             item.reasons += self.gates.quality.check(img)
             item.quality_ms = _ms(time.perf_counter() - t0)
-        item.info = ImageInfo(width=decoded.original_size[0], height=decoded.original_size[1])
+        item.info = ImageInfo(
+            width=decoded.original_size[0],
+            height=decoded.original_size[1],
+            crop=None
+            if box is None
+            else CropBox(left=box[0], top=box[1], width=box[2], height=box[3]),
+        )
         if not item.reasons:
             # The model input comes from the decoded photo, exactly as in evaluation.
             item.model_input = resize_to_input(img, self.model.metadata.input_size)

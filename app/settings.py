@@ -67,8 +67,9 @@ class Settings(BaseSettings):
     store_uploads_dir: Path | None = Field(
         default=None,
         description=(
-            "Operator opt-in: keep a metadata-free copy of each decoded upload and its result "
-            "here. None (the default) means uploads are never written to disk."
+            "Operator opt-in: keep a metadata-free copy of each decoded upload (the part "
+            "assessed, when the request asked for a crop) and its result here. None (the "
+            "default) means uploads are never written to disk."
         ),
     )
     max_aspect_ratio: float = Field(

@@ -118,8 +118,19 @@ def photo_kind(domain: str) -> str:
     return f"Read as {PHOTO_KINDS.get(domain, f'a “{domain}” photo')}. {PHOTO_KIND_HINT}"
 
 
+# Under the crop slider of the upload page (static/app.js): a spot photographed from further
+# away than the model's close-ups loses much of its sensitivity, and cropping back restores
+# most of it, while a crop much tighter than a close-up costs specificity
+# (docs/quality/photo_changes.txt), hence the ring and the skin around the spot.
+CROP_HINT = (
+    "Photo taken from further away? Make the square smaller, then tap or drag it onto the "
+    "spot so that the spot fills the circle with a little skin around it. Only the part in "
+    "the square is checked."
+)
+
 PHOTO_TIPS: tuple[str, ...] = (
-    "Hold the camera about 10 cm from the skin; tap the screen to focus.",
+    "Hold the camera about 10 cm from the skin; tap the screen to focus. If it cannot focus "
+    "that close, step back a little and zoom in on the spot on this page before checking.",
     "Use good, even daylight; avoid the flash (its glare hides detail).",
     "Send the photo in colour: no black-and-white or other filters.",
     "Put the spot in the centre and let it fill most of the frame.",

@@ -174,7 +174,8 @@ def passes(record: dict[str, Any]) -> bool:
     return not fastmodel.guard_problems(record)
 
 
-def _ood_detector(artifact: Path, meta: dict[str, Any]) -> Any | None:
+def ood_detector(artifact: Path, meta: dict[str, Any]) -> Any | None:
+    """The artifact's skin gate with its thresholds (None: it has none)."""
     if not meta.get("ood"):
         return None
     from model_training.skin import SKIN_HEAD, SkinGate
@@ -262,7 +263,7 @@ def export_fast(
     ood_output = str((meta.get("ood") or {}).get("embedding_output", "embedding"))
     saved = tf.saved_model.load(str(artifact / fastmodel.SAVED_MODEL_DIR))
     model, has_cam = fastmodel.derive_openvino(artifact)
-    detector = _ood_detector(artifact, meta)
+    detector = ood_detector(artifact, meta)
     served = ServedAnswer.of(artifact, meta)
     one = next(_batches(paths[:1], size, 1))
     tf_ips = _throughput(lambda b: saved.serve(tf.constant(b))["logit"].numpy(), one, bench_seconds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,13 +47,21 @@ class ImageDecodeError(ValueError):
     """The bytes are not a decodable image (or are one we refuse to decode)."""
 
 
+# A part of the upright photo, in fractions of its width and height: (left, top, width,
+# height). The user's own crop around the spot (a phone's main camera cannot focus at 10 cm,
+# so a photo from further away, cropped, is often the sharper close-up).
+Crop = tuple[float, float, float, float]
+
+
 @dataclass(frozen=True)
 class DecodedImage:
-    """An upright RGB image and what its header said."""
+    """An upright RGB image (cropped, if asked) and what its header said."""
 
     image: Image.Image
     original_size: tuple[int, int]  # (width, height) as uploaded, upright
     scale: int = 1  # JPEG draft denominator: 1 = full decode, 2/4/8 = reduced in the DCT
+    # The crop in the upright photo's own pixels (left, top, width, height); None: whole photo
+    crop_box: tuple[int, int, int, int] | None = None
 
 
 def draft_scale(width: int, height: int, min_side: int = DRAFT_MIN_SIDE) -> int:
@@ -64,12 +73,32 @@ def draft_scale(width: int, height: int, min_side: int = DRAFT_MIN_SIDE) -> int:
     return 1
 
 
-def decode_upload(data: bytes, *, draft_min_side: int = DRAFT_MIN_SIDE) -> DecodedImage:
+def crop_box(size: tuple[int, int], crop: Crop) -> tuple[int, int, int, int]:
+    """``crop`` (fractions) as whole pixels (left, top, width, height) of an image of ``size``
+    = (width, height): at least one pixel, never outside the image. Each of the four is
+    rounded on its own (half up), so a square stays square wherever it lies."""
+    width, height = size
+
+    def px(fraction: float, side: int) -> int:
+        return math.floor(fraction * side + 0.5)
+
+    left = min(width - 1, max(0, px(crop[0], width)))
+    top = min(height - 1, max(0, px(crop[1], height)))
+    w = min(width - left, max(1, px(crop[2], width)))
+    h = min(height - top, max(1, px(crop[3], height)))
+    return left, top, w, h
+
+
+def decode_upload(
+    data: bytes, *, draft_min_side: int = DRAFT_MIN_SIDE, crop: Crop | None = None
+) -> DecodedImage:
     """Decode bytes into an upright RGB image within the memory budget.
 
     EXIF orientation is applied and metadata dropped. A JPEG whose shorter side is at least
-    twice ``draft_min_side`` is decoded at reduced scale (0 switches that off). Raises
-    ImageDecodeError for anything not decodable or over MAX_PIXELS / MAX_DECODE_PIXELS.
+    twice ``draft_min_side`` is decoded at reduced scale (0 switches that off); with ``crop``
+    (fractions of the upright photo) the part kept, not the whole, keeps that many pixels.
+    Raises ImageDecodeError for anything not decodable or over MAX_PIXELS /
+    MAX_DECODE_PIXELS.
     """
     if not data:
         raise ImageDecodeError("the file is empty")
@@ -82,7 +111,10 @@ def decode_upload(data: bytes, *, draft_min_side: int = DRAFT_MIN_SIDE) -> Decod
             probe.verify()  # cheap structural check before the decode
         img = Image.open(io.BytesIO(data))
         width, height = img.size
-        scale = draft_scale(width, height, draft_min_side) if img.format == "JPEG" else 1
+        # A crop keeps the smaller part of the photo, so it must keep its pixels: the draft's
+        # reduction is chosen for the crop's shorter side (either way round, as EXIF may turn).
+        needed = draft_min_side if crop is None else math.ceil(draft_min_side / min(crop[2:]))
+        scale = draft_scale(width, height, needed) if img.format == "JPEG" else 1
         if scale > 1:
             img.draft(img.mode, (width // scale, height // scale))
             scale = round(width / img.width)
@@ -102,7 +134,14 @@ def decode_upload(data: bytes, *, draft_min_side: int = DRAFT_MIN_SIDE) -> Decod
         upright = ImageOps.exif_transpose(img)
     swapped = upright.size != img.size
     original = (height, width) if swapped else (width, height)
-    return DecodedImage(image=to_rgb(upright), original_size=original, scale=scale)
+    box = None
+    if crop is not None:
+        # The box in the uploaded photo's pixels (what the client measured against), then the
+        # same fractions of the decoded, possibly reduced, pixels.
+        box = crop_box(original, crop)
+        left, top, w, h = crop_box(upright.size, crop)
+        upright = upright.crop((left, top, left + w, top + h))
+    return DecodedImage(image=to_rgb(upright), original_size=original, scale=scale, crop_box=box)
 
 
 def decode_image(data: bytes) -> Image.Image:

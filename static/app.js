@@ -24,6 +24,12 @@
   var model = readJson("model-meta");
   var texts = readJson("page-texts") || {};
 
+  var cropStage = document.getElementById("crop-stage");
+  var cropFrame = document.getElementById("crop-frame");
+  var cropControls = document.getElementById("crop-controls");
+  var cropSize = document.getElementById("crop-size");
+  var cropZoom = document.getElementById("crop-zoom");
+
   var selected = null; // the File to send
   var objectUrl = null; // its local preview URL
   var browserCanShow = true; // false for e.g. HEIC in most browsers: ask the server for a preview
@@ -86,6 +92,95 @@
     while (resultRegion.firstChild) resultRegion.removeChild(resultRegion.firstChild);
   }
 
+  // The crop square: its centre in fractions of the shown photo (upright, as the server sees
+  // it) and its side in fractions of the photo's shorter side; 1 = the whole photo, uncropped.
+  var crop = { cx: 0.5, cy: 0.5, side: 1 };
+
+  function cropActive() {
+    return !cropControls.hidden && crop.side < 1;
+  }
+
+  // The square in pixels of a w x h view of the photo (the shown one by default), its centre
+  // kept so the square stays inside.
+  function cropPixels(w, h) {
+    w = w || previewImg.clientWidth;
+    h = h || previewImg.clientHeight;
+    var s = crop.side * Math.min(w, h);
+    var left = Math.min(Math.max(crop.cx * w - s / 2, 0), w - s);
+    var top = Math.min(Math.max(crop.cy * h - s / 2, 0), h - s);
+    return { left: left, top: top, size: s, w: w, h: h };
+  }
+
+  function drawCrop() {
+    cropFrame.hidden = !cropActive();
+    cropStage.classList.toggle("cropping", cropActive());
+    cropZoom.textContent = crop.side < 1 ? (1 / crop.side).toFixed(1) + "x" : "whole photo";
+    if (!cropActive()) return;
+    var px = cropPixels();
+    // Stored back clamped, so the arrow keys move what is seen. CSSOM, not a style attribute:
+    // the page's Content-Security-Policy allows no inline styles.
+    crop.cx = (px.left + px.size / 2) / px.w;
+    crop.cy = (px.top + px.size / 2) / px.h;
+    cropFrame.style.left = px.left + "px";
+    cropFrame.style.top = px.top + "px";
+    cropFrame.style.width = px.size + "px";
+    cropFrame.style.height = px.size + "px";
+  }
+
+  // left,top,width,height in fractions of the photo, as POST /predict's `crop` reads them:
+  // measured on its own (upright) pixels, since the shown size is rounded to whole pixels.
+  function cropField() {
+    var px = cropPixels(previewImg.naturalWidth, previewImg.naturalHeight);
+    return [px.left / px.w, px.top / px.h, px.size / px.w, px.size / px.h]
+      .map(function (v) {
+        return Math.min(1, Math.max(0, v)).toFixed(5);
+      })
+      .join(",");
+  }
+
+  function resetCrop(show) {
+    crop = { cx: 0.5, cy: 0.5, side: 1 };
+    cropSize.value = cropSize.max;
+    cropControls.hidden = !show;
+    drawCrop();
+  }
+
+  function moveCropTo(event) {
+    var box = previewImg.getBoundingClientRect();
+    crop.cx = (event.clientX - box.left) / box.width;
+    crop.cy = (event.clientY - box.top) / box.height;
+    drawCrop();
+  }
+
+  cropSize.addEventListener("input", function () {
+    crop.side = Number(cropSize.value) / 100;
+    drawCrop();
+  });
+  // A tap puts the square's centre there; dragging moves it (pointer events: mouse and touch).
+  cropStage.addEventListener("pointerdown", function (event) {
+    if (!cropActive()) return;
+    event.preventDefault();
+    cropStage.setPointerCapture(event.pointerId);
+    moveCropTo(event);
+  });
+  cropStage.addEventListener("pointermove", function (event) {
+    if (cropActive() && cropStage.hasPointerCapture(event.pointerId)) moveCropTo(event);
+  });
+  cropFrame.addEventListener("keydown", function (event) {
+    var step = event.shiftKey ? 0.1 : 0.02;
+    var moves = { ArrowLeft: [-step, 0], ArrowRight: [step, 0], ArrowUp: [0, -step], ArrowDown: [0, step] };
+    var move = moves[event.key];
+    if (!move) return;
+    event.preventDefault();
+    crop.cx += move[0];
+    crop.cy += move[1];
+    drawCrop();
+  });
+  window.addEventListener("resize", drawCrop);
+  previewImg.addEventListener("load", function () {
+    resetCrop(true); // only a photo the browser can show can be cropped here
+  });
+
   function choose(file) {
     if (!file) return;
     selected = file;
@@ -94,6 +189,7 @@
     if (objectUrl) URL.revokeObjectURL(objectUrl);
     objectUrl = URL.createObjectURL(file);
     browserCanShow = true;
+    resetCrop(false);
     previewImg.hidden = false;
     previewImg.onerror = function () {
       // Not decodable here: hide the image (no broken-image icon). HEIC is a photo most
@@ -180,7 +276,11 @@
     setWorking("Checking the photo… this can take a few seconds.", true);
     var body = new FormData();
     body.append("file", selected, selected.name || "photo");
-    var url = "/predict?explain=true" + (browserCanShow ? "" : "&preview=true");
+    var cropped = cropActive();
+    if (cropped) body.append("crop", cropField());
+    // The result shows the photo as analysed: the server's preview when it was cropped (the
+    // heat map covers the crop) or when this browser cannot show the file.
+    var url = "/predict?explain=true" + (browserCanShow && !cropped ? "" : "&preview=true");
     fetch(url, { method: "POST", body: body, headers: { Accept: "application/json" } })
       .then(function (response) {
         return response

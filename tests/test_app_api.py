@@ -507,6 +507,84 @@ def test_batch_missing_field_is_422(client: httpx.Client, image_bytes: dict[str,
     assert r.json()["detail"][0]["loc"] == ["body", "files"]
 
 
+# -- a user's crop ---------------------------------------------------------------------------
+
+
+def test_a_crop_is_answered_as_the_same_photo_cropped_beforehand(
+    client: httpx.Client, image_bytes: dict[str, bytes], metadata: dict[str, Any]
+) -> None:
+    """`crop` (query or form field) assesses exactly that part: the answer is the one for the
+    photo cropped before upload (lossless PNG, so the same pixels), and `image.crop` says it."""
+    img = open_rgb(image_bytes[HAM])  # 200x150
+    png = encode(img, "PNG")
+    cropped = post_image(client, encode(img.crop((50, 30, 150, 105)), "PNG"), "c.png").json()
+    by_query = client.post(
+        "/predict",
+        params={"crop": "0.25,0.2,0.5,0.5", "preview": "true"},
+        files={"file": ("m.png", png, "image/png")},
+    )
+    by_form = client.post(
+        "/predict",
+        data={"crop": "0.25,0.2,0.5,0.5"},
+        files={"file": ("m.png", png, "image/png")},
+    )
+    whole = post_image(client, png, "m.png").json()
+    for r in (by_query, by_form):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert_ok_result(body, metadata)
+        assert body["probability_malignant"] == cropped["probability_malignant"]
+        assert body["image"] == {
+            "width": 200,
+            "height": 150,
+            "crop": {"left": 50, "top": 30, "width": 100, "height": 75},
+        }
+    assert whole["probability_malignant"] != cropped["probability_malignant"]
+    assert whole["image"] == {"width": 200, "height": 150}  # no crop asked, none reported
+    # The preview (and so the page's photo under the heat map) is the part assessed.
+    preview = open_rgb(base64.b64decode(by_query.json()["preview_jpeg_base64"]))
+    assert preview.size == (100, 75)
+
+
+@pytest.mark.parametrize(
+    "crop",
+    ["0.1,0.1,0.5", "a,b,c,d", "0.1,0.1,nan,0.5", "-0.1,0,0.5,0.5", "0.1,0.1,0,0.5", "2,0,1,1"],
+)
+def test_a_bad_crop_is_422_where_it_was_sent(
+    client: httpx.Client, image_bytes: dict[str, bytes], crop: str
+) -> None:
+    """Not four numbers from 0 to 1 (width and height above 0): the 422 a bad query value
+    gets, naming where it came from; the schema's pattern says the same."""
+    pattern = client.get("/openapi.json").json()["paths"]["/predict"]["post"]["parameters"]
+    [schema] = [q["schema"] for q in pattern if q["name"] == "crop"]
+    assert not re.fullmatch(schema["anyOf"][0]["pattern"], crop)
+    sent = (("query", {"params": {"crop": crop}}), ("body", {"data": {"crop": crop}}))
+    for where, kwargs in sent:
+        r = client.post("/predict", files={"file": ("m.jpg", image_bytes[MELANOMA])}, **kwargs)
+        assert r.status_code == 422, r.text
+        [error] = r.json()["detail"]
+        assert error["loc"] == [where, "crop"] and error["input"] == crop
+
+
+def test_a_crop_over_the_edge_is_moved_inside(
+    client: httpx.Client, image_bytes: dict[str, bytes]
+) -> None:
+    png = encode(open_rgb(image_bytes[HAM]), "PNG")  # 200x150
+    r = client.post("/predict", params={"crop": "0.75,0.9,0.5,0.4"}, files={"file": ("m.png", png)})
+    assert r.status_code == 200, r.text
+    assert r.json()["image"]["crop"] == {"left": 100, "top": 90, "width": 100, "height": 60}
+
+
+def test_a_crop_sent_with_a_batch_is_refused(
+    client: httpx.Client, image_bytes: dict[str, bytes]
+) -> None:
+    files = [("files", ("a.jpg", image_bytes[MELANOMA], "image/jpeg"))] * 2
+    for kwargs in ({"params": {"crop": "0,0,0.5,0.5"}}, {"data": {"crop": "0,0,0.5,0.5"}}):
+        r = client.post("/predict/batch", files=files, **kwargs)
+        assert r.status_code == 422
+        assert "/predict" in r.json()["detail"]
+
+
 # -- privacy: nothing on disk by default -----------------------------------------------------
 def test_uploads_are_not_written_to_disk_by_default(
     client: httpx.Client, server: Any, watched_tmpdir: Path

@@ -19,6 +19,7 @@ import pytest
 pytestmark = pytest.mark.browser
 
 IMAGE = Path(__file__).parent / "fixtures" / "images" / "pad-ufes-20_nev_PAT_1107_427_352.jpg"
+OTHER_IMAGE = IMAGE.with_name("ham10000_nv_ISIC_0024306.jpg")
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1280, "height": 900}
 NOT_AN_IMAGE = "could not be read as a photo"
@@ -315,10 +316,29 @@ def test_keyboard_only(browser: Any, server: Any, screenshot: Shot) -> None:
         page.set_input_files("#file-input", str(IMAGE))
     # The change event (and so the preview) may come a moment after the chooser closes.
     page.wait_for_selector("#preview-img", state="visible", timeout=10_000)
+    _wait_for_preview(page)
+    # The zoom slider (arrow keys), then the crop square (arrow keys move it), then the button.
+    page.keyboard.press("Tab")
+    assert page.evaluate(FOCUSED_JS) == "crop-size"
+    assert page.locator("#crop-frame").is_hidden()  # the whole photo until zoomed in
+    for _ in range(50):
+        page.keyboard.press("ArrowLeft")
+    assert page.locator("#crop-zoom").inner_text() == "2.0x"
+    # The square is drawn over the photo, above the slider, and comes before it in the order.
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate(FOCUSED_JS) == "crop-frame"
+    for key in ("ArrowRight", "ArrowRight", "ArrowDown", "Shift+ArrowRight", "Shift+ArrowDown"):
+        page.keyboard.press(key)  # 2% of the photo, 10% with Shift
+    screenshot(page, "keyboard-crop.png")
+    page.keyboard.press("Tab")
     page.keyboard.press("Tab")
     assert page.evaluate(FOCUSED_JS) == "submit-button"
     screenshot(page, "keyboard-submit-focused.png")
-    page.keyboard.press("Enter")
+    with page.expect_response(lambda r: "/predict" in r.url) as answer:
+        page.keyboard.press("Enter")
+    # Half the 300 px photo's side, centred 14% right of and 12% below the middle.
+    crop = answer.value.json()["image"]["crop"]
+    assert crop == {"left": 117, "top": 111, "width": 150, "height": 150}, crop
     page.wait_for_selector(".result-card")
     assert page.evaluate("document.activeElement.id") == "result-headline"
 
@@ -328,6 +348,86 @@ def test_keyboard_only(browser: Any, server: Any, screenshot: Shot) -> None:
     page.keyboard.press("Space")
     assert page.locator(".photo-stack .heat").is_visible()
     screenshot(page, "keyboard-heatmap.png")
+    page.close()
+
+
+def test_js_crop_by_tap_and_drag(browser: Any, server: Any, screenshot: Shot) -> None:
+    """Phone, JavaScript on: the slider zooms in, a tap puts the square there (kept inside the
+    photo), dragging moves it; only that part is checked, and the result shows that part."""
+    page = browser.new_page(viewport=PHONE)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server.base_url + "/")
+    assert page.locator("#crop-controls").is_hidden()  # nothing to crop yet
+    page.set_input_files("#file-input", str(IMAGE))
+    _wait_for_preview(page)
+    page.locator("#crop-controls").wait_for()
+    page.fill("#crop-size", "40")
+    photo = page.locator("#preview-img").bounding_box()
+    assert photo
+    page.mouse.click(photo["x"] + 8, photo["y"] + 8)  # near the corner: kept inside
+    frame = page.locator("#crop-frame").bounding_box()
+    assert frame and abs(frame["x"] - photo["x"]) <= 1 and abs(frame["y"] - photo["y"]) <= 1
+    assert abs(frame["width"] - 0.4 * photo["width"]) <= 1
+    page.mouse.move(photo["x"] + 10, photo["y"] + 10)
+    page.mouse.down()
+    page.mouse.move(photo["x"] + photo["width"] - 5, photo["y"] + photo["height"] - 5, steps=5)
+    page.mouse.up()
+    frame = page.locator("#crop-frame").bounding_box()
+    assert frame
+    assert abs(frame["x"] + frame["width"] - (photo["x"] + photo["width"])) <= 1
+    assert abs(frame["y"] + frame["height"] - (photo["y"] + photo["height"])) <= 1
+    screenshot(page, "phone-js-crop.png")
+    with page.expect_response(lambda r: "/predict" in r.url) as answer:
+        page.click("#submit-button")
+    assert "preview=true" in answer.value.url  # the result shows the part that was checked
+    # 40% of the 300 px photo, in its bottom-right corner.
+    assert answer.value.json()["image"]["crop"] == {
+        "left": 180, "top": 180, "width": 120, "height": 120
+    }  # fmt: skip
+    page.wait_for_selector(".result-card")
+    shown = page.evaluate(
+        "(() => { const i = document.querySelector('.photo-stack .photo');"
+        " return [i.naturalWidth, i.naturalHeight, i.src.slice(0, 23)]; })()"
+    )
+    assert shown == [120, 120, "data:image/jpeg;base64,"], shown
+    page.click(".heat-toggle-label")
+    _assert_heat_over_photo(page)
+    screenshot(page, "phone-js-crop-result.png")
+    # Another photo starts uncropped.
+    page.set_input_files("#file-input", str(OTHER_IMAGE))
+    page.locator("#crop-controls").wait_for()
+    assert page.locator("#crop-frame").is_hidden()
+    assert page.locator("#crop-size").input_value() == "100"
+    assert errors == []
+    page.close()
+
+
+def test_js_crop_follows_the_photos_exif_orientation(
+    browser: Any, server: Any, tmp_path: Path
+) -> None:
+    """A phone photo stored sideways with an EXIF orientation: the browser shows it upright,
+    and the crop the page sends is of the upright photo, as the server reads it."""
+    from PIL import ExifTags, Image
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # stored 200x150, shown 150x200
+    path = tmp_path / "sideways.jpg"
+    Image.open(OTHER_IMAGE).convert("RGB").save(path, quality=95, exif=exif.tobytes())
+    page = browser.new_page(viewport=PHONE)
+    page.goto(server.base_url + "/")
+    page.set_input_files("#file-input", str(path))
+    page.locator("#crop-controls").wait_for()
+    page.fill("#crop-size", "50")  # first: it scrolls the slider, and so the photo, into view
+    photo = page.locator("#preview-img").bounding_box()
+    assert photo and photo["height"] > photo["width"]  # shown upright
+    page.mouse.click(photo["x"] + 8, photo["y"] + photo["height"] - 8)  # bottom-left corner
+    with page.expect_response(lambda r: "/predict" in r.url) as answer:
+        page.click("#submit-button")
+    body = answer.value.json()
+    assert body["image"] == {
+        "width": 150, "height": 200, "crop": {"left": 0, "top": 125, "width": 75, "height": 75}
+    }  # fmt: skip
     page.close()
 
 

@@ -248,6 +248,37 @@ def test_real_phone_photo_is_read_as_one(
     screenshot(phone, "real-phone-photo-result.png")
 
 
+def test_real_far_photo_cropped_back_on_the_page(
+    phone: Any, shipped: Any, metadata: dict[str, Any], tmp_path: Path, screenshot: Shot
+) -> None:
+    """The phone photo as if from twice as far (upscaled 4x, its surroundings mirrored out to
+    a 12:10 frame): zoomed in 2x on the page, the square centred on the spot, it is answered
+    as the close-up is."""
+    from PIL import Image
+
+    img = Image.open(PHONE_PHOTO).convert("RGB").resize((1200, 1200), Image.Resampling.BICUBIC)
+    far = np.pad(np.asarray(img), ((600, 600), (900, 900), (0, 0)), mode="symmetric")
+    path = tmp_path / "far-away.jpg"
+    Image.fromarray(far).save(path, quality=92)
+    with shipped.client() as c:
+        close = c.post("/predict", files={"file": ("p.jpg", PHONE_PHOTO.read_bytes())}).json()
+    phone.goto(shipped.base_url + "/")
+    phone.set_input_files("#file-input", str(path))
+    phone.locator("#crop-controls").wait_for()
+    phone.fill("#crop-size", "50")
+    screenshot(phone, "real-far-photo-cropped.png")
+    with phone.expect_response(lambda r: "/predict" in r.url) as answer:
+        phone.click("#submit-button")
+    body = answer.value.json()
+    assert body["image"]["crop"] == {"left": 900, "top": 600, "width": 1200, "height": 1200}
+    assert body["status"] == close["status"] == "ok"
+    assert abs(body["probability_malignant"] - close["probability_malignant"]) < 0.02
+    phone.locator(".result-card").wait_for()
+    _assert_assessed(phone, metadata)
+    _assert_photo_kind(phone, metadata, "phone")
+    screenshot(phone, "real-far-photo-result.png")
+
+
 def test_real_non_lesion_photo(
     phone: Any, shipped: Any, metadata: dict[str, Any], cat_photo: Path, screenshot: Shot
 ) -> None:

@@ -23,6 +23,7 @@ from model_training.preprocessing import (
     MAX_DECODE_PIXELS,
     MAX_PIXELS,
     ImageDecodeError,
+    crop_box,
     decode_image,
     decode_upload,
     draft_scale,
@@ -332,3 +333,49 @@ def test_other_formats_over_the_full_decode_cap_are_refused() -> None:
         decode_image(data)
     # The same pixel count as a JPEG is decoded reduced, within the cap.
     assert decode_upload(_claimed_jpeg(side, side)).scale > 1
+
+
+# -- a user's crop --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "crop", "box"),
+    [
+        ((200, 150), (0.25, 0.2, 0.5, 0.5), (50, 30, 100, 75)),
+        ((200, 150), (0.0, 0.0, 1.0, 1.0), (0, 0, 200, 150)),
+        ((200, 150), (0.999, 0.999, 0.0001, 0.0001), (199, 149, 1, 1)),  # at least one pixel
+        ((200, 150), (0.5, 0.5, 0.5000001, 0.5000001), (100, 75, 100, 75)),  # rounding slack
+        ((150, 200), (0.25, 0.3125, 0.5, 0.375), (38, 63, 75, 75)),  # .5 pixels: still square
+        ((150, 200), (0.9, 0.9, 0.5, 0.5), (135, 180, 15, 20)),  # cut at the edges
+    ],
+)
+def test_crop_box_is_whole_pixels_inside_the_image(
+    size: tuple[int, int], crop: tuple[float, float, float, float], box: tuple[int, ...]
+) -> None:
+    assert crop_box(size, crop) == box
+
+
+def test_a_crop_is_taken_from_the_upright_photo() -> None:
+    """EXIF orientation 6: the crop's fractions are of the photo as shown, not as stored, and
+    the pixels are exactly the upright decode's."""
+    rotated = _exif_rotated_jpeg(HAM)
+    crop = (0.1, 0.5, 0.8, 0.25)  # a wide band across the lower half of the upright photo
+    decoded = decode_upload(rotated, crop=crop)
+    whole = decode_upload(rotated)
+    assert decoded.original_size == whole.original_size == (150, 200)
+    assert decoded.crop_box == (15, 100, 120, 50) and whole.crop_box is None
+    expected = whole.image.crop((15, 100, 135, 150))
+    np.testing.assert_array_equal(np.asarray(decoded.image), np.asarray(expected))
+
+
+def test_a_crop_of_a_large_jpeg_keeps_draft_min_side_pixels() -> None:
+    """A 4000x3000 JPEG is decoded at 1/2 whole (1500 px high), but a crop a fifth of its
+    height needs its own 1024 px: decoded in full, then cropped."""
+    img = Image.open(HAM).convert("RGB").resize((4000, 3000))
+    data = _encode(img, "JPEG", quality=85)
+    assert decode_upload(data).scale == 2
+    decoded = decode_upload(data, crop=(0.4, 0.4, 0.2, 0.2))
+    assert decoded.scale == 1 and decoded.image.size == (800, 600)
+    half = decode_upload(data, crop=(0.25, 0.25, 0.5, 0.5))  # 2000x1500 px: 1/2 keeps 1000 x 750
+    assert half.scale == 1 and half.image.size == (2000, 1500)
+    assert decode_upload(data, crop=(0, 0, 1, 1)).scale == 2

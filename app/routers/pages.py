@@ -26,6 +26,7 @@ from app.schemas import BatchItemError, PredictionResult
 from app.service import Options, TriageService
 from app.settings import Settings
 from app.texts import (
+    CROP_HINT,
     DISCLAIMER,
     HEATMAP_TEXTS,
     PHOTO_TIPS,
@@ -45,6 +46,9 @@ CSP = (
     "object-src 'none'"
 )
 PAGE_HEADERS = {"Content-Security-Policy": CSP, "Cache-Control": "no-store"}
+# The crop slider's smallest square, in percent of the photo's shorter side: 5x zoom, which a
+# 12-megapixel photo's 600 pixels still carry (the quality gate refuses a crop too small).
+CROP_MIN_PERCENT = 20
 FORM_FILE_FIELDS = ("file", "photo")
 HTML_200: dict[int | str, dict[str, Any]] = {200: {"content": {"text/html": {}}}}
 _HTML = {"text/html": {"schema": {"type": "string"}}}
@@ -209,6 +213,8 @@ def _common(settings: Settings) -> dict[str, Any]:
         "percent": percent,
         "bound_percent": bound_percent,
         "heatmap_texts": HEATMAP_TEXTS,
+        "crop_hint": CROP_HINT,
+        "crop_min_percent": CROP_MIN_PERCENT,
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from typing import Annotated, Any
@@ -22,6 +23,7 @@ from app.uploads import (
     missing_field,
     read_upload,
 )
+from model_training.preprocessing import Crop
 
 router = APIRouter(tags=["prediction"])
 
@@ -42,6 +44,24 @@ _FLAGS_DOC = {
         "a boolean as for `explain`",
     },
 }
+CROP_DOC = (
+    "Assess only this part of the photo: `left,top,width,height` as fractions (0-1) of the "
+    "upright photo, e.g. `0.3,0.4,0.25,0.25` (also accepted as a form field, which wins). A "
+    "part that overhangs the right or bottom edge is moved inside, as the upload page keeps "
+    "its square inside. The preview and heat map are of that part; `image.crop` gives it in "
+    "pixels."
+)
+# Four plain decimals in [0, 1], the width and height above 0: the schema says all the server
+# checks, so a client (or a schema-driven test) can tell a valid crop without trying it.
+_UNIT = r"(0(\.[0-9]+)?|1(\.0+)?)"
+_POSITIVE = r"(0\.[0-9]*[1-9][0-9]*|1(\.0+)?)"
+CROP_PATTERN = rf"^{_UNIT},{_UNIT},{_POSITIVE},{_POSITIVE}$"
+_CROP_FIELD = {
+    "type": "string",
+    "pattern": CROP_PATTERN,
+    "description": CROP_DOC,
+    "examples": ["0.3,0.4,0.25,0.25"],
+}
 _IMAGE_TYPES = "image/jpeg, image/png, image/webp, image/heic, image/heif, image/*"
 
 _SINGLE_BODY: dict[str, Any] = {
@@ -60,6 +80,7 @@ _SINGLE_BODY: dict[str, Any] = {
                             "description": "The photo: JPEG, PNG, WebP, HEIC/HEIF, ...",
                         },
                         **_FLAGS_DOC,
+                        "crop": _CROP_FIELD,
                     },
                 },
                 "encoding": {"file": {"contentType": _IMAGE_TYPES}},
@@ -99,10 +120,51 @@ PreviewQuery = Annotated[
 ]
 
 
-def _options(form: ParsedForm, explain: bool, preview: bool) -> Options:
+CropQuery = Annotated[
+    str | None,
+    Query(description=CROP_DOC, pattern=CROP_PATTERN, examples=["0.3,0.4,0.25,0.25"]),
+]
+
+
+def parse_crop(text: str) -> Crop:
+    """``left,top,width,height`` in fractions of the photo, moved inside it where it
+    overhangs; ValueError when ``text`` does not match CROP_PATTERN."""
+    if not re.fullmatch(CROP_PATTERN, text):
+        raise ValueError(
+            "give four numbers from 0 to 1, left,top,width,height, the width and height above 0"
+        )
+    left, top, width, height = (float(v) for v in text.split(","))
+    return min(left, 1.0 - width), min(top, 1.0 - height), width, height
+
+
+def _crop(form: ParsedForm, query: str | None) -> Crop | None:
+    """The request's crop (form field first, then query), or a 422 like a bad query value's."""
+    where, text = ("body", form.fields["crop"]) if "crop" in form.fields else ("query", query)
+    if text is None:
+        return None
+    try:
+        if where == "body" and "crop" in form.repeated:
+            raise ValueError("send the crop once")
+        return parse_crop(text)
+    except ValueError as exc:
+        raise HTTPException(
+            status_code=422,
+            detail=[
+                {
+                    "type": "value_error",
+                    "loc": [where, "crop"],
+                    "msg": f"Invalid crop: {exc}",
+                    "input": text,
+                }
+            ],
+        ) from exc
+
+
+def _options(form: ParsedForm, explain: bool, preview: bool, crop: Crop | None = None) -> Options:
     return Options(
         explain=form_flag(form, "explain") or explain,
         preview=form_flag(form, "preview") or preview,
+        crop=crop,
     )
 
 
@@ -162,6 +224,7 @@ async def predict(
     request_id: RequestIdDep,
     explain: ExplainQuery = False,
     preview: PreviewQuery = False,
+    crop: CropQuery = None,
 ) -> JSONResponse:
     """Upload one photo of a skin lesion as multipart field `file`.
 
@@ -173,7 +236,7 @@ async def predict(
     form = await read_upload(
         request,
         metrics,
-        form_fields=_FLAG_FIELDS,
+        form_fields=(*_FLAG_FIELDS, "crop"),
         file_fields=("file",),
         max_file_bytes=settings.max_upload_bytes,
         max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD,
@@ -188,7 +251,7 @@ async def predict(
         service,
         form,
         "file",
-        _options(form, explain, preview),
+        _options(form, explain, preview, _crop(form, crop)),
         request_id,
         started,
     )
@@ -230,7 +293,7 @@ async def predict_batch(
     form = await read_upload(
         request,
         metrics,
-        form_fields=_FLAG_FIELDS,
+        form_fields=(*_FLAG_FIELDS, "crop"),
         file_fields=("files",),
         max_file_bytes=settings.max_upload_bytes,
         max_body_bytes=settings.max_batch_bytes,
@@ -239,6 +302,11 @@ async def predict_batch(
             status_code=413, detail=f"at most {settings.max_batch_files} files per batch"
         ),
     )
+    if "crop" in form.fields or "crop" in request.query_params:
+        # One crop cannot fit several photos; ignoring it would answer on the wrong part.
+        raise HTTPException(
+            status_code=422, detail="`crop` is for one photo: send each to /predict with its own"
+        )
     results = await _assess(
         request,
         admission,

@@ -2,10 +2,11 @@
 
 Each validation image, as it is and changed the way a phone, its settings or the light
 change a photo (a black-and-white or sepia filter, muted or vivid colour, warm or cool light, harsh
-JPEG, a low-resolution camera, brighter or darker mid-tones), run through the server's fast
-runtime (OpenVINO) and answered as the server answers (per-domain calibration and
-thresholds), with the share the artifact's quality gate refuses. The evidence for the quality
-gate's colour check (README, "Photo-quality gate"; ``black_and_white.txt``):
+JPEG, a low-resolution camera, brighter or darker mid-tones, taken from further away, cropped by
+the user), run through the server's fast runtime (OpenVINO) and answered as the server answers
+(per-domain calibration and thresholds), with the shares the artifact's quality gate and skin
+gate refuse. The evidence for the quality gate's colour check (README, "Photo-quality
+gate"; ``black_and_white.txt``):
 
     .venv/bin/python docs/quality/photo_changes.py --artifact models/default \
         --data-dir ../shared/data --variants "as taken,black and white,30% saturation"
@@ -28,8 +29,9 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from model_training import fastmodel
 from model_training.data import read_datasets
+from model_training.export_fast import ood_detector
 from model_training.metrics import roc_auc
-from model_training.preprocessing import load_image_file, resize_to_input
+from model_training.preprocessing import crop_box, load_image_file, resize_to_input
 from model_training.quality import assess_quality
 from model_training.served import ServedAnswer
 
@@ -81,6 +83,35 @@ def _sent_on(side: int, quality: int, median: int = 0) -> Callable[[Image.Image]
     return change
 
 
+def _zoomed_out(factor: int) -> Callable[[Image.Image], Image.Image]:
+    """The photo as from ``factor`` times the distance: shrunk by that factor, the frame
+    filled with the photo's own surroundings mirrored outwards (skin, mostly; a lesion that
+    touches the border is mirrored too). The spot then covers 1/factor of each side."""
+
+    def change(im: Image.Image) -> Image.Image:
+        small = im.resize((im.width // factor, im.height // factor), Image.Resampling.BOX)
+        arr = np.asarray(small)
+        pad_y, pad_x = (im.height - small.height) // 2, (im.width - small.width) // 2
+        widths = (
+            (pad_y, im.height - small.height - pad_y),
+            (pad_x, im.width - small.width - pad_x),
+        )
+        return Image.fromarray(np.pad(arr, (*widths, (0, 0)), mode="symmetric"))
+
+    return change
+
+
+def _middle(fraction: float) -> Callable[[Image.Image], Image.Image]:
+    """A user's crop: the middle ``fraction`` of each side (the server's crop path)."""
+    crop = ((1 - fraction) / 2, (1 - fraction) / 2, fraction, fraction)
+
+    def change(im: Image.Image) -> Image.Image:
+        left, top, w, h = crop_box(im.size, crop)
+        return im.crop((left, top, left + w, top + h))
+
+    return change
+
+
 SEPIA = (0.393, 0.769, 0.189, 0.0, 0.349, 0.686, 0.168, 0.0, 0.272, 0.534, 0.131, 0.0)
 VARIANTS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "as taken": lambda im: im,
@@ -102,6 +133,15 @@ VARIANTS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "150 px camera": _low_resolution(150),
     "brighter mid-tones (gamma 0.7)": _gamma(0.7),
     "darker mid-tones (gamma 1.4)": _gamma(1.4),
+    "taken from twice as far (spot 1/2 as wide)": _zoomed_out(2),
+    "taken from three times as far (spot 1/3 as wide)": _zoomed_out(3),
+    "cropped to the middle 70%": _middle(0.7),
+    "cropped to the middle 50%": _middle(0.5),
+    # What the page's crop tool is for: the far photo cropped back to the spot's framing (at
+    # half the pixels, as a real photo from twice as far has).
+    "taken from twice as far and cropped back (middle 50%)": lambda im: _middle(0.5)(
+        _zoomed_out(2)(im)
+    ),
 }
 
 
@@ -147,12 +187,13 @@ def main() -> None:
     y, domain = val["label"].to_numpy(), val["domain"].astype(str).to_numpy()
     counts = val["domain"].value_counts().to_dict()
     print(f"validation images {counts}; thresholds as served; quality gate of the artifact")
+    skin = ood_detector(args.artifact, meta)
     columns = (
         "ROC-AUC | sensitivity | specificity | answer changed | gate refuses | read as its domain"
-        " | sensitivity, its domain's scaling and threshold"
+        " | sensitivity, its domain's scaling and threshold | skin gate refuses"
     )
     print(f"| photos | domain | {columns} |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     base: np.ndarray | None = None
     for variant in variants:
         change = VARIANTS[variant]
@@ -173,6 +214,12 @@ def main() -> None:
         own = own_domain_answer(served, joined, domain)
         base = malignant if base is None else base
         gate = np.asarray(refused)
+        # "Not a lesion" (the server's skin gate), apart from the quality gate's refusals.
+        not_skin = (
+            np.zeros(len(val), dtype=bool)
+            if skin is None
+            else skin.not_skin(joined[meta["ood"]["embedding_output"]])
+        )
         for name in ("dermoscopy", "phone"):
             m = domain == name
             sens, spec = malignant[m & (y == 1)].mean(), 1 - malignant[m & (y == 0)].mean()
@@ -180,7 +227,8 @@ def main() -> None:
             read, own_sens = own[0][m].mean(), own[1][m & (y == 1)].mean()
             print(
                 f"| {variant} | {name} | {roc_auc(y[m], prob[m]):.3f} | {sens:.3f} | {spec:.3f} "
-                f"| {changed:.1%} | {refuses:.1%} | {read:.1%} | {own_sens:.3f} |"
+                f"| {changed:.1%} | {refuses:.1%} | {read:.1%} | {own_sens:.3f} "
+                f"| {not_skin[m].mean():.1%} |"
             )
 
 
