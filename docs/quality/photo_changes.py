@@ -101,6 +101,26 @@ def _zoomed_out(factor: int) -> Callable[[Image.Image], Image.Image]:
     return change
 
 
+def _zoomed_out_flat(factor: int) -> Callable[[Image.Image], Image.Image]:
+    """As ``_zoomed_out``, but the frame around the shrunk photo is one flat colour (the
+    median of the photo's outer 5%): no mirrored lesion, so what the two share is the spot's
+    size (the skin gate refuses many of these, as a flat frame is no photo)."""
+
+    def change(im: Image.Image) -> Image.Image:
+        arr = np.asarray(im)
+        k = max(1, min(im.size) // 20)
+        ring = np.concatenate(
+            [arr[:k], arr[-k:], arr[:, :k].swapaxes(0, 1), arr[:, -k:].swapaxes(0, 1)], axis=1
+        ).reshape(-1, 3)
+        colour = tuple(int(v) for v in np.median(ring, axis=0))
+        small = im.resize((im.width // factor, im.height // factor), Image.Resampling.BOX)
+        canvas = Image.new("RGB", im.size, colour)
+        canvas.paste(small, ((im.width - small.width) // 2, (im.height - small.height) // 2))
+        return canvas
+
+    return change
+
+
 def _middle(fraction: float) -> Callable[[Image.Image], Image.Image]:
     """A user's crop: the middle ``fraction`` of each side (the server's crop path)."""
     crop = ((1 - fraction) / 2, (1 - fraction) / 2, fraction, fraction)
@@ -135,6 +155,7 @@ VARIANTS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "darker mid-tones (gamma 1.4)": _gamma(1.4),
     "taken from twice as far (spot 1/2 as wide)": _zoomed_out(2),
     "taken from three times as far (spot 1/3 as wide)": _zoomed_out(3),
+    "twice as far in a flat frame (no mirrored surroundings)": _zoomed_out_flat(2),
     "cropped to the middle 70%": _middle(0.7),
     "cropped to the middle 50%": _middle(0.5),
     # What the page's crop tool is for: the far photo cropped back to the spot's framing (at
