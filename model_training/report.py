@@ -328,6 +328,11 @@ def _section_limits(domains: Mapping[str, Any]) -> list[str]:
         "- **Domain shift**: most training images are dermoscopy; ordinary phone photos (what a "
         "lay user sends) look different. Expect lower performance on phone photos and compare the "
         "pad-ufes-20 rows above with the dermoscopy rows.",
+        "- **Framing and filters**: the model learned from close-ups. A spot photographed from "
+        "further away (small in the frame), a one-hue filter such as sepia, or muted colours "
+        "lower its sensitivity, mostly without the photo being refused: crop the photo to the "
+        "spot and send it unfiltered (measured per change in the repository's "
+        "`docs/quality/photo_changes.txt`).",
         "- **Label scope**: benign/malignant only; actinic keratosis (pre-malignant) counts as "
         "benign in PAD-UFES-20; rare malignancies are barely represented.",
         "- **Licence**: the training data include CC BY-NC images, so the weights may not be used "
