@@ -189,6 +189,7 @@ def main() -> None:
         "--dermoscopy-sample", type=int, default=0, help=">0: that many dermoscopy photos, seeded"
     )
     args = p.parse_args()
+    assert not any("," in name for name in VARIANTS), "--variants splits names on commas"
     variants = [v for v in args.variants.split(",") if v]
     if variants[0] != "as taken" or not set(variants) <= set(VARIANTS):
         raise SystemExit(f"variants: 'as taken' first, then any of {list(VARIANTS)}")
